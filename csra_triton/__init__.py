@@ -1,0 +1,14 @@
+"""csra-triton: multi-head class-specific residual attention (CSRA, ICCV 2021) as Triton kernels.
+
+Data path: ``reference`` (eager, official structure) -> ``kernels`` (Triton) -> ``ops`` (custom
+ops + autograd, CPU fallback in ``fallback``) -> ``module`` (``csra``, ``CSRATriton``) -> CLI
+(``python -m csra_triton``).
+"""
+from .module import CSRATriton, csra
+from .ops import CSRAFunction, use_backend
+from .reference import OFFICIAL_TEMPERATURES, csra_reference
+from . import reference
+
+__all__ = ["CSRATriton", "csra", "CSRAFunction", "use_backend", "reference", "csra_reference",
+           "OFFICIAL_TEMPERATURES"]
+__version__ = "0.1.0"

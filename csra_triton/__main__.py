@@ -1,0 +1,22 @@
+"""``python -m csra_triton [verify]``: see :mod:`csra_triton.cli`."""
+import os
+import sys
+
+
+def _ensure_interpreter() -> None:
+    """Without CUDA, re-run this command with TRITON_INTERPRET=1 so that the Triton kernels run
+    in the interpreter (the variable must be set before triton is first imported)."""
+    if os.environ.get("TRITON_INTERPRET") or os.environ.get("CSRA_TRITON_NO_REEXEC"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        os.execve(sys.executable, [sys.executable, "-m", "csra_triton", *sys.argv[1:]], env)
+
+
+if __name__ == "__main__":
+    _ensure_interpreter()
+    from csra_triton.cli import main
+
+    sys.exit(main())

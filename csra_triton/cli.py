@@ -1,0 +1,126 @@
+"""Command line (stage 5 of reference -> kernels -> op -> module -> CLI).
+
+``python -m csra_triton`` (or ``python -m csra_triton verify``) prints a verification table: for
+each dtype, the max relative error of the forward, dx and dW against a float64 computation, and the
+time per call. On CUDA it uses the headline shape; without CUDA the Triton kernels run in the
+interpreter at a reduced shape (and the PyTorch fallback is shown beside them).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from . import ops
+from .module import csra
+from .reference import OFFICIAL_TEMPERATURES, as_operand, csra_reference
+
+HEADLINE = dict(B=64, d=2048, h=14, w=14, C=80, heads=4)   # coco-r101-448
+CPU_SHAPE = dict(B=2, d=256, h=7, w=7, C=80, heads=4)       # reduced, for the interpreter
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().double(), ref.detach().double()
+    den = ref.norm().item()
+    return (out - ref).norm().item() / den if den else (out - ref).norm().item()
+
+
+def _time_ms(fn, device: torch.device, reps: int) -> float:
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    fn()  # warm-up (compilation of the interpreted kernels, caches)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def verify_rows(shape: dict, dtypes, device: torch.device, backends, reps: int = 3,
+                lam: float = 0.1):
+    """One row per (backend, dtype): errors of y, dx, dW against float64, and ms per call."""
+    B, d, h, w, C, H = (shape[k] for k in ("B", "d", "h", "w", "C", "heads"))
+    temps = [float("inf") if t == 99 else float(t) for t in OFFICIAL_TEMPERATURES[H]]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x0 = torch.randn(B, d, h, w, generator=gen).to(device)
+    w0 = (torch.rand(H, C, d, generator=gen) * 2 - 1).div(d ** 0.5).to(device)
+    g0 = torch.randn(B, C, generator=gen).to(device)
+    rows = []
+    for dtype in dtypes:
+        # float64 on the operands the kernels multiply: x and the weight rounded to ``dtype``.
+        x64 = x0.to(dtype).double().requires_grad_()
+        w64 = w0.double().requires_grad_()
+        y64 = csra_reference(x64, as_operand(w64, dtype), temps, lam)
+        y64.backward(g0.double())
+        for backend in backends:
+            with ops.use_backend(backend):
+                x = x0.to(dtype).clone().requires_grad_()
+                wt = w0.clone().requires_grad_()
+                y = csra(x, wt, temps, lam)
+                y.backward(g0.to(dtype))
+                row = dict(backend=backend, dtype=str(dtype).replace("torch.", ""),
+                           fwd_err=_rel(y, y64), dx_err=_rel(x.grad, x64.grad),
+                           dw_err=_rel(wt.grad, w64.grad))
+                xi = x.detach()
+                with torch.no_grad():
+                    row["fwd_ms"] = _time_ms(lambda: csra(xi, wt, temps, lam), device, reps)
+
+                def step():
+                    csra(x, wt, temps, lam).backward(g0.to(dtype))
+
+                row["fwd_bwd_ms"] = _time_ms(step, device, reps)
+            rows.append(row)
+    return rows
+
+
+def _verify(args) -> int:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shape = dict(HEADLINE if device.type == "cuda" else CPU_SHAPE)
+    for k in shape:
+        if getattr(args, k) is not None:
+            shape[k] = getattr(args, k)
+    dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
+    if device.type == "cuda":
+        backends, where = ["triton"], f"CUDA ({torch.cuda.get_device_name()})"
+    else:
+        backends = ["triton", "torch"]
+        where = ("CPU, no CUDA: 'triton' = the same Triton kernels in TRITON_INTERPRET mode at a "
+                 "reduced shape (times are the interpreter's, not a GPU's); 'torch' = the "
+                 "vectorised PyTorch fallback used on CPU")
+    print(f"csra-triton verification on {where}")
+    print("shape: " + ", ".join(f"{k}={v}" for k, v in shape.items())
+          + f" (N={shape['h'] * shape['w']}), official temperatures, lam=0.1")
+    print("errors: ||out - ref|| / ||ref|| against float64 on the same operands (x and weight "
+          "rounded to the dtype); tolerance fp32 1e-5, fp16/bf16 2e-2\n")
+    rows = verify_rows(shape, dtypes, device, backends, reps=args.reps)
+    head = "| backend | dtype | fwd err | dx err | dW err | fwd ms | fwd+bwd ms | ok |"
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    bad = 0
+    for r in rows:
+        tol = 1e-5 if r["dtype"] in ("float32", "float64") else 2e-2
+        ok = max(r["fwd_err"], r["dx_err"], r["dw_err"]) <= tol
+        bad += not ok
+        print(f"| {r['backend']} | {r['dtype']} | {r['fwd_err']:.2e} | {r['dx_err']:.2e} | "
+              f"{r['dw_err']:.2e} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
+              f"{'yes' if ok else 'NO'} |")
+    return 1 if bad else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m csra_triton", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd")
+    v = sub.add_parser("verify", help="errors vs float64 and time per call (the default)")
+    for p in (parser, v):
+        for k in ("B", "d", "h", "w", "C", "heads"):
+            p.add_argument(f"--{k}", type=int, default=None, help=f"override the shape's {k}")
+        p.add_argument("--dtypes", default="float32,float16,bfloat16")
+        p.add_argument("--reps", type=int, default=3, help="timed repetitions on CPU")
+    args = parser.parse_args(argv)
+    return _verify(args)

@@ -1,0 +1,73 @@
+"""Vectorised PyTorch versions of the two kernels in ``kernels.py`` (CPU without the interpreter).
+
+Same inputs, outputs, layouts and state as the Triton kernels, so the op layer treats both alike.
+All heads go through one product per class chunk; nothing larger than one chunk of
+(B, H, chunk, N) scores is alive at a time. Computation is in fp32 (fp64 for fp64 inputs), after
+rounding the operands to x.dtype as the kernels do.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+LN2 = math.log(2.0)
+
+
+def _rows(x, weight, temps, inv_n, c0, c1, acc):
+    """Scores (B, H, c1-c0, N) in ``acc`` dtype and per-head temperature views."""
+    H, _, D = weight.shape
+    w = weight[:, c0:c1].to(x.dtype).to(acc)                       # (H, Cc, D)
+    xa = x.to(acc)                                                  # (B, D, N)
+    s = torch.einsum("hcd,bdn->bhcn", w, xa) * inv_n[:, c0:c1, None]
+    t = temps.to(device=x.device, dtype=acc).view(H, 1, 1)
+    is_max = torch.isinf(t)
+    t_fin = torch.where(is_max, torch.ones_like(t), t)
+    return s, is_max, t_fin
+
+
+def inv_norms(weight, normalize, acc):
+    """(H, C) inverse row norms (ones without normalisation)."""
+    if not normalize:
+        return torch.ones(weight.shape[:2], dtype=acc, device=weight.device)
+    return 1.0 / weight.to(acc).pow(2).sum(-1).sqrt()
+
+
+def fwd(x, weight, temps, lam, normalize, chunk, acc, new):
+    """``new(shape, dtype, device)`` allocates outputs. Returns y (B, C), lse2 (B, H, C), att (B, H, C), argmax (B, H, C) int32, inv_n (H, C)."""
+    B, D, N = x.shape
+    H, C, _ = weight.shape
+    inv_n = inv_norms(weight, normalize, acc)
+    y = new((B, C), x.dtype, x.device)
+    lse = new((B, H, C), acc, x.device)
+    att = new((B, H, C), acc, x.device)
+    amax = new((B, H, C), torch.int32, x.device)
+    for c0 in range(0, C, chunk):
+        c1 = min(C, c0 + chunk)
+        s, is_max, t_fin = _rows(x, weight, temps, inv_n, c0, c1, acc)
+        z = s * t_fin
+        lse_e = torch.logsumexp(z, dim=-1)
+        soft = (torch.exp(z - lse_e[..., None]) * s).sum(-1)
+        best, best_j = s.max(dim=-1)
+        a = torch.where(is_max[..., 0], best, soft)
+        y[:, c0:c1] = (s.mean(-1) + lam * a).sum(1).to(x.dtype)
+        lse[:, :, c0:c1] = lse_e / LN2
+        att[:, :, c0:c1] = a
+        amax[:, :, c0:c1] = best_j.to(torch.int32)
+    return y, lse, att, amax, inv_n
+
+
+def ds_chunk(x, weight, temps, grad_y, lse, att, amax, inv_n, lam, c0, c1, out):
+    """Writes dS' = inv_n * dy/ds for classes [c0, c1) into ``out`` (H, c1-c0, B, N)."""
+    B, D, N = x.shape
+    acc = lse.dtype
+    s, is_max, t_fin = _rows(x, weight, temps, inv_n, c0, c1, acc)   # (B, H, Cc, N)
+    lse_c, att_c = lse[:, :, c0:c1, None], att[:, :, c0:c1, None]
+    p = torch.exp2(s * (t_fin / LN2) - lse_c)
+    d_soft = p * (1.0 + t_fin * (s - att_c))
+    pos = torch.arange(N, device=x.device)
+    d_max = (pos == amax[:, :, c0:c1, None]).to(acc)
+    d_att = torch.where(is_max, d_max, d_soft)
+    g = grad_y[:, None, c0:c1, None].to(acc) * inv_n[None, :, c0:c1, None]
+    ds = g * (1.0 / N + lam * d_att)
+    out.copy_(ds.permute(1, 2, 0, 3))

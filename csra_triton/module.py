@@ -1,0 +1,161 @@
+"""Functional form and ``nn.Module`` (stage 4 of reference -> kernels -> op -> module -> CLI).
+
+Validation of user input lives here, at the public entry points; the ops below assume it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .ops import official_temperature
+from .reference import OFFICIAL_TEMPERATURES
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_temperatures(temperatures, heads: int) -> list[float]:
+    try:
+        temps = [float(t) for t in temperatures]
+    except TypeError:
+        raise TypeError(f"temperatures: expected a sequence of {heads} numbers, "
+                        f"got {type(temperatures).__name__}") from None
+    if len(temps) != heads:
+        raise ValueError(f"temperatures: expected one per head ({heads}), got {len(temps)}: {temps}")
+    for t in temps:
+        if math.isnan(t) or t <= 0:
+            raise ValueError(f"temperatures: each must be > 0 (inf or 99 for a max head), got {t}")
+    return [official_temperature(t) for t in temps]
+
+
+def _check_lam(lam) -> float:
+    if isinstance(lam, Tensor) or not isinstance(lam, (int, float)):
+        raise TypeError(f"lam: expected a Python number, got {type(lam).__name__}")
+    if not math.isfinite(lam):
+        raise ValueError(f"lam: expected a finite number, got {lam}")
+    return float(lam)
+
+
+def _check_inputs(x, weight, layout: str) -> Tensor:
+    """Validates x and weight; returns x as a (B, D, N) view (no copy for NCHW, NHWC, tokens)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight: expected a torch.Tensor, got {type(weight).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x: expected dtype float16, bfloat16, float32 or float64, got {x.dtype}")
+    if weight.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"weight: expected dtype float16, bfloat16, float32 or float64, "
+                        f"got {weight.dtype}")
+    if weight.dim() != 3:
+        raise ValueError(f"weight: expected shape (heads, classes, in_ch), got {tuple(weight.shape)}")
+    if x.device != weight.device:
+        raise ValueError(f"x and weight must be on the same device: x on {x.device}, "
+                         f"weight on {weight.device}")
+    d = weight.shape[2]
+    if layout == "nchw":
+        if x.dim() != 4:
+            raise ValueError(f"x: expected a 4-D (B, in_ch, h, w) tensor, got shape {tuple(x.shape)}")
+        if x.shape[1] != d:
+            raise ValueError(f"x: expected {d} channels (dim 1), got {x.shape[1]} "
+                             f"(shape {tuple(x.shape)})")
+        if x.shape[2] * x.shape[3] == 0:
+            raise ValueError(f"x: expected h*w >= 1 positions, got shape {tuple(x.shape)}")
+        return x.flatten(2)
+    if layout == "tokens":
+        if x.dim() != 3:
+            raise ValueError(f"x: expected 3-D tokens (B, N, in_ch), got shape {tuple(x.shape)}")
+        if x.shape[2] != d:
+            raise ValueError(f"x: expected {d} channels (dim 2), got {x.shape[2]} "
+                             f"(shape {tuple(x.shape)})")
+        if x.shape[1] == 0:
+            raise ValueError(f"x: expected N >= 1 tokens, got shape {tuple(x.shape)}")
+        return x.transpose(1, 2)
+    raise ValueError(f"layout: expected 'nchw' or 'tokens', got {layout!r}")
+
+
+def csra(x: Tensor, weight: Tensor, temperatures: Sequence[float], lam: float,
+         normalize: bool = True, layout: str = "nchw") -> Tensor:
+    """Multi-head CSRA logits (B, C) in x's dtype.
+
+    x: (B, in_ch, h, w) features (any strides; channels_last is read in place), or with
+    ``layout="tokens"`` (B, N, in_ch) tokens as a ViT emits them. weight: (heads, classes, in_ch).
+    temperatures: one per head; ``math.inf`` or 99 makes a max-pooling head. lam: the weight of
+    the attention logit. normalize: divide each class's scores by its weight row's L2 norm.
+    """
+    x3 = _check_inputs(x, weight, layout)
+    temps = _check_temperatures(temperatures, weight.shape[0])
+    lam = _check_lam(lam)
+    return torch.ops.csra_triton.csra_fwd(x3, weight, temps, lam, bool(normalize))[0]
+
+
+class CSRATriton(nn.Module):
+    """Multi-head class-specific residual attention head.
+
+    ``weight`` is one parameter of shape (heads, classes, in_ch), initialised like the official
+    per-head 1x1 convs. ``temperatures=None`` takes the official list for 1, 2, 4, 6 or 8 heads.
+    ``load_state_dict`` also accepts the official keys ``multi_head.{k}.head.weight`` (C, d, 1, 1).
+    """
+
+    def __init__(self, in_ch: int, classes: int, heads: int = 4, lam: float = 0.1,
+                 temperatures: Sequence[float] | None = None, normalize: bool = True):
+        super().__init__()
+        for name, v in (("in_ch", in_ch), ("classes", classes), ("heads", heads)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
+        if temperatures is None:
+            if heads not in OFFICIAL_TEMPERATURES:
+                raise ValueError(f"temperatures: no official list for heads={heads} (official: "
+                                 f"{sorted(OFFICIAL_TEMPERATURES)}); pass temperatures explicitly")
+            temperatures = OFFICIAL_TEMPERATURES[heads]
+        self.temperatures = _check_temperatures(temperatures, heads)
+        self.lam = _check_lam(lam)
+        self.normalize = bool(normalize)
+        self.in_ch, self.classes, self.heads = in_ch, classes, heads
+        self.weight = nn.Parameter(torch.empty(heads, classes, in_ch))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # PyTorch's Conv2d default: kaiming_uniform_(a=sqrt(5)) with fan_in = in_ch (1x1 kernel).
+        with torch.no_grad():
+            for k in range(self.heads):
+                nn.init.kaiming_uniform_(self.weight[k], a=math.sqrt(5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (B, in_ch, h, w) -> logits (B, classes) in x's dtype."""
+        return csra(x, self.weight, self.temperatures, self.lam, self.normalize)
+
+    def forward_tokens(self, x: Tensor) -> Tensor:
+        """x (B, N, in_ch) tokens (e.g. a ViT's patch tokens, class token dropped) -> (B, classes)."""
+        return csra(x, self.weight, self.temperatures, self.lam, self.normalize, layout="tokens")
+
+    def extra_repr(self) -> str:
+        temps = [("inf" if math.isinf(t) else f"{t:g}") for t in self.temperatures]
+        return (f"in_ch={self.in_ch}, classes={self.classes}, heads={self.heads}, lam={self.lam}, "
+                f"temperatures=[{', '.join(temps)}], normalize={self.normalize}")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        official = [f"{prefix}multi_head.{k}.head.weight" for k in range(self.heads)]
+        if prefix + "weight" not in state_dict and any(k in state_dict for k in official):
+            expect = (self.classes, self.in_ch, 1, 1)
+            for key in official:
+                if key not in state_dict:
+                    error_msgs.append(f"official checkpoint: missing key {key!r} "
+                                      f"(this module has heads={self.heads})")
+                    return
+                if tuple(state_dict[key].shape) != expect:
+                    error_msgs.append(f"official checkpoint: {key!r} has shape "
+                                      f"{tuple(state_dict[key].shape)}, expected {expect}")
+                    return
+            extra = f"{prefix}multi_head.{self.heads}.head.weight"
+            if extra in state_dict:
+                error_msgs.append(f"official checkpoint has more than heads={self.heads} heads "
+                                  f"(found {extra!r})")
+                return
+            state_dict[prefix + "weight"] = torch.stack(
+                [state_dict.pop(k).reshape(self.classes, self.in_ch) for k in official])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)

@@ -1,0 +1,284 @@
+"""Custom ops and autograd (stage 3 of reference -> kernels -> op -> module -> CLI).
+
+Two ops in the ``csra_triton`` namespace, both with fake (meta) implementations so that
+``torch.compile(fullgraph=True)`` and ``torch.export`` trace through them:
+
+* ``csra_triton::csra_fwd(x, weight, temperatures, lam, normalize)``
+    -> ``(y, lse, att, argmax, inv_norm)``; x is (B, D, N) with any strides, weight (H, C, D).
+    y (B, C) has x's dtype; the rest is the O(B*H*C) state that the backward needs.
+* ``csra_triton::csra_bwd(grad_y, x, weight, lse, att, argmax, inv_norm, temperatures, lam,
+  normalize)`` -> ``(grad_x, grad_weight)``.
+
+``csra_fwd`` carries ``register_autograd``; :class:`CSRAFunction` is a thin ``autograd.Function``
+over the same two ops for users who want ``.apply``.
+
+Dispatch: CUDA tensors run the Triton kernels. CPU tensors run the same kernels in Triton's
+interpreter when ``TRITON_INTERPRET=1`` was set before triton was imported, and otherwise the
+vectorised PyTorch fallback in ``fallback.py``. :func:`use_backend` overrides this choice.
+
+Backward memory: dS' is materialised in chunks of classes, (H, chunk, B, N) elements with
+``chunk = max(1, DS_WORKSPACE_ELEMS // (H * B * N))``, then two GEMMs per chunk:
+``dx += W_chunk^T dS'`` and ``G_chunk = dS' x^T``; finally
+``dW = G - W * rowsum(W * G) * inv_norm^2`` (the gradient through the row normalisation).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from . import fallback
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+#: Largest number of dS' elements alive at once in the backward (class chunking bound).
+DS_WORKSPACE_ELEMS = int(os.environ.get("CSRA_TRITON_DS_ELEMS", 1 << 25))
+
+#: Tests set this: every output and workspace is filled with NaN (ints: -2**31 + 1) on
+#: allocation, so that an element a kernel forgets to write fails the comparison.
+POISON = os.environ.get("CSRA_TRITON_POISON", "0") not in ("", "0")
+
+_BACKENDS = ("auto", "triton", "torch")
+_backend = "auto"
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force ``"triton"`` or ``"torch"`` (the fallback) inside the block; ``"auto"`` restores."""
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")
+    old, _backend = _backend, name
+    try:
+        yield
+    finally:
+        _backend = old
+
+
+def backend_for(device: torch.device) -> str:
+    """Which implementation runs for tensors on ``device``: 'triton' or 'torch'."""
+    if _backend != "auto":
+        return _backend
+    return "triton" if device.type == "cuda" or INTERPRET else "torch"
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation / state dtype for inputs of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunk(H: int, C: int, B: int, N: int) -> int:
+    return max(1, min(C, DS_WORKSPACE_ELEMS // max(1, H * B * N)))
+
+
+_temps_cache: dict = {}
+
+
+def _temps_tensor(temps: list[float], device: torch.device) -> Tensor:
+    """Device copy of the temperatures, cached so that replays (CUDA graphs) copy nothing."""
+    key = (tuple(temps), str(device))
+    t = _temps_cache.get(key)
+    if t is None:
+        t = _temps_cache[key] = torch.tensor(temps, dtype=torch.float32, device=device)
+    return t
+
+
+def _new(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if POISON:
+        t.fill_(-(2**31) + 1 if dtype == torch.int32 else math.nan)
+    return t
+
+
+# --------------------------------------------------------------------------- launch helpers
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _blocks(H: int, C: int, D: int, N: int) -> dict:
+    """Tile sizes: HP * BC rows (>= 16 for tl.dot), BN positions, BD channels."""
+    hp = _pow2(H)
+    bc = max(min(max(1, 64 // hp), _pow2(C)), -(-16 // hp))
+    return dict(HP=hp, BC=bc, BN=min(64, max(16, _pow2(N))), BD=min(64, max(16, _pow2(D))))
+
+
+def _dtypes(x: Tensor) -> dict:
+    import triton.language as tl
+
+    acc = tl.float64 if x.dtype == torch.float64 else tl.float32
+    # The interpreter's tl.dot is wrong on bf16 operands: products go through fp32 there.
+    dot = {torch.float16: tl.float16, torch.bfloat16: tl.float32 if INTERPRET else tl.bfloat16,
+           torch.float32: tl.float32, torch.float64: tl.float64}[x.dtype]
+    tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and x.is_cuda
+    return dict(ACC=acc, DOT=dot, PRECISION="tf32" if tf32 else "ieee",
+                EMU_BF16=INTERPRET and x.dtype == torch.bfloat16)
+
+
+def _launch_kw(x: Tensor) -> dict:
+    return dict(num_warps=4, num_stages=2) if x.is_cuda else {}
+
+
+def _fwd_triton(x, weight, temps, lam, normalize, y, lse, att, amax, inv_n):
+    from .kernels import csra_fwd_kernel
+
+    B, D, N = x.shape
+    H, C, _ = weight.shape
+    blk = _blocks(H, C, D, N)
+    grid = (B, triton_cdiv(C, blk["BC"]))
+    with _device_guard(x):
+        csra_fwd_kernel[grid](
+            x, *x.stride(), weight, *weight.stride(), temps, y, *y.stride(),
+            lse, att, amax, inv_n, H, C, D, N, float(lam), 1.0 / N,
+            NORMALIZE=bool(normalize), **blk, **_dtypes(x), **_launch_kw(x))
+
+
+def _ds_triton(x, weight, temps, grad_y, lse, att, amax, inv_n, lam, c0, c1, out):
+    from .kernels import csra_bwd_ds_kernel
+
+    B, D, N = x.shape
+    H, C, _ = weight.shape
+    blk = _blocks(H, c1 - c0, D, N)
+    grid = (B, triton_cdiv(c1 - c0, blk["BC"]))
+    with _device_guard(x):
+        csra_bwd_ds_kernel[grid](
+            x, *x.stride(), weight, *weight.stride(), temps, grad_y, *grad_y.stride(),
+            lse, att, amax, inv_n, out, B, H, C, D, N, c0, c1 - c0, float(lam), 1.0 / N,
+            **blk, **_dtypes(x), **_launch_kw(x))
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _device_guard(x: Tensor):
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------- the ops
+
+
+@torch.library.custom_op("csra_triton::csra_fwd", mutates_args=())
+def csra_fwd(x: Tensor, weight: Tensor, temperatures: list[float], lam: float,
+             normalize: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    B, D, N = x.shape
+    H, C, _ = weight.shape
+    acc = acc_dtype(x.dtype)
+    if backend_for(x.device) == "torch" or B == 0:
+        temps = torch.tensor(temperatures, dtype=acc)
+        return fallback.fwd(x, weight, temps, lam, normalize, _chunk(H, C, B, N), acc, _new)
+    y = _new((B, C), x.dtype, x.device)
+    lse = _new((B, H, C), acc, x.device)
+    att = _new((B, H, C), acc, x.device)
+    amax = _new((B, H, C), torch.int32, x.device)
+    inv_n = _new((H, C), acc, x.device)
+    _fwd_triton(x, weight, _temps_tensor(temperatures, x.device), lam, normalize,
+                y, lse, att, amax, inv_n)
+    return y, lse, att, amax, inv_n
+
+
+@csra_fwd.register_fake
+def _(x, weight, temperatures, lam, normalize):
+    B, _, _ = x.shape
+    H, C, _ = weight.shape
+    acc = acc_dtype(x.dtype)
+    state = x.new_empty((B, H, C), dtype=acc)
+    return (x.new_empty((B, C)), state, torch.empty_like(state),
+            x.new_empty((B, H, C), dtype=torch.int32), x.new_empty((H, C), dtype=acc))
+
+
+@torch.library.custom_op("csra_triton::csra_bwd", mutates_args=())
+def csra_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, lse: Tensor, att: Tensor, amax: Tensor,
+             inv_n: Tensor, temperatures: list[float], lam: float,
+             normalize: bool) -> tuple[Tensor, Tensor]:
+    B, D, N = x.shape
+    H, C, _ = weight.shape
+    acc = lse.dtype
+    if B == 0:
+        return x.new_zeros((B, D, N)), torch.zeros_like(weight)
+    use_torch = backend_for(x.device) == "torch"
+    temps = (torch.tensor(temperatures, dtype=acc) if use_torch
+             else _temps_tensor(temperatures, x.device))
+    # (B*N, D) view of x for G = dS' x^T; a copy only when x's channels are not innermost.
+    x_t = x.transpose(1, 2).reshape(B * N, D)
+    G = _new((H, C, D), x.dtype, x.device)
+    chunk = _chunk(H, C, B, N)
+    ws = _new((H * chunk * B * N,), x.dtype, x.device)
+    grad_x = None
+    for c0 in range(0, C, chunk):
+        c1 = min(C, c0 + chunk)
+        rows = H * (c1 - c0)
+        ds = ws[: rows * B * N].view(H, c1 - c0, B, N)
+        if use_torch:
+            fallback.ds_chunk(x, weight, temps, grad_y, lse, att, amax, inv_n, lam, c0, c1, ds)
+        else:
+            _ds_triton(x, weight, temps, grad_y, lse, att, amax, inv_n, lam, c0, c1, ds)
+        ds2 = ds.view(rows, B * N)
+        G[:, c0:c1] = (ds2 @ x_t).view(H, c1 - c0, D)
+        w_c = weight[:, c0:c1].to(x.dtype).reshape(rows, D)
+        dx_c = torch.matmul(w_c.t(), ds.view(rows, B, N).transpose(0, 1))  # (B, D, N)
+        grad_x = dx_c if grad_x is None else grad_x.add_(dx_c)
+    Gf = G.to(acc)
+    if normalize:
+        wf = weight.to(acc)
+        Gf = Gf - wf * ((wf * Gf).sum(-1, keepdim=True) * (inv_n * inv_n)[..., None])
+    return grad_x, Gf.to(weight.dtype)
+
+
+@csra_bwd.register_fake
+def _(grad_y, x, weight, lse, att, amax, inv_n, temperatures, lam, normalize):
+    B, D, N = x.shape
+    return x.new_empty((B, D, N)), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, temperatures, lam, normalize = inputs
+    _, lse, att, amax, inv_n = output
+    ctx.save_for_backward(x, weight, lse, att, amax, inv_n)
+    ctx.temperatures, ctx.lam, ctx.normalize = list(temperatures), float(lam), bool(normalize)
+    ctx.mark_non_differentiable(lse, att, amax, inv_n)
+
+
+def _backward(ctx, grad_y, *_state_grads):
+    x, weight, lse, att, amax, inv_n = ctx.saved_tensors
+    if grad_y is None:
+        return None, None, None, None, None
+    grad_x, grad_w = torch.ops.csra_triton.csra_bwd(
+        grad_y, x, weight, lse, att, amax, inv_n, ctx.temperatures, ctx.lam, ctx.normalize)
+    return (grad_x if ctx.needs_input_grad[0] else None,
+            grad_w if ctx.needs_input_grad[1] else None, None, None, None)
+
+
+csra_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class CSRAFunction(torch.autograd.Function):
+    """``CSRAFunction.apply(x, weight, temperatures, lam, normalize) -> y``.
+
+    x (B, D, N) with any strides, weight (H, C, D), temperatures a list of H floats (inf = max
+    head). Forward and backward call the registered ops, so this traces under torch.compile too.
+    Arguments are not validated here; :func:`csra_triton.csra` validates and then calls the op.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, temperatures, lam, normalize=True):
+        temps, lam, normalize = list(temperatures), float(lam), bool(normalize)
+        y, lse, att, amax, inv_n = torch.ops.csra_triton.csra_fwd(x, weight, temps, lam, normalize)
+        ctx.save_for_backward(x, weight, lse, att, amax, inv_n)
+        ctx.temperatures, ctx.lam, ctx.normalize = temps, lam, normalize
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return _backward(ctx, grad_y)
+
+
+def official_temperature(t: float) -> float:
+    """Maps the official flag value 99 to inf (a max-pooling head)."""
+    t = float(t)
+    return math.inf if t == 99 else t

@@ -1,0 +1,47 @@
+"""Runs the Triton kernels in the interpreter when there is no GPU, and poisons every output.
+
+TRITON_INTERPRET must be set before triton is imported, which is why this happens at the top.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["CSRA_TRITON_POISON"] = "1"
+
+import pytest  # noqa: E402
+
+import csra_triton.ops as ops  # noqa: E402
+
+ops.POISON = True
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(params=["triton", "torch"])
+def backend(request):
+    """Runs a test once through the Triton kernels (interpreted on CPU) and once through the
+    vectorised PyTorch fallback."""
+    with ops.use_backend(request.param):
+        yield request.param
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    # Fresh random inputs on every run, but reproducible from the printed seed on failure.
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    request.node.user_properties.append(("seed", seed))
+    yield
+
+
+def pytest_runtest_makereport(item, call):
+    if call.when == "call" and call.excinfo is not None:
+        for k, v in item.user_properties:
+            if k == "seed":
+                print(f"\n[{item.nodeid}] torch seed was {v}")

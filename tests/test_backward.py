@@ -1,0 +1,93 @@
+"""dx and dW against float64 autograd of the independent reference; gradcheck; chunking."""
+import pytest
+import torch
+
+import csra_triton
+import csra_triton.ops as ops
+from csra_triton.reference import MHA, OFFICIAL_TEMPERATURES
+from helpers import INF, TOL, ref64, rel_err
+
+CASES = {  # B, d, h, w, C, temps, normalize
+    "h4": (2, 24, 3, 4, 7, [1, 2, 4, INF], True),
+    "h1-raw": (3, 17, 2, 5, 4, [1], False),
+    "h6-N1": (2, 20, 1, 1, 5, OFFICIAL_TEMPERATURES[6], True),
+    "custom-C1": (2, 33, 4, 4, 1, [0.5, 3, INF], True),
+    "h8-N577": (1, 16, 1, 577, 3, OFFICIAL_TEMPERATURES[8], True),
+}
+
+
+def _run(B, d, h, w, C, temps, normalize, dtype, device, wdtype=torch.float32, grad=None):
+    x = torch.randn(B, d, h, w, device=device).to(dtype).requires_grad_()
+    weight = torch.randn(len(temps), C, d, device=device, dtype=wdtype, requires_grad=True)
+    y = csra_triton.csra(x, weight, temps, 0.3, normalize)
+    g = torch.randn(B, C, device=device) if grad is None else grad
+    y.backward(g.to(dtype))
+    return x, weight, g
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
+def test_grads(case, dtype, backend, device):
+    B, d, h, w, C, temps, normalize = case
+    x, weight, g = _run(*case, dtype, device)
+    assert x.grad.dtype == dtype and weight.grad.dtype == torch.float32
+    _, dx, dw = ref64(x, weight, temps, 0.3, normalize, grad=g)
+    assert rel_err(x.grad, dx) <= TOL[dtype]
+    assert rel_err(weight.grad, dw) <= TOL[dtype]
+
+
+def test_stride0_upstream(backend, device):
+    """``y.sum().backward()`` hands the backward an expanded (stride-0) gradient."""
+    temps = [1, 2, 4, INF]
+    x = torch.randn(3, 20, 3, 3, device=device, requires_grad=True)
+    weight = torch.randn(4, 6, 20, device=device, requires_grad=True)
+    csra_triton.csra(x, weight, temps, 0.1).sum().backward()
+    _, dx, dw = ref64(x, weight, temps, 0.1, grad=torch.ones(3, 6))
+    assert rel_err(x.grad, dx) <= 1e-5 and rel_err(weight.grad, dw) <= 1e-5
+    # An explicitly expanded gradient, too.
+    x.grad = weight.grad = None
+    g = torch.randn(1, 6, device=device).expand(3, 6)
+    csra_triton.csra(x, weight, temps, 0.1).backward(g)
+    _, dx, dw = ref64(x, weight, temps, 0.1, grad=g)
+    assert rel_err(x.grad, dx) <= 1e-5 and rel_err(weight.grad, dw) <= 1e-5
+
+
+@pytest.mark.parametrize("elems", [1, 200, 10**9], ids=["chunk1", "chunk-partial", "one-chunk"])
+def test_class_chunks(elems, backend, device, monkeypatch):
+    """The backward's dS workspace is split into class chunks; every split gives the same grads."""
+    monkeypatch.setattr(ops, "DS_WORKSPACE_ELEMS", elems)
+    case = (2, 12, 2, 3, 9, [1, 3, INF], True)  # H*B*N = 36: 200 -> chunks of 5 classes (5 + 4)
+    x, weight, g = _run(*case, torch.float32, device)
+    _, dx, dw = ref64(x, weight, case[5], 0.3, True, grad=g)
+    assert rel_err(x.grad, dx) <= 1e-5 and rel_err(weight.grad, dw) <= 1e-5
+
+
+def test_max_head_ties_follow_torch_max(backend, device):
+    """With tied maxima the gradient goes where torch.max(dim) sends it: the first index."""
+    x = torch.randn(2, 8, 1, 3, device=device, dtype=torch.float64)
+    x = torch.cat([x, x], dim=3).requires_grad_()          # every position appears twice
+    weight = torch.randn(1, 4, 8, device=device, dtype=torch.float64, requires_grad=True)
+    csra_triton.csra(x, weight, [INF], 1.0).backward(torch.ones(2, 4, dtype=torch.float64))
+    x2 = x.detach().clone().requires_grad_()
+    official = MHA.from_weight(weight.detach(), [99], 1.0)
+    official(x2).backward(torch.ones(2, 4, dtype=torch.float64))
+    assert rel_err(x.grad, x2.grad) <= 1e-12
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_gradcheck(normalize, backend, device):
+    x = torch.randn(2, 5, 2, 3, device=device, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 4, 5, device=device, dtype=torch.float64, requires_grad=True)
+    f = lambda a, b: csra_triton.csra(a, b, [0.7, 2.5, INF], 0.4, normalize)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, weight))
+
+
+def test_weight_only_and_x_only(backend, device):
+    x = torch.randn(2, 10, 3, 3, device=device)
+    weight = torch.randn(2, 3, 10, device=device, requires_grad=True)
+    csra_triton.csra(x, weight, [1, INF], 0.1).sum().backward()
+    assert x.grad is None and weight.grad is not None
+    x.requires_grad_()
+    weight2 = weight.detach()
+    csra_triton.csra(x, weight2, [1, INF], 0.1).sum().backward()
+    assert x.grad is not None and weight2.grad is None

@@ -1,0 +1,78 @@
+"""The registered ops: opcheck, the autograd.Function, torch.compile."""
+import math
+
+import pytest
+import torch
+
+import csra_triton
+from helpers import INF, rel_err
+
+TEMPS = [1.0, 2.0, 4.0, math.inf]
+
+
+def _state(x3, weight):
+    return torch.ops.csra_triton.csra_fwd(x3, weight, TEMPS, 0.1, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_opcheck_fwd(dtype, backend, device):
+    x3 = torch.randn(2, 8, 9, device=device, dtype=dtype, requires_grad=True)
+    weight = torch.randn(4, 5, 8, device=device, dtype=dtype, requires_grad=True)
+    torch.library.opcheck(torch.ops.csra_triton.csra_fwd.default, (x3, weight, TEMPS, 0.1, True))
+
+
+def test_opcheck_bwd(backend, device):
+    x3 = torch.randn(2, 8, 9, device=device)
+    weight = torch.randn(4, 5, 8, device=device)
+    _, lse, att, amax, inv_n = _state(x3, weight)
+    g = torch.randn(2, 5, device=device)
+    torch.library.opcheck(torch.ops.csra_triton.csra_bwd.default,
+                          (g, x3, weight, lse, att, amax, inv_n, TEMPS, 0.1, True))
+
+
+def test_opcheck_strided_input(backend, device):
+    """Channels-last and token layouts reach the op as strided views."""
+    x = torch.randn(2, 8, 3, 3, device=device).to(memory_format=torch.channels_last)
+    weight = torch.randn(4, 5, 8, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.csra_triton.csra_fwd.default,
+                          (x.flatten(2), weight, TEMPS, 0.1, True))
+
+
+def test_autograd_function(backend, device):
+    x = torch.randn(2, 8, 3, 3, device=device, requires_grad=True)
+    weight = torch.randn(4, 5, 8, device=device, requires_grad=True)
+    y = csra_triton.CSRAFunction.apply(x.flatten(2), weight, TEMPS, 0.1, True)
+    y.sum().backward()
+    gx, gw = x.grad.clone(), weight.grad.clone()
+    x.grad = weight.grad = None
+    y2 = csra_triton.csra(x, weight, TEMPS, 0.1)
+    y2.sum().backward()
+    assert torch.equal(y, y2) and torch.equal(gx, x.grad) and torch.equal(gw, weight.grad)
+
+
+def test_compile_fullgraph(backend, device):
+    torch._dynamo.reset()
+    m = csra_triton.CSRATriton(8, 5, heads=4).to(device)
+    x = torch.randn(2, 8, 3, 3, device=device, requires_grad=True)
+    compiled = torch.compile(m, fullgraph=True)
+    y = compiled(x)
+    y.square().sum().backward()
+    gx, gw = x.grad.clone(), m.weight.grad.clone()
+    x.grad = m.weight.grad = None
+    y2 = m(x)
+    y2.square().sum().backward()
+    assert rel_err(y, y2) <= 1e-6
+    assert rel_err(gx, x.grad) <= 1e-6 and rel_err(gw, m.weight.grad) <= 1e-6
+
+
+def test_compile_autograd_function(device):
+    torch._dynamo.reset()
+    x = torch.randn(2, 8, 3, 3, device=device, requires_grad=True)
+    weight = torch.randn(2, 5, 8, device=device, requires_grad=True)
+    f = torch.compile(lambda a, w: csra_triton.CSRAFunction.apply(a.flatten(2), w, [1.0, INF],
+                                                                  0.2, True), fullgraph=True)
+    f(x, weight).sum().backward()
+    gx = x.grad.clone()
+    x.grad = None
+    csra_triton.csra(x, weight, [1.0, INF], 0.2).sum().backward()
+    assert rel_err(gx, x.grad) <= 1e-6

@@ -4,6 +4,10 @@
 each dtype, the max relative error of the forward, dx and dW against a float64 computation, and the
 time per call. On CUDA it uses the headline shape; without CUDA the Triton kernels run in the
 interpreter at a reduced shape (and the PyTorch fallback is shown beside them).
+
+``python -m csra_triton bench [--shapes NAMES] [--pass fwd,fwd+bwd] [--out DIR] [--plot]`` times
+eager, torch.compile and csra-triton on the shared DESIGN.md shapes, prints a markdown table and
+writes the results JSON. On CPU it times the PyTorch fallback against eager, labelled as CPU.
 """
 from __future__ import annotations
 
@@ -112,6 +116,115 @@ def _verify(args) -> int:
     return 1 if bad else 0
 
 
+def _bench(args) -> int:
+    from pathlib import Path
+
+    from . import benchmark as bm
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = bm.gpu_tag(device)
+    shapes = bm.parse_shapes(args.shapes or ("all" if device.type == "cuda" else bm.CPU_DEFAULT))
+    passes = [p for p in args.passes.split(",") if p]
+    for p in passes:
+        if p not in bm.PASSES:
+            raise SystemExit(f"--pass: expected fwd and/or fwd+bwd, got {p!r}")
+    impls = args.impls.split(",") if args.impls else (
+        list(bm.IMPLS) if device.type == "cuda" else ["eager", "triton"])
+    if device.type == "cuda":
+        print(f"csra-triton bench on {torch.cuda.get_device_name()} ({gpu}), torch "
+              f"{torch.__version__}, compile mode {bm.COMPILE_MODE!r}")
+    else:
+        print("csra-triton bench on CPU: no CUDA. 'triton' rows time the vectorised PyTorch "
+              "fallback (what CPU tensors run), against eager on CPU. These are CPU numbers; "
+              "Triton kernel timings need CUDA. Peak memory is measured on CUDA only.")
+    t0 = time.monotonic()
+    rows, skipped, failed = [], [], []
+    # Every eager and triton row first, then the compile rows (their compilation and autotuning
+    # is what a time budget may cut), headline first.
+    runs = [(s, p, i) for s in shapes for p in passes for i in impls if i != "compile"]
+    runs += [(s, p, "compile") for s in shapes for p in passes if "compile" in impls]
+    for shape, pass_, impl in runs:
+        if impl == "compile" and args.budget_s and time.monotonic() - t0 > args.budget_s:
+            skipped.append(f"{shape.name} {pass_} compile")
+            continue
+        try:
+            row = bm.measure(shape, pass_, impl, device, reps=args.reps)
+        except Exception as exc:  # one failed run must not lose the others' results
+            failed.append(f"{shape.name} {pass_} {impl}: {type(exc).__name__}: {exc}"[:500])
+            print(f"  {shape.name:28s} {pass_:8s} {impl:8s} FAILED {failed[-1]}", flush=True)
+            continue
+        rows.append(row)
+        print(f"  {shape.name:28s} {pass_:8s} {impl:8s} {row['median_ms']:10.4f} ms  "
+              f"err {row['max_rel_err']:.1e}", flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    doc = bm.results_doc(rows, device)
+    if skipped:
+        doc["skipped"] = {"reason": f"time budget of {args.budget_s} s spent", "runs": skipped}
+    if failed:
+        doc["failed"] = failed
+    path = bm.write_results(doc, Path(args.out), device)
+    if args.plot:
+        for p in _plots(bm, device, impls, Path(args.out), args.reps):
+            print(f"plot: {p}")
+    print(f"\nresults: {path}")
+    if skipped:
+        print(f"skipped (budget): {', '.join(skipped)}")
+    print(("CPU numbers, not GPU: " if device.type != "cuda" else "")
+          + f"{doc['device']}, {doc['date']}, commit {doc['commit'][:12]}")
+    print(bm.summary_table(rows, gpu))
+    if failed:
+        print(f"FAILED runs: {len(failed)} (see 'failed' in {path})")
+    return 1 if failed else 0
+
+
+def _plots(bm, device, impls, out_dir, reps):
+    """time vs batch (headline, fwd) and, on CUDA, peak memory vs classes (fwd+bwd)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot needs matplotlib: pip install 'csra-triton[plot]'")
+        return []
+    import dataclasses
+
+    head = bm.SHAPES[bm.HEADLINE]
+    where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    batches = [1, 2, 4, 8, 16, 32, 64] if device.type == "cuda" else [1, 2, 4]
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for impl in impls:
+        ts = [bm.measure(dataclasses.replace(head, B=b), "fwd", impl, device, reps)["median_ms"]
+              for b in batches]
+        ax.plot(batches, ts, marker="o", label=impl)
+    ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="ms (median)",
+           title=f"{bm.HEADLINE} forward vs batch — {where}")
+    ax.legend()
+    paths.append(out_dir / f"time_vs_batch-{bm.gpu_tag(device)}.png")
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    if device.type != "cuda":
+        print("peak memory vs classes: measured on CUDA only; skipped on CPU")
+        return paths
+    classes = [80, 320, 1280, 4800, 9605]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for impl in impls:
+        mems = [bm.measure(dataclasses.replace(head, B=32, C=c), "fwd+bwd", impl, device,
+                           reps=3)["peak_mem_mb"] for c in classes]
+        ax.plot(classes, mems, marker="o", label=impl)
+    ax.set(xscale="log", yscale="log", xlabel="classes", ylabel="peak MB beyond inputs",
+           title=f"fwd+bwd peak memory, B=32, 14x14, d=2048 — {where}")
+    ax.legend()
+    paths.append(out_dir / f"mem_vs_classes-{bm.gpu_tag(device)}.png")
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m csra_triton", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,5 +235,18 @@ def main(argv=None) -> int:
             p.add_argument(f"--{k}", type=int, default=None, help=f"override the shape's {k}")
         p.add_argument("--dtypes", default="float32,float16,bfloat16")
         p.add_argument("--reps", type=int, default=3, help="timed repetitions on CPU")
+    b = sub.add_parser("bench", help="eager vs compile vs triton on the DESIGN.md shapes")
+    b.add_argument("--shapes", default=None,
+                   help="comma-separated names, 'all', or name@B=8@C=9605 overrides "
+                        "(default: all on CUDA, a CPU set on CPU)")
+    b.add_argument("--pass", dest="passes", default="fwd,fwd+bwd")
+    b.add_argument("--impls", default=None, help="subset of eager,compile,triton")
+    b.add_argument("--out", default="bench/results", help="folder for the results JSON")
+    b.add_argument("--plot", action="store_true", help="also write PNG plots (matplotlib)")
+    b.add_argument("--reps", type=int, default=10, help="timed repetitions on CPU")
+    b.add_argument("--budget-s", type=float, default=None,
+                   help="skip compile runs that would start after this many seconds")
     args = parser.parse_args(argv)
+    if args.cmd == "bench":
+        return _bench(args)
     return _verify(args)

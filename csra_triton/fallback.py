@@ -34,36 +34,42 @@ def inv_norms(weight, normalize, acc):
 
 
 def fwd(x, weight, temps, lam, normalize, chunk, acc, new):
-    """``new(shape, dtype, device)`` allocates outputs. Returns y (B, C), lse2 (B, H, C), att (B, H, C), argmax (B, H, C) int32, inv_n (H, C)."""
+    """``new(shape, dtype, device)`` allocates outputs. Returns y (B, C), m, l, att (B, H, C),
+    argmax (B, H, C) int32 and inv_n (H, C): the kernel's state, in base 2 (z = T log2(e) s,
+    m = max_j z_j, l = sum_j 2^(z_j - m))."""
     B, D, N = x.shape
     H, C, _ = weight.shape
     inv_n = inv_norms(weight, normalize, acc)
     y = new((B, C), x.dtype, x.device)
-    lse = new((B, H, C), acc, x.device)
+    m = new((B, H, C), acc, x.device)
+    l = new((B, H, C), acc, x.device)
     att = new((B, H, C), acc, x.device)
     amax = new((B, H, C), torch.int32, x.device)
     for c0 in range(0, C, chunk):
         c1 = min(C, c0 + chunk)
         s, is_max, t_fin = _rows(x, weight, temps, inv_n, c0, c1, acc)
-        z = s * t_fin
-        lse_e = torch.logsumexp(z, dim=-1)
-        soft = (torch.exp(z - lse_e[..., None]) * s).sum(-1)
+        z = s * (t_fin / LN2)
+        zmax = z.amax(dim=-1, keepdim=True)
+        e = torch.exp2(z - zmax)
+        l_c = e.sum(-1)
+        soft = (e * s).sum(-1) / l_c
         best, best_j = s.max(dim=-1)
         a = torch.where(is_max[..., 0], best, soft)
         y[:, c0:c1] = (s.mean(-1) + lam * a).sum(1).to(x.dtype)
-        lse[:, :, c0:c1] = lse_e / LN2
+        m[:, :, c0:c1] = zmax[..., 0]
+        l[:, :, c0:c1] = l_c
         att[:, :, c0:c1] = a
         amax[:, :, c0:c1] = best_j.to(torch.int32)
-    return y, lse, att, amax, inv_n
+    return y, m, l, att, amax, inv_n
 
 
-def ds_chunk(x, weight, temps, grad_y, lse, att, amax, inv_n, lam, c0, c1, out):
+def ds_chunk(x, weight, temps, grad_y, m, l, att, amax, inv_n, lam, c0, c1, out):
     """Writes dS' = inv_n * dy/ds for classes [c0, c1) into ``out`` (H, c1-c0, B, N)."""
     B, D, N = x.shape
-    acc = lse.dtype
+    acc = m.dtype
     s, is_max, t_fin = _rows(x, weight, temps, inv_n, c0, c1, acc)   # (B, H, Cc, N)
-    lse_c, att_c = lse[:, :, c0:c1, None], att[:, :, c0:c1, None]
-    p = torch.exp2(s * (t_fin / LN2) - lse_c)
+    m_c, l_c, att_c = (t[:, :, c0:c1, None] for t in (m, l, att))
+    p = torch.exp2(s * (t_fin / LN2) - m_c) / l_c
     d_soft = p * (1.0 + t_fin * (s - att_c))
     pos = torch.arange(N, device=x.device)
     d_max = (pos == amax[:, :, c0:c1, None]).to(acc)

@@ -12,7 +12,10 @@ as a 1x1 conv under autocast would), accumulating in fp32 (fp64 when x is fp64).
 IEEE fp32 products unless ``torch.backends.cuda.matmul.allow_tf32`` is set (then TF32). The row
 norms are computed from the weight in its own dtype, in fp32, as the official code does
 (``torch.norm`` runs in fp32 under autocast). Softmax state is fp32 (fp64 for fp64 inputs) and
-uses base-2 exponentials: the saved ``lse`` is ``log2(sum_j 2^(T*log2(e)*s_j))``.
+uses base-2 exponentials: with z_j = T*log2(e)*s_j, the forward saves m = max_j z_j and
+l = sum_j 2^(z_j - m) (not their log-sum-exp: at |z| ~ 1e4 an fp32 lse is off by up to an ulp,
+~1e-3, which would scale every softmax weight; 2^(z_j - m) is exact at the maximum). The backward
+recomputes z bit for bit (same tiles, same channel order), so p_j = 2^(z_j - m) / l.
 
 Pointer conventions: every tensor argument is followed by its strides in elements, in the order of
 the shape given next to it. Outputs written with implicit strides are contiguous by contract
@@ -99,7 +102,7 @@ def csra_fwd_kernel(
     w_ptr, stride_wh, stride_wc, stride_wd,      # weight (H, C, D), any strides, weight.dtype
     t_ptr,                                       # temps  (H,) contiguous fp32; inf = max head
     y_ptr, stride_yb, stride_yc,                 # y      (B, C) out, x.dtype
-    lse_ptr, att_ptr, amax_ptr,                  # state  (B, H, C) contiguous: fp32/fp64, same, int32
+    m_ptr, l_ptr, att_ptr, amax_ptr,             # state  (B, H, C) contiguous: acc, acc, acc, int32
     invn_ptr,                                    # inv_n  (H, C) contiguous fp32/fp64, written by b == 0
     H, C, D, N, lam, inv_N,
     NORMALIZE: tl.constexpr, HP: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr,
@@ -149,7 +152,8 @@ def csra_fwd_kernel(
     cc = pid_c * BC + tl.arange(0, BC)
     tl.store(y_ptr + pid_b * stride_yb + cc * stride_yc,
              _round_to(y, y_ptr.dtype.element_ty, EMU_BF16), mask=cc < C)
-    tl.store(lse_ptr + state, m2 + tl.log2(l), mask=row_ok)
+    tl.store(m_ptr + state, m2, mask=row_ok)
+    tl.store(l_ptr + state, l, mask=row_ok)
     tl.store(att_ptr + state, att, mask=row_ok)
     tl.store(amax_ptr + state, best_j, mask=row_ok)
 
@@ -160,7 +164,7 @@ def csra_bwd_ds_kernel(
     w_ptr, stride_wh, stride_wc, stride_wd,      # weight (H, C, D), any strides
     t_ptr,                                       # temps  (H,) contiguous fp32
     g_ptr, stride_gb, stride_gc,                 # grad_y (B, C), any strides (stride 0 allowed)
-    lse_ptr, att_ptr, amax_ptr,                  # state  (B, H, C) contiguous, from the forward
+    m_ptr, l_ptr, att_ptr, amax_ptr,             # state  (B, H, C) contiguous, from the forward
     invn_ptr,                                    # inv_n  (H, C) contiguous
     ds_ptr,                                      # dS'    (H, n_chunk, B, N) contiguous out
     B, H, C, D, N, c_start, n_chunk, lam, inv_N,
@@ -171,7 +175,7 @@ def csra_bwd_ds_kernel(
 
     Recomputes s and writes dS' = inv_n * dy/ds, i.e. the score gradient already scaled by the
     inverse row norm, so that dx = W^T dS' and dW = dS' x^T - W * rowsum(W * dS' x^T) * inv_n^2.
-        finite T: dy/ds_j = g * (1/N + lam * p_j * (1 + T * (s_j - att))),  p_j = 2^(T log2e s_j - lse)
+        finite T: dy/ds_j = g * (1/N + lam * p_j * (1 + T * (s_j - att))),  p_j = 2^(z_j - m) / l
         T = inf:  dy/ds_j = g * (1/N + lam * [j == argmax])
     """
     pid_b = tl.program_id(0)
@@ -183,7 +187,8 @@ def csra_bwd_ds_kernel(
     inv_n = tl.load(invn_ptr + h * C + c, mask=row_ok, other=0.0).to(ACC)
     state = pid_b * H * C + h * C + c
     g = tl.load(g_ptr + pid_b * stride_gb + c * stride_gc, mask=row_ok, other=0.0).to(ACC)
-    lse = tl.load(lse_ptr + state, mask=row_ok, other=0.0).to(ACC)
+    m2 = tl.load(m_ptr + state, mask=row_ok, other=0.0).to(ACC)
+    inv_l = 1.0 / tl.load(l_ptr + state, mask=row_ok, other=1.0).to(ACC)
     att = tl.load(att_ptr + state, mask=row_ok, other=0.0).to(ACC)
     best_j = tl.load(amax_ptr + state, mask=row_ok, other=-1)
     t2 = t_fin * 1.4426950408889634
@@ -194,7 +199,7 @@ def csra_bwd_ds_kernel(
         n_ok = (nn < N)[None, :]
         s = _scores(x_ptr, stride_xb, stride_xd, stride_xn, w_rows, stride_wd, row_ok, pid_b, nn,
                     D, N, inv_n, HP, BC, BN, BD, ACC, DOT, PRECISION, EMU_BF16)
-        p = tl.exp2(s * t2[:, None] - lse[:, None])
+        p = tl.exp2(s * t2[:, None] - m2[:, None]) * inv_l[:, None]
         d_soft = p * (1.0 + t_fin[:, None] * (s - att[:, None]))
         d_max = tl.where(nn[None, :] == best_j[:, None], 1.0, 0.0)
         d_att = tl.where(is_max[:, None], d_max, d_soft)

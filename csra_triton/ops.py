@@ -4,9 +4,10 @@ Two ops in the ``csra_triton`` namespace, both with fake (meta) implementations 
 ``torch.compile(fullgraph=True)`` and ``torch.export`` trace through them:
 
 * ``csra_triton::csra_fwd(x, weight, temperatures, lam, normalize)``
-    -> ``(y, lse, att, argmax, inv_norm)``; x is (B, D, N) with any strides, weight (H, C, D).
-    y (B, C) has x's dtype; the rest is the O(B*H*C) state that the backward needs.
-* ``csra_triton::csra_bwd(grad_y, x, weight, lse, att, argmax, inv_norm, temperatures, lam,
+    -> ``(y, m, l, att, argmax, inv_norm)``; x is (B, D, N) with any strides, weight (H, C, D).
+    y (B, C) has x's dtype; the rest is the O(B*H*C) state that the backward needs (see
+    kernels.py: softmax max and sum in base 2, attention logit, argmax, inverse row norms).
+* ``csra_triton::csra_bwd(grad_y, x, weight, m, l, att, argmax, inv_norm, temperatures, lam,
   normalize)`` -> ``(grad_x, grad_weight)``.
 
 ``csra_fwd`` carries ``register_autograd``; :class:`CSRAFunction` is a thin ``autograd.Function``
@@ -17,7 +18,8 @@ interpreter when ``TRITON_INTERPRET=1`` was set before triton was imported, and 
 vectorised PyTorch fallback in ``fallback.py``. :func:`use_backend` overrides this choice.
 
 Backward memory: dS' is materialised in chunks of classes, (H, chunk, B, N) elements with
-``chunk = max(1, DS_WORKSPACE_ELEMS // (H * B * N))``, then two GEMMs per chunk:
+``chunk ~ DS_WORKSPACE_ELEMS // (H * B * N)`` rounded to whole class tiles (so that the backward
+recomputes exactly the forward's tiles, bit for bit), then two GEMMs per chunk:
 ``dx += W_chunk^T dS'`` and ``G_chunk = dS' x^T``; finally
 ``dW = G - W * rowsum(W * G) * inv_norm^2`` (the gradient through the row normalisation).
 """
@@ -71,8 +73,6 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunk(H: int, C: int, B: int, N: int) -> int:
-    return max(1, min(C, DS_WORKSPACE_ELEMS // max(1, H * B * N)))
 
 
 _temps_cache: dict = {}
@@ -102,10 +102,20 @@ def _pow2(n: int) -> int:
 
 
 def _blocks(H: int, C: int, D: int, N: int) -> dict:
-    """Tile sizes: HP * BC rows (>= 16 for tl.dot), BN positions, BD channels."""
+    """Tile sizes: HP * BC rows (>= 16 for tl.dot), BN positions, BD channels. The forward and
+    the backward use the same tiles, so that the backward's recomputed scores equal the
+    forward's bit for bit."""
     hp = _pow2(H)
     bc = max(min(max(1, 64 // hp), _pow2(C)), -(-16 // hp))
     return dict(HP=hp, BC=bc, BN=min(64, max(16, _pow2(N))), BD=min(64, max(16, _pow2(D))))
+
+
+def _chunk(H: int, C: int, D: int, B: int, N: int) -> int:
+    """Classes per backward workspace chunk (and per fallback forward chunk): about
+    DS_WORKSPACE_ELEMS / (H*B*N), in whole class tiles of the kernels."""
+    bc = _blocks(H, C, D, N)["BC"]
+    per_class = max(1, H * B * N)
+    return min(C, max(bc, DS_WORKSPACE_ELEMS // per_class // bc * bc))
 
 
 def _dtypes(x: Tensor) -> dict:
@@ -124,7 +134,7 @@ def _launch_kw(x: Tensor) -> dict:
     return dict(num_warps=4, num_stages=2) if x.is_cuda else {}
 
 
-def _fwd_triton(x, weight, temps, lam, normalize, y, lse, att, amax, inv_n):
+def _fwd_triton(x, weight, temps, lam, normalize, y, m, l, att, amax, inv_n):
     from .kernels import csra_fwd_kernel
 
     B, D, N = x.shape
@@ -134,21 +144,21 @@ def _fwd_triton(x, weight, temps, lam, normalize, y, lse, att, amax, inv_n):
     with _device_guard(x):
         csra_fwd_kernel[grid](
             x, *x.stride(), weight, *weight.stride(), temps, y, *y.stride(),
-            lse, att, amax, inv_n, H, C, D, N, float(lam), 1.0 / N,
+            m, l, att, amax, inv_n, H, C, D, N, float(lam), 1.0 / N,
             NORMALIZE=bool(normalize), **blk, **_dtypes(x), **_launch_kw(x))
 
 
-def _ds_triton(x, weight, temps, grad_y, lse, att, amax, inv_n, lam, c0, c1, out):
+def _ds_triton(x, weight, temps, grad_y, m, l, att, amax, inv_n, lam, c0, c1, out):
     from .kernels import csra_bwd_ds_kernel
 
     B, D, N = x.shape
     H, C, _ = weight.shape
-    blk = _blocks(H, c1 - c0, D, N)
+    blk = _blocks(H, C, D, N)  # the forward's tiles; c0 is a multiple of BC
     grid = (B, triton_cdiv(c1 - c0, blk["BC"]))
     with _device_guard(x):
         csra_bwd_ds_kernel[grid](
             x, *x.stride(), weight, *weight.stride(), temps, grad_y, *grad_y.stride(),
-            lse, att, amax, inv_n, out, B, H, C, D, N, c0, c1 - c0, float(lam), 1.0 / N,
+            m, l, att, amax, inv_n, out, B, H, C, D, N, c0, c1 - c0, float(lam), 1.0 / N,
             **blk, **_dtypes(x), **_launch_kw(x))
 
 
@@ -165,21 +175,22 @@ def _device_guard(x: Tensor):
 
 @torch.library.custom_op("csra_triton::csra_fwd", mutates_args=())
 def csra_fwd(x: Tensor, weight: Tensor, temperatures: list[float], lam: float,
-             normalize: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+             normalize: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     B, D, N = x.shape
     H, C, _ = weight.shape
     acc = acc_dtype(x.dtype)
     if backend_for(x.device) == "torch" or B == 0:
         temps = torch.tensor(temperatures, dtype=acc)
-        return fallback.fwd(x, weight, temps, lam, normalize, _chunk(H, C, B, N), acc, _new)
+        return fallback.fwd(x, weight, temps, lam, normalize, _chunk(H, C, D, B, N), acc, _new)
     y = _new((B, C), x.dtype, x.device)
-    lse = _new((B, H, C), acc, x.device)
+    m = _new((B, H, C), acc, x.device)
+    l = _new((B, H, C), acc, x.device)
     att = _new((B, H, C), acc, x.device)
     amax = _new((B, H, C), torch.int32, x.device)
     inv_n = _new((H, C), acc, x.device)
     _fwd_triton(x, weight, _temps_tensor(temperatures, x.device), lam, normalize,
-                y, lse, att, amax, inv_n)
-    return y, lse, att, amax, inv_n
+                y, m, l, att, amax, inv_n)
+    return y, m, l, att, amax, inv_n
 
 
 @csra_fwd.register_fake
@@ -187,42 +198,46 @@ def _(x, weight, temperatures, lam, normalize):
     B, _, _ = x.shape
     H, C, _ = weight.shape
     acc = acc_dtype(x.dtype)
-    state = x.new_empty((B, H, C), dtype=acc)
-    return (x.new_empty((B, C)), state, torch.empty_like(state),
-            x.new_empty((B, H, C), dtype=torch.int32), x.new_empty((H, C), dtype=acc))
+    state = [x.new_empty((B, H, C), dtype=acc) for _ in range(3)]
+    return (x.new_empty((B, C)), *state, x.new_empty((B, H, C), dtype=torch.int32),
+            x.new_empty((H, C), dtype=acc))
 
 
 @torch.library.custom_op("csra_triton::csra_bwd", mutates_args=())
-def csra_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, lse: Tensor, att: Tensor, amax: Tensor,
-             inv_n: Tensor, temperatures: list[float], lam: float,
+def csra_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, m: Tensor, l: Tensor, att: Tensor,
+             amax: Tensor, inv_n: Tensor, temperatures: list[float], lam: float,
              normalize: bool) -> tuple[Tensor, Tensor]:
     B, D, N = x.shape
     H, C, _ = weight.shape
-    acc = lse.dtype
+    acc = m.dtype
     if B == 0:
         return x.new_zeros((B, D, N)), torch.zeros_like(weight)
     use_torch = backend_for(x.device) == "torch"
     temps = (torch.tensor(temperatures, dtype=acc) if use_torch
              else _temps_tensor(temperatures, x.device))
+    # GEMM operands: x's dtype, except the fallback on CPU, where half-precision GEMMs are slow
+    # and fp32 ones are both faster and more precise.
+    gemm = acc if use_torch and x.device.type == "cpu" else x.dtype
     # (B*N, D) view of x for G = dS' x^T; a copy only when x's channels are not innermost.
-    x_t = x.transpose(1, 2).reshape(B * N, D)
-    G = _new((H, C, D), x.dtype, x.device)
-    chunk = _chunk(H, C, B, N)
-    ws = _new((H * chunk * B * N,), x.dtype, x.device)
+    x_t = x.transpose(1, 2).reshape(B * N, D).to(gemm)
+    G = _new((H, C, D), gemm, x.device)
+    chunk = _chunk(H, C, D, B, N)
+    ws = _new((H * chunk * B * N,), gemm, x.device)
     grad_x = None
     for c0 in range(0, C, chunk):
         c1 = min(C, c0 + chunk)
         rows = H * (c1 - c0)
         ds = ws[: rows * B * N].view(H, c1 - c0, B, N)
         if use_torch:
-            fallback.ds_chunk(x, weight, temps, grad_y, lse, att, amax, inv_n, lam, c0, c1, ds)
+            fallback.ds_chunk(x, weight, temps, grad_y, m, l, att, amax, inv_n, lam, c0, c1, ds)
         else:
-            _ds_triton(x, weight, temps, grad_y, lse, att, amax, inv_n, lam, c0, c1, ds)
+            _ds_triton(x, weight, temps, grad_y, m, l, att, amax, inv_n, lam, c0, c1, ds)
         ds2 = ds.view(rows, B * N)
         G[:, c0:c1] = (ds2 @ x_t).view(H, c1 - c0, D)
-        w_c = weight[:, c0:c1].to(x.dtype).reshape(rows, D)
+        w_c = weight[:, c0:c1].to(x.dtype).to(gemm).reshape(rows, D)
         dx_c = torch.matmul(w_c.t(), ds.view(rows, B, N).transpose(0, 1))  # (B, D, N)
         grad_x = dx_c if grad_x is None else grad_x.add_(dx_c)
+    grad_x = grad_x.to(x.dtype)
     Gf = G.to(acc)
     if normalize:
         wf = weight.to(acc)
@@ -231,25 +246,25 @@ def csra_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, lse: Tensor, att: Tensor
 
 
 @csra_bwd.register_fake
-def _(grad_y, x, weight, lse, att, amax, inv_n, temperatures, lam, normalize):
+def _(grad_y, x, weight, m, l, att, amax, inv_n, temperatures, lam, normalize):
     B, D, N = x.shape
     return x.new_empty((B, D, N)), torch.empty_like(weight)
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, temperatures, lam, normalize = inputs
-    _, lse, att, amax, inv_n = output
-    ctx.save_for_backward(x, weight, lse, att, amax, inv_n)
+    _, *state = output
+    ctx.save_for_backward(x, weight, *state)
     ctx.temperatures, ctx.lam, ctx.normalize = list(temperatures), float(lam), bool(normalize)
-    ctx.mark_non_differentiable(lse, att, amax, inv_n)
+    ctx.mark_non_differentiable(*state)
 
 
 def _backward(ctx, grad_y, *_state_grads):
-    x, weight, lse, att, amax, inv_n = ctx.saved_tensors
+    x, weight, *state = ctx.saved_tensors
     if grad_y is None:
         return None, None, None, None, None
     grad_x, grad_w = torch.ops.csra_triton.csra_bwd(
-        grad_y, x, weight, lse, att, amax, inv_n, ctx.temperatures, ctx.lam, ctx.normalize)
+        grad_y, x, weight, *state, ctx.temperatures, ctx.lam, ctx.normalize)
     return (grad_x if ctx.needs_input_grad[0] else None,
             grad_w if ctx.needs_input_grad[1] else None, None, None, None)
 
@@ -268,8 +283,8 @@ class CSRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, temperatures, lam, normalize=True):
         temps, lam, normalize = list(temperatures), float(lam), bool(normalize)
-        y, lse, att, amax, inv_n = torch.ops.csra_triton.csra_fwd(x, weight, temps, lam, normalize)
-        ctx.save_for_backward(x, weight, lse, att, amax, inv_n)
+        y, *state = torch.ops.csra_triton.csra_fwd(x, weight, temps, lam, normalize)
+        ctx.save_for_backward(x, weight, *state)
         ctx.temperatures, ctx.lam, ctx.normalize = temps, lam, normalize
         return y
 

@@ -1,18 +1,10 @@
-"""Runs the Triton kernels in the interpreter when there is no GPU, and poisons every output.
-
-TRITON_INTERPRET must be set before triton is imported, which is why this happens at the top.
-"""
+"""Poisons every output (the root conftest.py has already chosen the interpreter without a GPU)."""
 import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ["CSRA_TRITON_POISON"] = "1"
-
-import pytest  # noqa: E402
-
-import csra_triton.ops as ops  # noqa: E402
+import csra_triton.ops as ops
 
 ops.POISON = True
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,56 @@
+"""pytest-benchmark suite: every DESIGN.md shape x pass x impl (eager, compile, triton).
+
+    pytest bench --benchmark-only                      # full suite, on a GPU
+    pytest bench --benchmark-only --bench-shapes coco-r101-448 --benchmark-json out.json
+    pytest bench --benchmark-disable                   # smoke run (CI): tiny shapes, once each
+
+Without CUDA the full-size shapes are skipped (they are GPU benchmarks) and the tiny smoke shapes
+run on CPU, where 'triton' is the PyTorch fallback. Results are grouped by shape and pass, so the
+table compares the three impls side by side. Each result's extra_info carries the CUDA-event
+median (do_bench, L2 flushed, inputs rotated), the peak memory beyond the inputs, and the max
+relative error against float64. Correctness of csra-triton is asserted; speed never is.
+"""
+import math
+
+import pytest
+
+from csra_triton import benchmark as bm
+
+FULL = list(bm.SHAPES.values())
+TINY = bm.parse_shapes(bm.TINY)
+
+
+def pytest_generate_tests(metafunc):
+    if "shape" in metafunc.fixturenames:
+        spec = metafunc.config.getoption("--bench-shapes")
+        shapes = bm.parse_shapes(spec) if spec else FULL + TINY
+        metafunc.parametrize("shape", shapes, ids=[s.name for s in shapes])
+
+
+@pytest.mark.parametrize("impl", bm.IMPLS)
+@pytest.mark.parametrize("pass_", bm.PASSES)
+def test_bench(benchmark, shape, pass_, impl, device):
+    if device.type != "cuda" and shape not in TINY:
+        pytest.skip(f"{shape.name} is a GPU benchmark: needs CUDA (CPU runs the tiny shapes)")
+    bench = bm.Bench(shape, impl, device)
+    step = bench.step(pass_)
+    disabled = benchmark.disabled
+    # Warm-up inside time_ms absorbs compilation and autotuning before anything is timed.
+    median = bm.time_ms(step, device, warmup=1 if disabled else 3, reps=1 if disabled else 10)
+    err = bench.max_rel_err(pass_)
+    benchmark.group = f"{shape.name} {pass_}"
+    benchmark.extra_info.update(
+        impl=impl, median_ms=median, peak_mem_mb=bm.peak_mem_mb(step, device),
+        max_rel_err=err, floor_ms=shape.floor_ms(pass_, bm.gpu_tag(device)),
+        device=bm.gpu_tag(device), backend="torch-fallback" if (
+            impl == "triton" and device.type != "cuda") else None)
+
+    def timed():
+        step()
+        bm.sync(device)
+
+    benchmark.pedantic(timed, rounds=1 if disabled else 20, warmup_rounds=0 if disabled else 2,
+                       iterations=1)
+    assert math.isfinite(err)
+    if impl == "triton":
+        assert err <= (1e-5 if shape.dtype == "float32" and device.type != "cuda" else 2e-2)

@@ -1,0 +1,365 @@
+"""Benchmark shapes, floors, implementations and one measurement routine.
+
+Shared by ``bench/`` (the pytest-benchmark suite), ``python -m csra_triton bench`` and
+``bench/gpu_check.sh``, so that every number comes from the same code. Definitions follow shared
+DESIGN.md §3-4:
+
+* ``median_ms``: CUDA-event median of ``triton.testing.do_bench`` (which flushes L2 between calls)
+  over inputs rotated among several sets; on CPU the median of host-timed calls.
+* ``peak_mem_mb``: ``torch.cuda.max_memory_allocated`` during one pass minus what was allocated
+  before it (the inputs, weights and any compiled state); ``None`` on CPU, where it is not measured.
+* ``max_rel_err``: ``||out - ref|| / ||ref||`` against float64 on the same operands; for
+  ``fwd+bwd`` the worst of the output, dx and dW.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import ops
+from .module import CSRATriton
+from .reference import MHA, OFFICIAL_TEMPERATURES, as_operand, csra_reference
+
+IMPLS = ("eager", "compile", "triton")
+PASSES = ("fwd", "fwd+bwd")
+COMPILE_MODE = os.environ.get("CSRA_BENCH_COMPILE_MODE", "max-autotune-no-cudagraphs")
+
+#: Measured ceilings (shared DESIGN.md §3): dense bf16/fp16 TFLOP/s (TF32 is half), copy TB/s.
+CEILINGS = {"h100": dict(tflops=798.0, tbps=3.0), "h200": dict(tflops=790.0, tbps=4.3)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    name: str
+    B: int
+    d: int
+    h: int
+    w: int
+    C: int
+    heads: int
+    dtype: str = "bfloat16"
+
+    @property
+    def N(self) -> int:
+        return self.h * self.w
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def fwd_flops(self) -> float:
+        return 2.0 * self.B * self.heads * self.C * self.d * self.N
+
+    def fwd_bytes(self) -> float:
+        """x and the weight read once, y written once, all in the benchmark dtype."""
+        size = torch.empty((), dtype=self.torch_dtype).element_size()
+        return size * (self.B * self.d * self.N + self.heads * self.C * self.d + self.B * self.C)
+
+    def floor_ms(self, pass_: str, gpu: str) -> float | None:
+        """max(FLOPs / rate, bytes / bandwidth); fwd+bwd is four forward-sized GEMMs (DESIGN §3)."""
+        ceil = CEILINGS.get(gpu)
+        if ceil is None:
+            return None
+        rate = ceil["tflops"] * (0.5 if self.dtype == "float32" else 1.0) * 1e12
+        fwd = max(self.fwd_flops() / rate, self.fwd_bytes() / (ceil["tbps"] * 1e12)) * 1e3
+        return fwd if pass_ == "fwd" else 4.0 * fwd
+
+    def row_fields(self) -> dict:
+        return dict(shape=self.name, B=self.B, d=self.d, h=self.h, w=self.w, C=self.C,
+                    heads=self.heads, dtype=self.dtype)
+
+
+SHAPES = {s.name: s for s in [
+    Shape("coco-r101-448", 64, 2048, 14, 14, 80, 4),
+    Shape("voc-r101-448", 64, 2048, 14, 14, 20, 1),
+    Shape("coco-vitl16-448", 32, 1024, 28, 28, 80, 8),
+    Shape("openimages-r101-448", 32, 2048, 14, 14, 9605, 4),
+    Shape("latency-r101-224", 1, 2048, 7, 7, 80, 4),
+    Shape("coco-r101-448-fp32", 64, 2048, 14, 14, 80, 4, "float32"),
+]}
+HEADLINE = "coco-r101-448"
+#: What the CPU runs by default: the real latency shape and the headline at a small batch.
+CPU_DEFAULT = "latency-r101-224,coco-r101-448@B=2"
+#: CI smoke shapes: every code path at sizes the interpreter and a 2-core CPU finish quickly.
+TINY = "coco-r101-448@B=2@d=32@h=3@w=3@C=5,latency-r101-224@d=16@C=3"
+
+
+def parse_shapes(spec: str) -> list[Shape]:
+    """Comma-separated names, each optionally followed by ``@field=value`` overrides
+    (``coco-r101-448@B=8@C=9605``). ``all`` means every DESIGN shape."""
+    out = []
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        if item == "all":
+            out.extend(SHAPES.values())
+            continue
+        name, *overrides = item.split("@")
+        if name not in SHAPES:
+            raise ValueError(f"--shapes: unknown shape {name!r}; known: {', '.join(SHAPES)}")
+        shape = SHAPES[name]
+        changes = {}
+        for ov in overrides:
+            key, _, val = ov.partition("=")
+            if key not in ("B", "d", "h", "w", "C", "heads", "dtype") or not val:
+                raise ValueError(f"--shapes: bad override {ov!r} in {item!r} "
+                                 f"(expected B=, d=, h=, w=, C=, heads= or dtype=)")
+            changes[key] = val if key == "dtype" else int(val)
+        if changes:
+            suffix = "@".join(f"{k}={v}" for k, v in changes.items())
+            shape = dataclasses.replace(shape, name=f"{name}@{suffix}", **changes)
+        out.append(shape)
+    return out
+
+
+def gpu_tag(device: torch.device) -> str:
+    """'h100', 'h200', another short card name, or 'cpu'."""
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device).lower()
+    for tag in ("h100", "h200", "a100", "l40s", "l4", "a10"):
+        if tag in name:
+            return tag
+    return "".join(ch for ch in name.split()[-1] if ch.isalnum()) or "gpu"
+
+
+def temperatures(heads: int) -> list[float]:
+    return [math.inf if t == 99 else float(t) for t in OFFICIAL_TEMPERATURES[heads]]
+
+
+# --------------------------------------------------------------------------- implementations
+
+
+class Bench:
+    """One implementation of one shape on one device, with its inputs."""
+
+    def __init__(self, shape: Shape, impl: str, device: torch.device, n_sets: int | None = None,
+                 lam: float = 0.1, seed: int = 0):
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        self.shape, self.impl, self.device, self.lam = shape, impl, device, lam
+        dt = shape.torch_dtype
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        temps = temperatures(shape.heads)
+        # Weight rows like a trained head: kaiming-uniform scale, in the benchmark dtype.
+        w = (torch.rand(shape.heads, shape.C, shape.d, generator=gen) * 2 - 1) / math.sqrt(shape.d)
+        self.weight0 = w.to(device=device, dtype=dt)
+        if impl == "triton":
+            m = CSRATriton(shape.d, shape.C, shape.heads, lam, temps)
+            m.weight.data = self.weight0.clone()
+        else:
+            m = MHA.from_weight(self.weight0.clone(), temps, lam)
+        self.module = m.to(device)
+        self.fn_module = (torch.compile(self.module, mode=_compile_mode(device))
+                          if impl == "compile" else self.module)
+        if n_sets is None:  # rotate so that L2 (50-60 MB on H100/H200) cannot hold the inputs
+            x_bytes = shape.B * shape.d * shape.N * torch.empty((), dtype=dt).element_size()
+            n_sets = 2 if device.type != "cuda" else max(2, min(4, math.ceil(150e6 / x_bytes)))
+        self.xs = [torch.randn(shape.B, shape.d, shape.h, shape.w, generator=gen).to(device, dt)
+                   for _ in range(n_sets)]
+        self.gs = [torch.randn(shape.B, shape.C, generator=gen).to(device, dt)
+                   for _ in range(n_sets)]
+        self._i = 0
+
+    def weight_grad(self) -> torch.Tensor:
+        if self.impl == "triton":
+            return self.module.weight.grad
+        return torch.stack([h.head.weight.grad.view(self.shape.C, self.shape.d)
+                            for h in self.module.multi_head])
+
+    def zero_grad(self) -> None:
+        for p in self.module.parameters():
+            p.grad = None
+
+    def _backend(self):
+        # On CPU the 'triton' impl is the vectorised PyTorch fallback, never the interpreter.
+        return ops.use_backend("torch" if self.device.type != "cuda" else "auto")
+
+    def step(self, pass_: str) -> Callable[[], None]:
+        """The callable that is timed: one pass over the next input set."""
+        xs, gs, f = self.xs, self.gs, self.fn_module
+
+        if pass_ == "fwd":
+            def run():
+                i = self._i = (self._i + 1) % len(xs)
+                with torch.no_grad(), self._backend():
+                    f(xs[i])
+        else:
+            for x in xs:
+                x.requires_grad_(True)
+
+            def run():
+                i = self._i = (self._i + 1) % len(xs)
+                with self._backend():
+                    f(xs[i]).backward(gs[i])
+                xs[i].grad = None
+                self.zero_grad()
+        return run
+
+    def max_rel_err(self, pass_: str) -> float:
+        """Worst relative error against float64 on the same operands (set 0)."""
+        x, g = self.xs[0], self.gs[0]
+        x = x.detach().requires_grad_(pass_ != "fwd")
+        self.zero_grad()
+        with self._backend(), torch.set_grad_enabled(pass_ != "fwd"):
+            y = self.fn_module(x)
+            if pass_ != "fwd":
+                y.backward(g)
+        x64 = x.detach().double().requires_grad_(pass_ != "fwd")
+        w64 = self.weight0.double().requires_grad_(pass_ != "fwd")
+        temps = temperatures(self.shape.heads)
+        with torch.set_grad_enabled(pass_ != "fwd"):
+            y64 = csra_reference(x64, as_operand(w64, x.dtype), temps, self.lam)
+        errs = [_rel(y, y64)]
+        if pass_ != "fwd":
+            y64.backward(g.double())
+            errs += [_rel(x.grad, x64.grad), _rel(self.weight_grad(), w64.grad)]
+        self.zero_grad()
+        return max(errs)
+
+
+def _compile_mode(device: torch.device) -> str | None:
+    # max-autotune's GEMM search needs a GPU; on CPU the default mode compiles in seconds.
+    return COMPILE_MODE if device.type == "cuda" else None
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().double(), ref.detach().double()
+    if not torch.isfinite(out).all():
+        return math.inf
+    den = ref.norm().item()
+    return (out - ref).norm().item() / den if den else (out - ref).norm().item()
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], None], device: torch.device, warmup: int = 3,
+            reps: int = 10) -> float:
+    """Median ms per call: CUDA events via do_bench on GPU (after ``warmup`` untimed calls that
+    absorb compilation and autotuning), host clock around synchronised calls on CPU."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_mem_mb(fn: Callable[[], None], device: torch.device) -> float | None:
+    """Peak bytes allocated during one call beyond what was allocated before it, in MB."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 1e6
+
+
+def measure(shape: Shape, pass_: str, impl: str, device: torch.device, reps: int = 10) -> dict:
+    """One results row (DESIGN §4), measured now."""
+    bench = Bench(shape, impl, device)
+    fn = bench.step(pass_)
+    ms = time_ms(fn, device, reps=reps)            # warm-up inside: compile/autotune happen first
+    mem = peak_mem_mb(fn, device)
+    err = bench.max_rel_err(pass_)
+    row = dict(shape.row_fields(), **{"pass": pass_, "impl": impl, "median_ms": ms,
+                                      "peak_mem_mb": mem, "max_rel_err": err})
+    if shape.dtype == "float32" and device.type == "cuda":
+        row["tf32"] = dict(matmul=torch.backends.cuda.matmul.allow_tf32,
+                           cudnn=torch.backends.cudnn.allow_tf32)
+    if device.type != "cuda" and impl == "triton":
+        row["backend"] = "torch-fallback"
+    return row
+
+
+# --------------------------------------------------------------------------- results files
+
+
+def git_commit(root: Path | None = None) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root or Path(__file__).parent,
+                             capture_output=True, text=True, timeout=10)
+        sha = out.stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root or Path(__file__).parent, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+        return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def results_doc(rows: list[dict], device: torch.device) -> dict:
+    import triton
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"device": name, "torch": torch.__version__.split("+")[0],
+            "triton": triton.__version__, "commit": git_commit(),
+            "date": datetime.date.today().isoformat(), "rows": rows}
+
+
+def write_results(doc: dict, out_dir: Path, device: torch.device) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{doc['date']}-{gpu_tag(device)}.json"
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    return path
+
+
+def summary_table(rows: list[dict], gpu: str) -> str:
+    """Markdown: per shape and pass, ms per impl, speed-up of triton vs eager and compile,
+    % of the floor (floor / triton time), peak MB per impl."""
+    by = {}
+    for r in rows:
+        by.setdefault((r["shape"], r["pass"]), {})[r["impl"]] = r
+    lines = ["| shape | pass | eager ms | compile ms | triton ms | vs eager | vs compile | "
+             "% of floor | peak MB eager / compile / triton | max rel err (triton) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for (name, pass_), impls in by.items():
+        def ms(i):
+            r = impls.get(i)
+            return f"{r['median_ms']:.4f}" if r else "—"
+
+        def mem(i):
+            r = impls.get(i)
+            return f"{r['peak_mem_mb']:.1f}" if r and r.get("peak_mem_mb") is not None else "—"
+
+        t = impls.get("triton")
+        speed = {}
+        for base in ("eager", "compile"):
+            b = impls.get(base)
+            speed[base] = f"{b['median_ms'] / t['median_ms']:.2f}×" if b and t else "—"
+        floor = "—"
+        if t:
+            shape = SHAPES.get(name.split("@")[0])
+            if shape is not None:
+                shape = dataclasses.replace(shape, **{k: t[k] for k in
+                                                      ("B", "d", "h", "w", "C", "heads", "dtype")})
+                f = shape.floor_ms(pass_, gpu)
+                floor = f"{100 * f / t['median_ms']:.0f}%" if f else "—"
+        err = f"{t['max_rel_err']:.1e}" if t else "—"
+        lines.append(f"| {name} | {pass_} | {ms('eager')} | {ms('compile')} | {ms('triton')} | "
+                     f"{speed['eager']} | {speed['compile']} | {floor} | "
+                     f"{mem('eager')} / {mem('compile')} / {mem('triton')} | {err} |")
+    return "\n".join(lines)

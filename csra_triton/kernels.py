@@ -110,7 +110,7 @@ def csra_fwd_kernel(
     EMU_BF16: tl.constexpr,
 ):
     """Grid (B, cdiv(C, BC)). One pass over positions with an online softmax per row."""
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: x may exceed 2**31 elements
     pid_c = tl.program_id(1)
     h, c, row_ok, is_max, t_fin, w_rows, inv_n = _row_setup(
         t_ptr, w_ptr, stride_wh, stride_wc, stride_wd, H, C, D, pid_c, 0, C,
@@ -178,7 +178,7 @@ def csra_bwd_ds_kernel(
         finite T: dy/ds_j = g * (1/N + lam * p_j * (1 + T * (s_j - att))),  p_j = 2^(z_j - m) / l
         T = inf:  dy/ds_j = g * (1/N + lam * [j == argmax])
     """
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)
     pid_c = tl.program_id(1)
     c_stop = tl.minimum(c_start + n_chunk, C)
     h, c, row_ok, is_max, t_fin, w_rows, _unused = _row_setup(

@@ -125,11 +125,19 @@ class CSRATriton(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, in_ch, h, w) -> logits (B, classes) in x's dtype."""
-        return csra(x, self.weight, self.temperatures, self.lam, self.normalize)
+        return csra(x, self._checked_weight(), self.temperatures, self.lam, self.normalize)
 
     def forward_tokens(self, x: Tensor) -> Tensor:
         """x (B, N, in_ch) tokens (e.g. a ViT's patch tokens, class token dropped) -> (B, classes)."""
-        return csra(x, self.weight, self.temperatures, self.lam, self.normalize, layout="tokens")
+        return csra(x, self._checked_weight(), self.temperatures, self.lam, self.normalize,
+                    layout="tokens")
+
+    def _checked_weight(self) -> Tensor:
+        expected = (self.heads, self.classes, self.in_ch)
+        if tuple(self.weight.shape) != expected:
+            raise ValueError(f"weight: expected shape (heads, classes, in_ch) = {expected}, "
+                             f"got {tuple(self.weight.shape)}")
+        return self.weight
 
     def extra_repr(self) -> str:
         temps = [("inf" if math.isinf(t) else f"{t:g}") for t in self.temperatures]

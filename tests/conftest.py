@@ -3,8 +3,16 @@ import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 import csra_triton.ops as ops
+from helpers import WORST
+
+settings.register_profile("ci", max_examples=200, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=5000, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 ops.POISON = True
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -37,3 +45,11 @@ def pytest_runtest_makereport(item, call):
         for k, v in item.user_properties:
             if k == "seed":
                 print(f"\n[{item.nodeid}] torch seed was {v}")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if WORST:
+        terminalreporter.write_line("property tests, worst relative error vs float64 "
+                                    "(examples: fwd / dx / dW):")
+        for dtype, (n, fwd, dx, dw) in sorted(WORST.items()):
+            terminalreporter.write_line(f"  {dtype}: {n} examples: {fwd:.2e} / {dx:.2e} / {dw:.2e}")

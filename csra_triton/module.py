@@ -38,8 +38,19 @@ def _check_lam(lam) -> float:
     return float(lam)
 
 
+def _autocast(x: Tensor) -> Tensor:
+    """Under autocast, x goes to the autocast dtype as a 1x1 conv's input would (the official
+    head is a conv). The weight stays as it is: the kernels round it to x's dtype for the
+    products and take the row norms from it in fp32, as the official code does under autocast."""
+    dev = x.device.type
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(dev):
+        return x.to(torch.get_autocast_dtype(dev))
+    return x
+
+
 def _check_inputs(x, weight, layout: str) -> Tensor:
-    """Validates x and weight; returns x as a (B, D, N) view (no copy for NCHW, NHWC, tokens)."""
+    """Validates x and weight; returns x as a (B, D, N) view (no copy for NCHW, NHWC, tokens),
+    cast to the autocast dtype under autocast."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     if not isinstance(weight, Tensor):
@@ -63,7 +74,7 @@ def _check_inputs(x, weight, layout: str) -> Tensor:
                              f"(shape {tuple(x.shape)})")
         if x.shape[2] * x.shape[3] == 0:
             raise ValueError(f"x: expected h*w >= 1 positions, got shape {tuple(x.shape)}")
-        return x.flatten(2)
+        return _autocast(x).flatten(2)
     if layout == "tokens":
         if x.dim() != 3:
             raise ValueError(f"x: expected 3-D tokens (B, N, in_ch), got shape {tuple(x.shape)}")
@@ -72,13 +83,13 @@ def _check_inputs(x, weight, layout: str) -> Tensor:
                              f"(shape {tuple(x.shape)})")
         if x.shape[1] == 0:
             raise ValueError(f"x: expected N >= 1 tokens, got shape {tuple(x.shape)}")
-        return x.transpose(1, 2)
+        return _autocast(x).transpose(1, 2)
     raise ValueError(f"layout: expected 'nchw' or 'tokens', got {layout!r}")
 
 
 def csra(x: Tensor, weight: Tensor, temperatures: Sequence[float], lam: float,
          normalize: bool = True, layout: str = "nchw") -> Tensor:
-    """Multi-head CSRA logits (B, C) in x's dtype.
+    """Multi-head CSRA logits (B, C) in x's dtype (the autocast dtype under autocast).
 
     x: (B, in_ch, h, w) features (any strides; channels_last is read in place), or with
     ``layout="tokens"`` (B, N, in_ch) tokens as a ViT emits them. weight: (heads, classes, in_ch).
@@ -89,6 +100,14 @@ def csra(x: Tensor, weight: Tensor, temperatures: Sequence[float], lam: float,
     temps = _check_temperatures(temperatures, weight.shape[0])
     lam = _check_lam(lam)
     return torch.ops.csra_triton.csra_fwd(x3, weight, temps, lam, bool(normalize))[0]
+
+
+def _csra_prechecked(x: Tensor, weight: Tensor, temperatures: list[float], lam: float,
+                     normalize: bool, layout: str) -> Tensor:
+    """``csra`` for the module, whose temperatures and lam were validated at construction (under
+    ``torch.compile(dynamic=True)`` they arrive as symbolic floats, which cannot be re-checked)."""
+    x3 = _check_inputs(x, weight, layout)
+    return torch.ops.csra_triton.csra_fwd(x3, weight, temperatures, lam, normalize)[0]
 
 
 class CSRATriton(nn.Module):
@@ -125,12 +144,13 @@ class CSRATriton(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, in_ch, h, w) -> logits (B, classes) in x's dtype."""
-        return csra(x, self._checked_weight(), self.temperatures, self.lam, self.normalize)
+        return _csra_prechecked(x, self._checked_weight(), self.temperatures, self.lam,
+                                self.normalize, "nchw")
 
     def forward_tokens(self, x: Tensor) -> Tensor:
         """x (B, N, in_ch) tokens (e.g. a ViT's patch tokens, class token dropped) -> (B, classes)."""
-        return csra(x, self._checked_weight(), self.temperatures, self.lam, self.normalize,
-                    layout="tokens")
+        return _csra_prechecked(x, self._checked_weight(), self.temperatures, self.lam,
+                                self.normalize, "tokens")
 
     def _checked_weight(self) -> Tensor:
         expected = (self.heads, self.classes, self.in_ch)

@@ -172,8 +172,12 @@ def _device_guard(x: Tensor):
 
 # --------------------------------------------------------------------------- the ops
 
+# The kernels read x, the weight and grad_y through their strides: Inductor need not copy
+# inputs into the layout it saw while tracing (it did, with an unbacked batch and a conv trunk).
+_TAGS = (torch.Tag.flexible_layout,)
 
-@torch.library.custom_op("csra_triton::csra_fwd", mutates_args=())
+
+@torch.library.custom_op("csra_triton::csra_fwd", mutates_args=(), tags=_TAGS)
 def csra_fwd(x: Tensor, weight: Tensor, temperatures: list[float], lam: float,
              normalize: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     B, D, N = x.shape
@@ -203,7 +207,7 @@ def _(x, weight, temperatures, lam, normalize):
             x.new_empty((H, C), dtype=acc))
 
 
-@torch.library.custom_op("csra_triton::csra_bwd", mutates_args=())
+@torch.library.custom_op("csra_triton::csra_bwd", mutates_args=(), tags=_TAGS)
 def csra_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, m: Tensor, l: Tensor, att: Tensor,
              amax: Tensor, inv_n: Tensor, temperatures: list[float], lam: float,
              normalize: bool) -> tuple[Tensor, Tensor]:

@@ -4,8 +4,12 @@ import sys
 
 
 def _ensure_interpreter() -> None:
-    """Without CUDA, re-run this command with TRITON_INTERPRET=1 so that the Triton kernels run
-    in the interpreter (the variable must be set before triton is first imported)."""
+    """For ``verify`` without CUDA, re-run this command with TRITON_INTERPRET=1 so that the Triton
+    kernels run in the interpreter (the variable must be set before triton is first imported).
+    The other commands run the PyTorch fallback on CPU and need no interpreter."""
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), "verify")
+    if command != "verify":
+        return
     if os.environ.get("TRITON_INTERPRET") or os.environ.get("CSRA_TRITON_NO_REEXEC"):
         return
     import torch

@@ -15,9 +15,16 @@ import time
 import torch
 from torch import Tensor, nn
 
+from . import ops
 from .module import CSRATriton
 
 CLASSES = ("circle", "square", "triangle", "cross", "ring")
+
+
+def cpu_backend(t: Tensor):
+    """The PyTorch fallback for CPU tensors even where TRITON_INTERPRET=1 is set (the tests set
+    it): interpreting the kernels through a training loop would take hours."""
+    return ops.use_backend("torch" if t.device.type == "cpu" else "auto")
 
 
 @dataclasses.dataclass
@@ -130,6 +137,12 @@ def train(model: Classifier, data: Shapes, epochs: int = 12, batch: int = 64, lr
     loss_fn = nn.BCEWithLogitsLoss()
     t0 = time.perf_counter()
     model.train()
+    with cpu_backend(data.images):
+        _epochs(model, data, epochs, batch, opt, sched, loss_fn, log)
+    return time.perf_counter() - t0
+
+
+def _epochs(model, data, epochs, batch, opt, sched, loss_fn, log):
     for epoch in range(epochs):
         perm = torch.randperm(len(data.images))
         total = 0.0
@@ -146,13 +159,29 @@ def train(model: Classifier, data: Shapes, epochs: int = 12, batch: int = 64, lr
             total += loss.item() * len(idx)
         if log:
             log(f"  epoch {epoch + 1}/{epochs}: loss {total / len(perm):.4f}")
-    return time.perf_counter() - t0
 
 
 @torch.no_grad()
 def evaluate(model: Classifier, data: Shapes, batch: int = 256) -> float:
     """mAP (%) over the classes."""
     model.eval()
-    scores = torch.cat([model(data.images[i:i + batch]).float()
-                        for i in range(0, len(data.images), batch)])
+    with cpu_backend(data.images):
+        scores = torch.cat([model(data.images[i:i + batch]).float()
+                            for i in range(0, len(data.images), batch)])
     return 100.0 * average_precision(scores, data.labels).mean().item()
+
+
+def in_box_ratio(amaps: Tensor, data: Shapes) -> float:
+    """Mean over (image, present shape) of: attention mass inside the shape's bounding box (on the
+    map's grid) divided by the box's share of the map's area. 1.0 means no localisation.
+    amaps: (B, C, h, w) attention maps of one head, rows summing to 1."""
+    size = data.images.shape[-1]
+    h, w = amaps.shape[-2:]
+    ratios = []
+    for i, boxes in enumerate(data.boxes[: amaps.shape[0]]):
+        for c, x0, y0, x1, y1 in boxes:
+            mask = torch.zeros(h, w)
+            mask[y0 * h // size: y1 * h // size + 1, x0 * w // size: x1 * w // size + 1] = 1
+            a = amaps[i, c].float()
+            ratios.append(((a * mask).sum() / a.sum() / mask.mean()).item())
+    return sum(ratios) / len(ratios)

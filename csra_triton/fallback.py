@@ -14,7 +14,7 @@ import torch
 LN2 = math.log(2.0)
 
 
-def _rows(x, weight, temps, inv_n, c0, c1, acc):
+def scores(x, weight, temps, inv_n, c0, c1, acc):
     """Scores (B, H, c1-c0, N) in ``acc`` dtype and per-head temperature views."""
     H, _, D = weight.shape
     w = weight[:, c0:c1].to(x.dtype).to(acc)                       # (H, Cc, D)
@@ -47,7 +47,7 @@ def fwd(x, weight, temps, lam, normalize, chunk, acc, new):
     amax = new((B, H, C), torch.int32, x.device)
     for c0 in range(0, C, chunk):
         c1 = min(C, c0 + chunk)
-        s, is_max, t_fin = _rows(x, weight, temps, inv_n, c0, c1, acc)
+        s, is_max, t_fin = scores(x, weight, temps, inv_n, c0, c1, acc)
         z = s * (t_fin / LN2)
         zmax = z.amax(dim=-1, keepdim=True)
         e = torch.exp2(z - zmax)
@@ -67,7 +67,7 @@ def ds_chunk(x, weight, temps, grad_y, m, l, att, amax, inv_n, lam, c0, c1, out)
     """Writes dS' = inv_n * dy/ds for classes [c0, c1) into ``out`` (H, c1-c0, B, N)."""
     B, D, N = x.shape
     acc = m.dtype
-    s, is_max, t_fin = _rows(x, weight, temps, inv_n, c0, c1, acc)   # (B, H, Cc, N)
+    s, is_max, t_fin = scores(x, weight, temps, inv_n, c0, c1, acc)   # (B, H, Cc, N)
     m_c, l_c, att_c = (t[:, :, c0:c1, None] for t in (m, l, att))
     p = torch.exp2(s * (t_fin / LN2) - m_c) / l_c
     d_soft = p * (1.0 + t_fin * (s - att_c))

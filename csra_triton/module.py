@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from . import interop, maps
 from .ops import official_temperature
 from .reference import OFFICIAL_TEMPERATURES
 
@@ -164,26 +165,38 @@ class CSRATriton(nn.Module):
         return (f"in_ch={self.in_ch}, classes={self.classes}, heads={self.heads}, lam={self.lam}, "
                 f"temperatures=[{', '.join(temps)}], normalize={self.normalize}")
 
+    def attention_maps(self, x: Tensor, classes=None) -> Tensor:
+        """(B, heads, K, h, w): the softmax weights over positions each head used, or for a max
+        head a one-hot of the position the forward chose; K = all classes or ``classes``
+        (indices), computed in class chunks. fp32 (fp64 for fp64 x)."""
+        x3 = _check_inputs(x, self._checked_weight(), "nchw")
+        return maps.attention_maps(x3.view(x.shape[0], -1, *x.shape[2:]), self.weight,
+                                   self.temperatures, self.normalize, classes, self.lam)
+
+    def score_maps(self, x: Tensor, classes=None) -> Tensor:
+        """(B, heads, K, h, w): the normalised class scores s, the maps the official
+        visualisation overlays; K = all classes or ``classes`` (indices)."""
+        x3 = _check_inputs(x, self._checked_weight(), "nchw")
+        return maps.score_maps(x3.view(x.shape[0], -1, *x.shape[2:]), self.weight,
+                               self.temperatures, self.normalize, classes)
+
+    def to_official_state_dict(self, prefix: str = "") -> dict:
+        """The weight in the official layout: ``{prefix}multi_head.{k}.head.weight`` (C, d, 1, 1)."""
+        return interop.weight_to_official(self.weight, prefix)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        official = [f"{prefix}multi_head.{k}.head.weight" for k in range(self.heads)]
-        if prefix + "weight" not in state_dict and any(k in state_dict for k in official):
-            expect = (self.classes, self.in_ch, 1, 1)
-            for key in official:
-                if key not in state_dict:
-                    error_msgs.append(f"official checkpoint: missing key {key!r} "
-                                      f"(this module has heads={self.heads})")
-                    return
-                if tuple(state_dict[key].shape) != expect:
-                    error_msgs.append(f"official checkpoint: {key!r} has shape "
-                                      f"{tuple(state_dict[key].shape)}, expected {expect}")
-                    return
-            extra = f"{prefix}multi_head.{self.heads}.head.weight"
-            if extra in state_dict:
-                error_msgs.append(f"official checkpoint has more than heads={self.heads} heads "
-                                  f"(found {extra!r})")
+        # Also accepts the official layout under this module's prefix (see interop.py).
+        if prefix + "weight" not in state_dict and any(
+                k.startswith(prefix + "multi_head.") for k in state_dict):
+            try:
+                weight = interop.official_to_weight(state_dict, prefix, self.heads, self.classes,
+                                                    self.in_ch)
+            except interop.OfficialCheckpointError as exc:
+                error_msgs.append(str(exc))
                 return
-            state_dict[prefix + "weight"] = torch.stack(
-                [state_dict.pop(k).reshape(self.classes, self.in_ch) for k in official])
+            for key in interop.weight_to_official(weight, prefix):
+                state_dict.pop(key)
+            state_dict[prefix + "weight"] = weight
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)

@@ -13,6 +13,7 @@ relative error against float64. Correctness of csra-triton is asserted; speed ne
 import math
 
 import pytest
+import torch
 
 from csra_triton import benchmark as bm
 
@@ -54,3 +55,41 @@ def test_bench(benchmark, shape, pass_, impl, device):
     assert math.isfinite(err)
     if impl == "triton":
         assert err <= (1e-5 if shape.dtype == "float32" and device.type != "cuda" else 2e-2)
+
+
+def _tune_cases():
+    """Every forward config of the headline shape on CUDA; one placeholder (skipped) without."""
+    from csra_triton import tuning
+
+    s = bm.SHAPES[bm.HEADLINE]
+    space = tuning.config_space("fwd", s.heads, s.C, s.d, s.N)
+    return space if torch.cuda.is_available() else space[:1]
+
+
+@pytest.mark.tune
+@pytest.mark.parametrize("cfg", _tune_cases(), ids=lambda c: c.label().replace(" ", ","))
+def test_tune_headline_forward(benchmark, cfg, device):
+    """``pytest bench --benchmark-only -m tune``: each forward launch config of the headline
+    shape as its own case (group 'tune'), so the table and --benchmark-compare show the sweep."""
+    if device.type != "cuda":
+        pytest.skip("config sweeps need CUDA")
+    from csra_triton import ops
+
+    shape = bm.SHAPES[bm.HEADLINE]
+    b = bm.Bench(shape, "triton", device, n_sets=1)
+    x3, w = b.xs[0].flatten(2), b.weight0
+    H, C, B = shape.heads, shape.C, shape.B
+    acc = ops.acc_dtype(x3.dtype)
+    outs = (torch.empty(B, C, dtype=x3.dtype, device=device),
+            *(torch.empty(B, H, C, dtype=acc, device=device) for _ in range(3)),
+            torch.empty(B, H, C, dtype=torch.int32, device=device),
+            torch.empty(H, C, dtype=acc, device=device))
+    temps = ops._temps_tensor(bm.temperatures(H), device)
+
+    def run():
+        ops._fwd_launch(x3, w, temps, 0.1, True, outs, cfg)
+        bm.sync(device)
+
+    benchmark.group = "tune coco-r101-448 fwd"
+    benchmark.extra_info.update(config=cfg.label())
+    benchmark.pedantic(run, rounds=50, warmup_rounds=5, iterations=1)

@@ -270,6 +270,73 @@ def _maps(args) -> int:
     return 0
 
 
+def _tune(args) -> int:
+    from . import benchmark as bm
+    from . import ops, tuning
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shapes = bm.parse_shapes(args.shapes or "coco-r101-448,latency-r101-224")
+    kernels = ["fwd", "bwd"] if args.kernel == "all" else [args.kernel]
+    if device.type != "cuda":
+        print("tune: sweeps need CUDA (without a GPU exactly one config, the default, is used). "
+              "The pruned config spaces:")
+        for shape in shapes:
+            n = len(tuning.config_space("fwd", shape.heads, shape.C, shape.d, shape.N))
+            d = tuning.default_config(shape.heads, shape.C, shape.d, shape.N)
+            print(f"  {shape.name}: {n} forward configs, 6 backward (warps x stages for the "
+                  f"forward's tiles); default {d.label()}")
+        return 0
+    env = tuning.environment(device)
+    print(f"tuning on {env['gpu']}, torch {env['torch']}, triton {env['triton']}; cache "
+          f"{tuning.cache_path()}")
+    for shape in shapes:
+        b = bm.Bench(shape, "triton", device, n_sets=1)
+        x3, w = b.xs[0].flatten(2), b.weight0
+        H, C, D, N, B = shape.heads, shape.C, shape.d, shape.N, shape.B
+        temps = ops._temps_tensor(bm.temperatures(H), device)
+        acc = ops.acc_dtype(x3.dtype)
+        outs = (torch.empty(B, C, dtype=x3.dtype, device=device),
+                *(torch.empty(B, H, C, dtype=acc, device=device) for _ in range(3)),
+                torch.empty(B, H, C, dtype=torch.int32, device=device),
+                torch.empty(H, C, dtype=acc, device=device))
+        fwd_best = tuning.default_config(H, C, D, N)
+        for kernel in kernels:
+            if kernel == "fwd":
+                space = tuning.config_space("fwd", H, C, D, N, x3.element_size())
+
+                def bench(cfg):
+                    return ops._bench_ms(lambda: ops._fwd_launch(x3, w, temps, 0.1, True, outs,
+                                                                 cfg))
+            else:
+                ops._fwd_launch(x3, w, temps, 0.1, True, outs, fwd_best)
+                chunk = ops._chunk(H, C, B, N, fwd_best.BC)
+                ws = torch.empty(H * chunk * B * N, dtype=x3.dtype, device=device)
+                g = b.gs[0]
+                space = tuning.config_space("bwd", H, C, D, N, x3.element_size(),
+                                            fwd_best.tiles())
+
+                def bench(cfg):
+                    c1 = min(C, chunk)
+                    out = ws[: H * c1 * B * N].view(H, c1, B, N)
+                    return ops._bench_ms(lambda: ops._ds_launch(x3, w, temps, g, outs[1:], 0.1,
+                                                                0, c1, out, cfg))
+            results = tuning.sweep(space, bench, args.budget_s)
+            default_ms = next((ms for c, ms in results if c == space[0]), float("nan"))
+            best, best_ms = results[0]
+            print(f"\n{shape.name} {kernel}: {len(results)} of {len(space)} configs timed; best "
+                  f"{best_ms:.4f} ms vs default {default_ms:.4f} ms "
+                  f"({default_ms / best_ms:.2f}x)")
+            print("| config | median ms |\n|---|---|")
+            for cfg, ms in results:
+                print(f"| {cfg.label()}{' (default)' if cfg == space[0] else ''} | {ms:.4f} |")
+            key = tuning.make_key(kernel, H, C, D, N, x3.dtype)
+            tuning.save_choice(key, best, best_ms, env)
+            if kernel == "fwd":
+                fwd_best = best
+    print(f"\nwrote {tuning.cache_path()}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m csra_triton", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -304,7 +371,15 @@ def main(argv=None) -> int:
     m.add_argument("--train", type=int, default=3000, help="training images (when training)")
     m.add_argument("--epochs", type=int, default=6)
     m.add_argument("--seed", type=int, default=0)
+    t = sub.add_parser("tune", help="sweep launch configs on CUDA and cache the best")
+    t.add_argument("--shapes", default=None,
+                   help="shape names as for bench (default: coco-r101-448,latency-r101-224)")
+    t.add_argument("--kernel", choices=["fwd", "bwd", "all"], default="all")
+    t.add_argument("--budget-s", type=float, default=None,
+                   help="per shape and kernel: stop starting new configs after this many seconds")
     args = parser.parse_args(argv)
+    if args.cmd == "tune":
+        return _tune(args)
     if args.cmd == "bench":
         return _bench(args)
     if args.cmd == "maps":

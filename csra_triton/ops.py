@@ -33,7 +33,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from . import fallback
+from . import fallback, tuning
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -97,25 +97,15 @@ def _new(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
 # --------------------------------------------------------------------------- launch helpers
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
-def _blocks(H: int, C: int, D: int, N: int) -> dict:
-    """Tile sizes: HP * BC rows (>= 16 for tl.dot), BN positions, BD channels. The forward and
-    the backward use the same tiles, so that the backward's recomputed scores equal the
-    forward's bit for bit."""
-    hp = _pow2(H)
-    bc = max(min(max(1, 64 // hp), _pow2(C)), -(-16 // hp))
-    return dict(HP=hp, BC=bc, BN=min(64, max(16, _pow2(N))), BD=min(64, max(16, _pow2(D))))
-
-
-def _chunk(H: int, C: int, D: int, B: int, N: int) -> int:
+def _chunk(H: int, C: int, B: int, N: int, bc: int) -> int:
     """Classes per backward workspace chunk (and per fallback forward chunk): about
-    DS_WORKSPACE_ELEMS / (H*B*N), in whole class tiles of the kernels."""
-    bc = _blocks(H, C, D, N)["BC"]
+    DS_WORKSPACE_ELEMS / (H*B*N), in whole class tiles (``bc`` classes) of the kernels."""
     per_class = max(1, H * B * N)
     return min(C, max(bc, DS_WORKSPACE_ELEMS // per_class // bc * bc))
+
+
+def _torch_chunk(H: int, C: int, D: int, B: int, N: int) -> int:
+    return _chunk(H, C, B, N, tuning.default_config(H, C, D, N).BC)
 
 
 def _dtypes(x: Tensor) -> dict:
@@ -130,36 +120,64 @@ def _dtypes(x: Tensor) -> dict:
                 EMU_BF16=INTERPRET and x.dtype == torch.bfloat16)
 
 
-def _launch_kw(x: Tensor) -> dict:
-    return dict(num_warps=4, num_stages=2) if x.is_cuda else {}
+def _launch_kw(x: Tensor, cfg: tuning.Config, H: int) -> dict:
+    kw = dict(HP=tuning.pow2(H), BC=cfg.BC, BN=cfg.BN, BD=cfg.BD, **_dtypes(x))
+    if x.is_cuda:
+        kw.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return kw
 
 
-def _fwd_triton(x, weight, temps, lam, normalize, y, m, l, att, amax, inv_n):
+def _bench_ms(fn) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=5, rep=20, return_mode="median")
+
+
+def fwd_config(x: Tensor, H: int, C: int, D: int, N: int) -> tuning.Config:
+    """The forward's launch config (tiles shared with the backward); tunes if asked to."""
+    def bench(cfg):
+        B = x.shape[0]
+        acc = acc_dtype(x.dtype)
+        outs = (torch.empty(B, C, dtype=x.dtype, device=x.device),
+                *(torch.empty(B, H, C, dtype=acc, device=x.device) for _ in range(3)),
+                torch.empty(B, H, C, dtype=torch.int32, device=x.device),
+                torch.empty(H, C, dtype=acc, device=x.device))
+        w = torch.randn(H, C, D, device=x.device)
+        t = torch.ones(H, device=x.device)
+        return _bench_ms(lambda: _fwd_launch(x, w, t, 0.1, True, outs, cfg))
+
+    return tuning.choose("fwd", H, C, D, N, x, bench)
+
+
+def bwd_config(x: Tensor, H: int, C: int, D: int, N: int, fwd: tuning.Config,
+               bench=None) -> tuning.Config:
+    return tuning.choose("bwd", H, C, D, N, x, bench, tiles=fwd.tiles())
+
+
+def _fwd_launch(x, weight, temps, lam, normalize, outs, cfg):
     from .kernels import csra_fwd_kernel
 
     B, D, N = x.shape
     H, C, _ = weight.shape
-    blk = _blocks(H, C, D, N)
-    grid = (B, triton_cdiv(C, blk["BC"]))
+    y, m, l, att, amax, inv_n = outs
     with _device_guard(x):
-        csra_fwd_kernel[grid](
+        csra_fwd_kernel[(B, triton_cdiv(C, cfg.BC))](
             x, *x.stride(), weight, *weight.stride(), temps, y, *y.stride(),
             m, l, att, amax, inv_n, H, C, D, N, float(lam), 1.0 / N,
-            NORMALIZE=bool(normalize), **blk, **_dtypes(x), **_launch_kw(x))
+            NORMALIZE=bool(normalize), **_launch_kw(x, cfg, H))
 
 
-def _ds_triton(x, weight, temps, grad_y, m, l, att, amax, inv_n, lam, c0, c1, out):
+def _ds_launch(x, weight, temps, grad_y, state, lam, c0, c1, out, cfg):
     from .kernels import csra_bwd_ds_kernel
 
     B, D, N = x.shape
     H, C, _ = weight.shape
-    blk = _blocks(H, C, D, N)  # the forward's tiles; c0 is a multiple of BC
-    grid = (B, triton_cdiv(c1 - c0, blk["BC"]))
+    m, l, att, amax, inv_n = state
     with _device_guard(x):
-        csra_bwd_ds_kernel[grid](
+        csra_bwd_ds_kernel[(B, triton_cdiv(c1 - c0, cfg.BC))](
             x, *x.stride(), weight, *weight.stride(), temps, grad_y, *grad_y.stride(),
             m, l, att, amax, inv_n, out, B, H, C, D, N, c0, c1 - c0, float(lam), 1.0 / N,
-            **blk, **_dtypes(x), **_launch_kw(x))
+            **_launch_kw(x, cfg, H))
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -185,16 +203,13 @@ def csra_fwd(x: Tensor, weight: Tensor, temperatures: list[float], lam: float,
     acc = acc_dtype(x.dtype)
     if backend_for(x.device) == "torch" or B == 0:
         temps = torch.tensor(temperatures, dtype=acc)
-        return fallback.fwd(x, weight, temps, lam, normalize, _chunk(H, C, D, B, N), acc, _new)
-    y = _new((B, C), x.dtype, x.device)
-    m = _new((B, H, C), acc, x.device)
-    l = _new((B, H, C), acc, x.device)
-    att = _new((B, H, C), acc, x.device)
-    amax = _new((B, H, C), torch.int32, x.device)
-    inv_n = _new((H, C), acc, x.device)
-    _fwd_triton(x, weight, _temps_tensor(temperatures, x.device), lam, normalize,
-                y, m, l, att, amax, inv_n)
-    return y, m, l, att, amax, inv_n
+        return fallback.fwd(x, weight, temps, lam, normalize, _torch_chunk(H, C, D, B, N), acc,
+                            _new)
+    outs = (_new((B, C), x.dtype, x.device), *(_new((B, H, C), acc, x.device) for _ in range(3)),
+            _new((B, H, C), torch.int32, x.device), _new((H, C), acc, x.device))
+    _fwd_launch(x, weight, _temps_tensor(temperatures, x.device), lam, normalize, outs,
+                fwd_config(x, H, C, D, N))
+    return outs
 
 
 @csra_fwd.register_fake
@@ -225,8 +240,21 @@ def csra_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, m: Tensor, l: Tensor, at
     # (B*N, D) view of x for G = dS' x^T; a copy only when x's channels are not innermost.
     x_t = x.transpose(1, 2).reshape(B * N, D).to(gemm)
     G = _new((H, C, D), gemm, x.device)
-    chunk = _chunk(H, C, D, B, N)
+    state = (m, l, att, amax, inv_n)
+    if use_torch:
+        chunk = _torch_chunk(H, C, D, B, N)
+    else:  # the forward's tiles (so that its scores are recomputed exactly), chunks of whole tiles
+        fwd_cfg = fwd_config(x, H, C, D, N)
+        chunk = _chunk(H, C, B, N, fwd_cfg.BC)
     ws = _new((H * chunk * B * N,), gemm, x.device)
+    if not use_torch:
+        def bench(cfg):
+            c1 = min(C, chunk)
+            out = ws[: H * c1 * B * N].view(H, c1, B, N)
+            return _bench_ms(lambda: _ds_launch(x, weight, temps, grad_y, state, lam, 0, c1,
+                                                out, cfg))
+
+        bwd_cfg = bwd_config(x, H, C, D, N, fwd_cfg, bench)
     grad_x = None
     for c0 in range(0, C, chunk):
         c1 = min(C, c0 + chunk)
@@ -235,7 +263,7 @@ def csra_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, m: Tensor, l: Tensor, at
         if use_torch:
             fallback.ds_chunk(x, weight, temps, grad_y, m, l, att, amax, inv_n, lam, c0, c1, ds)
         else:
-            _ds_triton(x, weight, temps, grad_y, m, l, att, amax, inv_n, lam, c0, c1, ds)
+            _ds_launch(x, weight, temps, grad_y, state, lam, c0, c1, ds, bwd_cfg)
         ds2 = ds.view(rows, B * N)
         G[:, c0:c1] = (ds2 @ x_t).view(H, c1 - c0, D)
         w_c = weight[:, c0:c1].to(x.dtype).to(gemm).reshape(rows, D)

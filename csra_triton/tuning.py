@@ -1,0 +1,209 @@
+"""Launch configurations: the config space, pruning, a persisted cache of tuned choices.
+
+A config is ``(BC, BN, BD, num_warps, num_stages)``: BC classes per program (all heads of them:
+HP*BC rows of the tile, HP = next power of two of H), BN positions and BD channels per tile step.
+
+The forward and the backward's dS kernel must use the same *tiles* (BC, BN, BD): the backward
+recomputes the scores and needs them bit for bit equal to the forward's (see kernels.py). So the
+forward's tuning chooses the tiles and its warps/stages, and the backward's tuning chooses only
+its warps/stages for those tiles. (Warps split rows/positions and stages pipeline loads; neither
+changes the order in which a score sums over channels.)
+
+Choice order for a key (kernel, H, C, D, N, dtype): this process' memory, then the JSON cache
+(``CSRA_TRITON_TUNE_CACHE``, else ``~/.cache/csra_triton/tune.json``, entries from another GPU,
+torch or triton version are ignored), then autotuning if ``CSRA_TRITON_AUTOTUNE=1`` (on CUDA
+only), else the default heuristic. Without a GPU, or under TRITON_INTERPRET=1, exactly one config
+(the default) is used and nothing is benchmarked. No kernel accumulates into its outputs (no
+atomics), so trials need no resets; tuning happens inside the custom op, invisible to
+torch.compile.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+KERNELS = ("fwd", "bwd")
+
+
+@dataclass(frozen=True)
+class Config:
+    BC: int
+    BN: int
+    BD: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def tiles(self) -> tuple[int, int, int]:
+        return self.BC, self.BN, self.BD
+
+    def label(self) -> str:
+        return (f"BC={self.BC} BN={self.BN} BD={self.BD} warps={self.num_warps} "
+                f"stages={self.num_stages}")
+
+
+def pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def default_config(H: int, C: int, D: int, N: int) -> Config:
+    """The untuned choice: 64-row tiles (all heads of 64/HP classes), 64 positions, 64 channels."""
+    hp = pow2(H)
+    bc = max(min(max(1, 64 // hp), pow2(C)), -(-16 // hp))
+    return Config(bc, min(64, max(16, pow2(N))), min(64, max(16, pow2(D))), 4, 2)
+
+
+def is_valid(cfg: Config, H: int, C: int, D: int, N: int, itemsize: int = 2) -> bool:
+    """The pruning rules: tl.dot needs >= 16 rows, positions and channels; no tile dimension
+    larger than the problem needs (next power of two, or the 16-row minimum), and none of 16
+    where the problem is larger; register and shared-memory budgets of a Hopper SM."""
+    hp = pow2(H)
+    rows = hp * cfg.BC
+    checks = [
+        all(v & (v - 1) == 0 for v in (cfg.BC, cfg.BN, cfg.BD)),
+        rows >= 16 and cfg.BN >= 16 and cfg.BD >= 16,
+        cfg.BC <= max(pow2(C), -(-16 // hp)),             # no class block beyond what is needed
+        cfg.BN <= max(16, pow2(N)),                       # no position block beyond pow2(N)
+        cfg.BD <= max(16, pow2(D)),
+        rows * cfg.BN <= 64 * 128,                        # fp32 accumulator in registers
+        # 16-wide tiles only where the problem is that small (they waste the MMA shapes)
+        rows > 16 or hp * pow2(C) <= 16,
+        cfg.BN > 16 or N <= 16,
+        cfg.BD > 16 or D <= 16,
+        (rows + cfg.BN) * cfg.BD * itemsize * cfg.num_stages <= 200 * 1024,   # shared memory
+        cfg.num_warps in (2, 4, 8) and cfg.num_stages in (1, 2, 3, 4),
+    ]
+    return all(checks)
+
+
+def config_space(kernel: str, H: int, C: int, D: int, N: int, itemsize: int = 2,
+                 tiles: tuple[int, int, int] | None = None) -> list[Config]:
+    """Every valid config for the shape, the default first. For ``bwd`` the tiles are fixed
+    (``tiles``: the forward's) and only warps and stages vary."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    default = default_config(H, C, D, N)
+    hp = pow2(H)
+    if kernel == "bwd":
+        bc, bn, bd = tiles or default.tiles()
+        grid = [(bc, bn, bd, w, s) for w in (4, 8) for s in (2, 3, 4)]
+    else:
+        bcs = sorted({max(1, r // hp) for r in (16, 32, 64, 128)})
+        grid = itertools.product(bcs, (16, 32, 64, 128), (16, 32, 64, 128), (4, 8), (2, 3))
+    out = [Config(*g) for g in grid]
+    out = [c for c in out if is_valid(c, H, C, D, N, itemsize)]
+    base = default if kernel == "fwd" else Config(*(tiles or default.tiles()), 4, 2)
+    return [base] + [c for c in out if c != base]
+
+
+# --------------------------------------------------------------------------- the cache
+
+
+def cache_path() -> Path:
+    env = os.environ.get("CSRA_TRITON_TUNE_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "csra_triton" / "tune.json"
+
+
+def environment(device: torch.device | None = None) -> dict:
+    """What a cached choice is valid for: the GPU's name and the torch and triton versions."""
+    import triton
+
+    gpu = (torch.cuda.get_device_name(device) if device is not None and device.type == "cuda"
+           else "cpu")
+    return {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__}
+
+
+def make_key(kernel: str, H: int, C: int, D: int, N: int, dtype: torch.dtype) -> str:
+    """What changes the choice: the kernel, rows (H, C), channels, positions and dtype."""
+    return f"{kernel}|H={H}|C={C}|D={D}|N={N}|{str(dtype).replace('torch.', '')}"
+
+
+_memory: dict[str, Config] = {}
+
+
+def load_cache(env: dict, path: Path | None = None) -> dict[str, Config]:
+    """Entries of the cache file that match ``env``; others (another GPU or version) ignored."""
+    path = path or cache_path()
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    out = {}
+    for e in doc.get("entries", []):
+        if all(e.get(k) == v for k, v in env.items()):
+            try:
+                out[e["key"]] = Config(**e["config"])
+            except (KeyError, TypeError):
+                continue
+    return out
+
+
+def save_choice(key: str, cfg: Config, ms: float, env: dict, path: Path | None = None) -> Path:
+    """Adds or replaces the entry for (key, env) in the cache file."""
+    path = path or cache_path()
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        doc = {"entries": []}
+    entries = [e for e in doc.get("entries", [])
+               if not (e.get("key") == key and all(e.get(k) == v for k, v in env.items()))]
+    entries.append(dict(key=key, config=asdict(cfg), median_ms=ms, **env))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"entries": entries}, indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
+_loaded_for: dict | None = None
+
+
+def choose(kernel: str, H: int, C: int, D: int, N: int, x: torch.Tensor, bench=None,
+           tiles: tuple[int, int, int] | None = None) -> Config:
+    """The config to launch with. ``bench(cfg) -> ms`` is called per candidate only when
+    autotuning is on (CUDA, ``CSRA_TRITON_AUTOTUNE=1``, no interpreter)."""
+    global _loaded_for
+    key = make_key(kernel, H, C, D, N, x.dtype)
+    if key in _memory:
+        return _memory[key]
+    fallback = config_space(kernel, H, C, D, N, x.element_size(), tiles)[0]
+    if not x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return fallback          # one valid config; nothing is benchmarked without a GPU
+    env = environment(x.device)
+    if _loaded_for != env:
+        _memory.update(load_cache(env))
+        _loaded_for = env
+    cfg = _memory.get(key)
+    if cfg is not None and (tiles is None or cfg.tiles() == tuple(tiles)):
+        return cfg
+    cfg = fallback
+    if bench is not None and os.environ.get("CSRA_TRITON_AUTOTUNE", "0") not in ("", "0"):
+        results = sweep(config_space(kernel, H, C, D, N, x.element_size(), tiles), bench)
+        cfg, ms = results[0]
+        save_choice(key, cfg, ms, env)
+    _memory[key] = cfg
+    return cfg
+
+
+def sweep(configs: list[Config], bench, budget_s: float | None = None) -> list[tuple]:
+    """[(config, median ms)] fastest first; configs that fail to compile or run are dropped;
+    with ``budget_s`` the sweep stops starting new configs once the budget is spent."""
+    import time
+
+    t0 = time.monotonic()
+    results = []
+    for cfg in configs:
+        if budget_s is not None and results and time.monotonic() - t0 > budget_s:
+            break
+        try:
+            results.append((cfg, float(bench(cfg))))
+        except Exception:  # noqa: BLE001 - e.g. out of shared memory for this config
+            continue
+    return sorted(results, key=lambda r: r[1])

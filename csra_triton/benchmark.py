@@ -218,10 +218,10 @@ class Bench:
         temps = temperatures(self.shape.heads)
         with torch.set_grad_enabled(pass_ != "fwd"):
             y64 = csra_reference(x64, as_operand(w64, x.dtype), temps, self.lam)
-        errs = [_rel(y, y64)]
+        errs = [rel_err(y, y64)]
         if pass_ != "fwd":
             y64.backward(g.double())
-            errs += [_rel(x.grad, x64.grad), _rel(self.weight_grad(), w64.grad)]
+            errs += [rel_err(x.grad, x64.grad), rel_err(self.weight_grad(), w64.grad)]
         self.zero_grad()
         return max(errs)
 
@@ -231,7 +231,8 @@ def _compile_mode(device: torch.device) -> str | None:
     return COMPILE_MODE if device.type == "cuda" else None
 
 
-def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; inf if out has a non-finite value."""
     out, ref = out.detach().double(), ref.detach().double()
     if not torch.isfinite(out).all():
         return math.inf

@@ -12,37 +12,16 @@ writes the results JSON. On CPU it times the PyTorch fallback against eager, lab
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 
+from . import benchmark as bm
 from . import ops
 from .module import csra
 from .reference import OFFICIAL_TEMPERATURES, as_operand, csra_reference
 
-HEADLINE = dict(B=64, d=2048, h=14, w=14, C=80, heads=4)   # coco-r101-448
 CPU_SHAPE = dict(B=2, d=256, h=7, w=7, C=80, heads=4)       # reduced, for the interpreter
-
-
-def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.detach().double(), ref.detach().double()
-    den = ref.norm().item()
-    return (out - ref).norm().item() / den if den else (out - ref).norm().item()
-
-
-def _time_ms(fn, device: torch.device, reps: int) -> float:
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
-    fn()  # warm-up (compilation of the interpreted kernels, caches)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def verify_rows(shape: dict, dtypes, device: torch.device, backends, reps: int = 3,
@@ -68,23 +47,26 @@ def verify_rows(shape: dict, dtypes, device: torch.device, backends, reps: int =
                 y = csra(x, wt, temps, lam)
                 y.backward(g0.to(dtype))
                 row = dict(backend=backend, dtype=str(dtype).replace("torch.", ""),
-                           fwd_err=_rel(y, y64), dx_err=_rel(x.grad, x64.grad),
-                           dw_err=_rel(wt.grad, w64.grad))
+                           fwd_err=bm.rel_err(y, y64), dx_err=bm.rel_err(x.grad, x64.grad),
+                           dw_err=bm.rel_err(wt.grad, w64.grad))
                 xi = x.detach()
                 with torch.no_grad():
-                    row["fwd_ms"] = _time_ms(lambda: csra(xi, wt, temps, lam), device, reps)
+                    row["fwd_ms"] = bm.time_ms(lambda: csra(xi, wt, temps, lam), device,
+                                               warmup=1, reps=reps)
 
                 def step():
                     csra(x, wt, temps, lam).backward(g0.to(dtype))
 
-                row["fwd_bwd_ms"] = _time_ms(step, device, reps)
+                row["fwd_bwd_ms"] = bm.time_ms(step, device, warmup=1, reps=reps)
             rows.append(row)
     return rows
 
 
 def _verify(args) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    shape = dict(HEADLINE if device.type == "cuda" else CPU_SHAPE)
+    head = bm.SHAPES[bm.HEADLINE]
+    shape = (dict(B=head.B, d=head.d, h=head.h, w=head.w, C=head.C, heads=head.heads)
+             if device.type == "cuda" else dict(CPU_SHAPE))
     for k in shape:
         if getattr(args, k) is not None:
             shape[k] = getattr(args, k)
@@ -118,8 +100,6 @@ def _verify(args) -> int:
 
 def _bench(args) -> int:
     from pathlib import Path
-
-    from . import benchmark as bm
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = bm.gpu_tag(device)
@@ -165,7 +145,7 @@ def _bench(args) -> int:
         doc["failed"] = failed
     path = bm.write_results(doc, Path(args.out), device)
     if args.plot:
-        for p in _plots(bm, device, impls, Path(args.out), args.reps):
+        for p in _plots(device, impls, Path(args.out), args.reps):
             print(f"plot: {p}")
     print(f"\nresults: {path}")
     if skipped:
@@ -178,7 +158,7 @@ def _bench(args) -> int:
     return 1 if failed else 0
 
 
-def _plots(bm, device, impls, out_dir, reps):
+def _plots(device, impls, out_dir, reps):
     """time vs batch (headline, fwd) and, on CUDA, peak memory vs classes (fwd+bwd)."""
     try:
         import matplotlib
@@ -193,35 +173,31 @@ def _plots(bm, device, impls, out_dir, reps):
     head = bm.SHAPES[bm.HEADLINE]
     where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     batches = [1, 2, 4, 8, 16, 32, 64] if device.type == "cuda" else [1, 2, 4]
-    paths = []
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for impl in impls:
-        ts = [bm.measure(dataclasses.replace(head, B=b), "fwd", impl, device, reps)["median_ms"]
-              for b in batches]
-        ax.plot(batches, ts, marker="o", label=impl)
-    ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="ms (median)",
-           title=f"{bm.HEADLINE} forward vs batch — {where}")
-    ax.legend()
-    paths.append(out_dir / f"time_vs_batch-{bm.gpu_tag(device)}.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    def line_plot(xs, series, xlabel, ylabel, title, name):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for impl, ys in series.items():
+            ax.plot(xs, ys, marker="o", label=impl)
+        ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
+        ax.legend()
+        path = out_dir / f"{name}-{bm.gpu_tag(device)}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+    times = {impl: [bm.measure(dataclasses.replace(head, B=b), "fwd", impl, device,
+                               reps)["median_ms"] for b in batches] for impl in impls}
+    paths = [line_plot(batches, times, "batch size", "ms (median)",
+                       f"{bm.HEADLINE} forward vs batch — {where}", "time_vs_batch")]
     if device.type != "cuda":
         print("peak memory vs classes: measured on CUDA only; skipped on CPU")
         return paths
     classes = [80, 320, 1280, 4800, 9605]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for impl in impls:
-        mems = [bm.measure(dataclasses.replace(head, B=32, C=c), "fwd+bwd", impl, device,
-                           reps=3)["peak_mem_mb"] for c in classes]
-        ax.plot(classes, mems, marker="o", label=impl)
-    ax.set(xscale="log", yscale="log", xlabel="classes", ylabel="peak MB beyond inputs",
-           title=f"fwd+bwd peak memory, B=32, 14x14, d=2048 — {where}")
-    ax.legend()
-    paths.append(out_dir / f"mem_vs_classes-{bm.gpu_tag(device)}.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    mems = {impl: [bm.measure(dataclasses.replace(head, B=32, C=c), "fwd+bwd", impl, device,
+                              reps=3)["peak_mem_mb"] for c in classes] for impl in impls}
+    paths.append(line_plot(classes, mems, "classes", "peak MB beyond inputs",
+                           f"fwd+bwd peak memory, B=32, 14x14, d=2048 — {where}",
+                           "mem_vs_classes"))
     return paths
 
 
@@ -271,8 +247,7 @@ def _maps(args) -> int:
 
 
 def _tune(args) -> int:
-    from . import benchmark as bm
-    from . import ops, tuning
+    from . import tuning
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes = bm.parse_shapes(args.shapes or "coco-r101-448,latency-r101-224")

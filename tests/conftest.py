@@ -41,7 +41,8 @@ def _fresh_seed(request):
 
 
 def pytest_runtest_makereport(item, call):
-    if call.when == "call" and call.excinfo is not None:
+    if (call.when == "call" and call.excinfo is not None
+            and not call.excinfo.errisinstance(pytest.skip.Exception)):
         for k, v in item.user_properties:
             if k == "seed":
                 print(f"\n[{item.nodeid}] torch seed was {v}")

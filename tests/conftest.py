@@ -12,6 +12,8 @@ settings.register_profile("ci", max_examples=200, deadline=None, print_blob=True
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("long", max_examples=5000, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("gpu-check", max_examples=25, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])  # bench/gpu_check.sh
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 ops.POISON = True

@@ -9,6 +9,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:  # cuBLAS needs it under torch.use_deterministic_algorithms(True) (the determinism test)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 # A fresh Inductor cache per run: Inductor's on-disk FX-graph cache was seen to reuse code
 # compiled against an earlier schema of our custom ops (torch 2.13), failing with

@@ -78,12 +78,8 @@ def test_tune_headline_forward(benchmark, cfg, device):
     shape = bm.SHAPES[bm.HEADLINE]
     b = bm.Bench(shape, "triton", device, n_sets=1)
     x3, w = b.xs[0].flatten(2), b.weight0
-    H, C, B = shape.heads, shape.C, shape.B
-    acc = ops.acc_dtype(x3.dtype)
-    outs = (torch.empty(B, C, dtype=x3.dtype, device=device),
-            *(torch.empty(B, H, C, dtype=acc, device=device) for _ in range(3)),
-            torch.empty(B, H, C, dtype=torch.int32, device=device),
-            torch.empty(H, C, dtype=acc, device=device))
+    H, C = shape.heads, shape.C
+    outs = ops.fwd_outputs(x3, H, C, torch.empty)
     temps = ops._temps_tensor(bm.temperatures(H), device)
 
     def run():

@@ -269,32 +269,19 @@ def _tune(args) -> int:
         x3, w = b.xs[0].flatten(2), b.weight0
         H, C, D, N, B = shape.heads, shape.C, shape.d, shape.N, shape.B
         temps = ops._temps_tensor(bm.temperatures(H), device)
-        acc = ops.acc_dtype(x3.dtype)
-        outs = (torch.empty(B, C, dtype=x3.dtype, device=device),
-                *(torch.empty(B, H, C, dtype=acc, device=device) for _ in range(3)),
-                torch.empty(B, H, C, dtype=torch.int32, device=device),
-                torch.empty(H, C, dtype=acc, device=device))
+        outs = ops.fwd_outputs(x3, H, C, torch.empty)
         fwd_best = tuning.default_config(H, C, D, N)
         for kernel in kernels:
             if kernel == "fwd":
                 space = tuning.config_space("fwd", H, C, D, N, x3.element_size())
-
-                def bench(cfg):
-                    return ops._bench_ms(lambda: ops._fwd_launch(x3, w, temps, 0.1, True, outs,
-                                                                 cfg))
+                bench = ops.fwd_bench(x3, w, temps, outs)
             else:
                 ops._fwd_launch(x3, w, temps, 0.1, True, outs, fwd_best)
                 chunk = ops._chunk(H, C, B, N, fwd_best.BC)
                 ws = torch.empty(H * chunk * B * N, dtype=x3.dtype, device=device)
-                g = b.gs[0]
                 space = tuning.config_space("bwd", H, C, D, N, x3.element_size(),
                                             fwd_best.tiles())
-
-                def bench(cfg):
-                    c1 = min(C, chunk)
-                    out = ws[: H * c1 * B * N].view(H, c1, B, N)
-                    return ops._bench_ms(lambda: ops._ds_launch(x3, w, temps, g, outs[1:], 0.1,
-                                                                0, c1, out, cfg))
+                bench = ops.ds_bench(x3, w, temps, b.gs[0], outs[1:], chunk, ws)
             results = tuning.sweep(space, bench, args.budget_s)
             default_ms = next((ms for c, ms in results if c == space[0]), float("nan"))
             best, best_ms = results[0]

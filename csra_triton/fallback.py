@@ -33,18 +33,14 @@ def inv_norms(weight, normalize, acc):
     return 1.0 / weight.to(acc).pow(2).sum(-1).sqrt()
 
 
-def fwd(x, weight, temps, lam, normalize, chunk, acc, new):
-    """``new(shape, dtype, device)`` allocates outputs. Returns y (B, C), m, l, att (B, H, C),
-    argmax (B, H, C) int32 and inv_n (H, C): the kernel's state, in base 2 (z = T log2(e) s,
-    m = max_j z_j, l = sum_j 2^(z_j - m))."""
-    B, D, N = x.shape
-    H, C, _ = weight.shape
-    inv_n = inv_norms(weight, normalize, acc)
-    y = new((B, C), x.dtype, x.device)
-    m = new((B, H, C), acc, x.device)
-    l = new((B, H, C), acc, x.device)
-    att = new((B, H, C), acc, x.device)
-    amax = new((B, H, C), torch.int32, x.device)
+def fwd(x, weight, temps, lam, normalize, chunk, outs):
+    """Fills and returns ``outs`` = (y (B, C), m, l, att (B, H, C), argmax (B, H, C) int32,
+    inv_n (H, C)): the kernel's state, in base 2 (z = T log2(e) s, m = max_j z_j,
+    l = sum_j 2^(z_j - m))."""
+    y, m, l, att, amax, inv_n = outs
+    C = y.shape[1]
+    acc = inv_n.dtype
+    inv_n.copy_(inv_norms(weight, normalize, acc))
     for c0 in range(0, C, chunk):
         c1 = min(C, c0 + chunk)
         s, is_max, t_fin = scores(x, weight, temps, inv_n, c0, c1, acc)
@@ -60,7 +56,7 @@ def fwd(x, weight, temps, lam, normalize, chunk, acc, new):
         l[:, :, c0:c1] = l_c
         att[:, :, c0:c1] = a
         amax[:, :, c0:c1] = best_j.to(torch.int32)
-    return y, m, l, att, amax, inv_n
+    return outs
 
 
 def ds_chunk(x, weight, temps, grad_y, m, l, att, amax, inv_n, lam, c0, c1, out):

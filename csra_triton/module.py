@@ -169,16 +169,18 @@ class CSRATriton(nn.Module):
         """(B, heads, K, h, w): the softmax weights over positions each head used, or for a max
         head a one-hot of the position the forward chose; K = all classes or ``classes``
         (indices), computed in class chunks. fp32 (fp64 for fp64 x)."""
-        x3 = _check_inputs(x, self._checked_weight(), "nchw")
-        return maps.attention_maps(x3.view(x.shape[0], -1, *x.shape[2:]), self.weight,
-                                   self.temperatures, self.normalize, classes, self.lam)
+        return maps.attention_maps(self._map_input(x), self.weight, self.temperatures,
+                                   self.normalize, classes, self.lam)
 
     def score_maps(self, x: Tensor, classes=None) -> Tensor:
         """(B, heads, K, h, w): the normalised class scores s, the maps the official
         visualisation overlays; K = all classes or ``classes`` (indices)."""
-        x3 = _check_inputs(x, self._checked_weight(), "nchw")
-        return maps.score_maps(x3.view(x.shape[0], -1, *x.shape[2:]), self.weight,
-                               self.temperatures, self.normalize, classes)
+        return maps.score_maps(self._map_input(x), self.weight, self.temperatures,
+                               self.normalize, classes)
+
+    def _map_input(self, x: Tensor) -> Tensor:
+        """x validated (and cast under autocast) as for forward, kept (B, in_ch, h, w)."""
+        return _check_inputs(x, self._checked_weight(), "nchw").unflatten(2, x.shape[2:])
 
     def to_official_state_dict(self, prefix: str = "") -> dict:
         """The weight in the official layout: ``{prefix}multi_head.{k}.head.weight`` (C, d, 1, 1)."""

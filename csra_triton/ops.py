@@ -73,8 +73,6 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-
-
 _temps_cache: dict = {}
 
 
@@ -133,18 +131,34 @@ def _bench_ms(fn) -> float:
     return do_bench(fn, warmup=5, rep=20, return_mode="median")
 
 
+def fwd_outputs(x: Tensor, H: int, C: int, new=_new) -> tuple:
+    """The forward's outputs: y (B, C) in x's dtype; m, l, att (B, H, C) and inv_norm (H, C) in
+    the accumulation dtype; argmax (B, H, C) int32."""
+    B, acc = x.shape[0], acc_dtype(x.dtype)
+    return (new((B, C), x.dtype, x.device), *(new((B, H, C), acc, x.device) for _ in range(3)),
+            new((B, H, C), torch.int32, x.device), new((H, C), acc, x.device))
+
+
+def fwd_bench(x: Tensor, weight: Tensor, temps: Tensor, outs: tuple):
+    """cfg -> median ms of one forward launch with that config (for tuning)."""
+    return lambda cfg: _bench_ms(lambda: _fwd_launch(x, weight, temps, 0.1, True, outs, cfg))
+
+
+def ds_bench(x, weight, temps, grad_y, state, chunk: int, ws: Tensor):
+    """cfg -> median ms of the dS kernel on the first class chunk (for tuning)."""
+    B, _, N = x.shape
+    H, C, _ = weight.shape
+    c1 = min(C, chunk)
+    out = ws[: H * c1 * B * N].view(H, c1, B, N)
+    return lambda cfg: _bench_ms(lambda: _ds_launch(x, weight, temps, grad_y, state, 0.1, 0, c1,
+                                                    out, cfg))
+
+
 def fwd_config(x: Tensor, H: int, C: int, D: int, N: int) -> tuning.Config:
     """The forward's launch config (tiles shared with the backward); tunes if asked to."""
     def bench(cfg):
-        B = x.shape[0]
-        acc = acc_dtype(x.dtype)
-        outs = (torch.empty(B, C, dtype=x.dtype, device=x.device),
-                *(torch.empty(B, H, C, dtype=acc, device=x.device) for _ in range(3)),
-                torch.empty(B, H, C, dtype=torch.int32, device=x.device),
-                torch.empty(H, C, dtype=acc, device=x.device))
-        w = torch.randn(H, C, D, device=x.device)
-        t = torch.ones(H, device=x.device)
-        return _bench_ms(lambda: _fwd_launch(x, w, t, 0.1, True, outs, cfg))
+        w, t = torch.randn(H, C, D, device=x.device), torch.ones(H, device=x.device)
+        return fwd_bench(x, w, t, fwd_outputs(x, H, C, torch.empty))(cfg)
 
     return tuning.choose("fwd", H, C, D, N, x, bench)
 
@@ -203,10 +217,9 @@ def csra_fwd(x: Tensor, weight: Tensor, temperatures: list[float], lam: float,
     acc = acc_dtype(x.dtype)
     if backend_for(x.device) == "torch" or B == 0:
         temps = torch.tensor(temperatures, dtype=acc)
-        return fallback.fwd(x, weight, temps, lam, normalize, _torch_chunk(H, C, D, B, N), acc,
-                            _new)
-    outs = (_new((B, C), x.dtype, x.device), *(_new((B, H, C), acc, x.device) for _ in range(3)),
-            _new((B, H, C), torch.int32, x.device), _new((H, C), acc, x.device))
+        return fallback.fwd(x, weight, temps, lam, normalize, _torch_chunk(H, C, D, B, N),
+                            fwd_outputs(x, H, C))
+    outs = fwd_outputs(x, H, C)
     _fwd_launch(x, weight, _temps_tensor(temperatures, x.device), lam, normalize, outs,
                 fwd_config(x, H, C, D, N))
     return outs
@@ -248,13 +261,8 @@ def csra_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, m: Tensor, l: Tensor, at
         chunk = _chunk(H, C, B, N, fwd_cfg.BC)
     ws = _new((H * chunk * B * N,), gemm, x.device)
     if not use_torch:
-        def bench(cfg):
-            c1 = min(C, chunk)
-            out = ws[: H * c1 * B * N].view(H, c1, B, N)
-            return _bench_ms(lambda: _ds_launch(x, weight, temps, grad_y, state, lam, 0, c1,
-                                                out, cfg))
-
-        bwd_cfg = bwd_config(x, H, C, D, N, fwd_cfg, bench)
+        bwd_cfg = bwd_config(x, H, C, D, N, fwd_cfg,
+                             ds_bench(x, weight, temps, grad_y, state, chunk, ws))
     grad_x = None
     for c0 in range(0, C, chunk):
         c1 = min(C, c0 + chunk)

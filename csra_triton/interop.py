@@ -16,6 +16,11 @@ from torch import Tensor
 _KEY = re.compile(r"^(?P<prefix>.*?)multi_head\.(?P<k>\d+)\.head\.(?P<what>weight|bias)$")
 
 
+def official_key(prefix: str, k: int) -> str:
+    """The official key of head ``k``'s 1x1 conv weight under ``prefix``."""
+    return f"{prefix}multi_head.{k}.head.weight"
+
+
 class OfficialCheckpointError(ValueError):
     """The checkpoint does not hold an official CSRA head that fits."""
 
@@ -57,7 +62,7 @@ def official_to_weight(state_dict: Mapping[str, Tensor], prefix: str | None = No
     for k in range(n):
         if k not in keys:
             raise OfficialCheckpointError(f"official checkpoint: missing key "
-                                          f"'{pre}multi_head.{k}.head.weight' (expected {n} heads)")
+                                          f"{official_key(pre, k)!r} (expected {n} heads)")
     first = state_dict[keys[0]]
     expect = (classes if classes is not None else first.shape[0],
               in_ch if in_ch is not None else (first.shape[1] if first.dim() > 1 else -1), 1, 1)
@@ -75,7 +80,7 @@ def official_to_weight(state_dict: Mapping[str, Tensor], prefix: str | None = No
 def weight_to_official(weight: Tensor, prefix: str = "") -> dict[str, Tensor]:
     """{prefix + 'multi_head.{k}.head.weight': (C, d, 1, 1)} from a (H, C, d) weight (copies)."""
     H, C, d = weight.shape
-    return {f"{prefix}multi_head.{k}.head.weight": weight[k].detach().clone().view(C, d, 1, 1)
+    return {official_key(prefix, k): weight[k].detach().clone().view(C, d, 1, 1)
             for k in range(H)}
 
 

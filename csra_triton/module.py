@@ -197,8 +197,8 @@ class CSRATriton(nn.Module):
             except interop.OfficialCheckpointError as exc:
                 error_msgs.append(str(exc))
                 return
-            for key in interop.weight_to_official(weight, prefix):
-                state_dict.pop(key)
+            for k in range(self.heads):
+                state_dict.pop(interop.official_key(prefix, k))
             state_dict[prefix + "weight"] = weight
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)

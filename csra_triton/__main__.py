@@ -7,7 +7,7 @@ def _ensure_interpreter() -> None:
     """For ``verify`` without CUDA, re-run this command with TRITON_INTERPRET=1 so that the Triton
     kernels run in the interpreter (the variable must be set before triton is first imported).
     The other commands run the PyTorch fallback on CPU and need no interpreter."""
-    if len(sys.argv) > 1 and sys.argv[1] in ("bench", "maps", "tune"):
+    if len(sys.argv) > 1 and sys.argv[1] in ("bench", "maps", "tune", "inspect"):
         return
     if os.environ.get("TRITON_INTERPRET") or os.environ.get("CSRA_TRITON_NO_REEXEC"):
         return

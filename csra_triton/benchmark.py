@@ -364,3 +364,90 @@ def summary_table(rows: list[dict], gpu: str) -> str:
                      f"{speed['eager']} | {speed['compile']} | {floor} | "
                      f"{mem('eager')} / {mem('compile')} / {mem('triton')} | {err} |")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+E2E = dict(B=32, size=448, C=80, heads=4, lam=0.1)
+
+
+def e2e_rows(device: torch.device, budget_s: float | None = None, **over) -> list[dict]:
+    """One training step of a torchvision ResNet-101 trunk (random init) + a CSRA head at
+    448x448, batch 32, bf16 autocast: forward, BCE loss, backward, SGD step. Rows for the
+    official head (eager module math) and csra-triton, each with the model eager and with
+    ``torch.compile`` of the whole model (default mode; compiled rows are skipped once
+    ``budget_s`` is spent), and the head's own share: its fwd+bwd on the trunk's features.
+    Returns [] where torchvision cannot be imported (the CPU CI)."""
+    try:
+        import torchvision
+    except Exception:  # noqa: BLE001 - the registry's torchvision does not import with CPU torch
+        return []
+    p = dict(E2E, **over)
+    B, size, C, heads, lam = p["B"], p["size"], p["C"], p["heads"], p["lam"]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    images = torch.randn(B, 3, size, size, generator=gen).to(device)
+    targets = (torch.rand(B, C, generator=gen) < 0.05).float().to(device)
+    w0 = ((torch.rand(heads, C, 2048, generator=gen) * 2 - 1) / math.sqrt(2048)).to(device)
+    temps = temperatures(heads)
+    t0 = time.monotonic()
+    rows = []
+    for compiled in (False, True):
+        for impl in ("eager", "triton"):
+            if compiled and budget_s is not None and time.monotonic() - t0 > budget_s:
+                rows.append(dict(e2e=True, impl=impl, compiled=True, skipped="time budget"))
+                continue
+            torch.manual_seed(0)
+            trunk = torch.nn.Sequential(*list(torchvision.models.resnet101().children())[:-2])
+            if impl == "triton":
+                head = CSRATriton(2048, C, heads, lam, temps)
+                head.weight.data = w0.clone()
+            else:
+                head = MHA.from_weight(w0.clone(), temps, lam)
+            model = torch.nn.Sequential(trunk, head).to(device)
+            opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+            fn = torch.compile(model) if compiled else model
+
+            def step():
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    logits = fn(images)
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(),
+                                                                            targets)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            ms = time_ms(step, device, warmup=3, reps=3)
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+                feats = trunk(images[:B]).detach()
+            feats.requires_grad_(True)
+            g = torch.randn(B, C, generator=gen).to(device, feats.dtype)
+
+            def head_step():
+                head(feats).backward(g)
+                feats.grad = None
+                head.zero_grad(set_to_none=True)
+
+            head_ms = time_ms(head_step, device, warmup=3, reps=3)
+            rows.append(dict(e2e=True, impl=impl, compiled=compiled, B=B, size=size, C=C,
+                             heads=heads, dtype="bfloat16 autocast", step_ms=ms,
+                             head_ms=head_ms, head_share=head_ms / ms,
+                             peak_mem_mb=peak_mem_mb(step, device)))
+            del model, opt, fn, trunk, head, feats
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def e2e_table(rows: list[dict]) -> str:
+    lines = ["| e2e step (ResNet-101, 448, B=32, bf16 autocast) | head | step ms | head fwd+bwd ms "
+             "| head share | peak MB |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        mode = "torch.compile(model)" if r["compiled"] else "eager model"
+        if "skipped" in r:
+            lines.append(f"| {mode} | {r['impl']} | skipped ({r['skipped']}) | | | |")
+            continue
+        head = "official (eager math)" if r["impl"] == "eager" else "CSRATriton"
+        lines.append(f"| {mode} | {head} | {r['step_ms']:.2f} | {r['head_ms']:.3f} | "
+                     f"{100 * r['head_share']:.1f}% | {r['peak_mem_mb'] or 0:.0f} |")
+    return "\n".join(lines)

@@ -12,6 +12,7 @@ writes the results JSON. On CPU it times the PyTorch fallback against eager, lab
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -138,7 +139,18 @@ def _bench(args) -> int:
               f"err {row['max_rel_err']:.1e}", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    e2e = []
+    if args.e2e:
+        if device.type != "cuda":
+            print("--e2e: needs CUDA (a ResNet-101 training step at 448x448); skipped")
+        else:
+            left = None if args.budget_s is None else max(0.0, args.budget_s - (time.monotonic() - t0))
+            e2e = bm.e2e_rows(device, budget_s=left)
+            if not e2e:
+                print("--e2e: torchvision cannot be imported here; skipped")
     doc = bm.results_doc(rows, device)
+    if e2e:
+        doc["e2e"] = e2e
     if skipped:
         doc["skipped"] = {"reason": f"time budget of {args.budget_s} s spent", "runs": skipped}
     if failed:
@@ -153,6 +165,8 @@ def _bench(args) -> int:
     print(("CPU numbers, not GPU: " if device.type != "cuda" else "")
           + f"{doc['device']}, {doc['date']}, commit {doc['commit'][:12]}")
     print(bm.summary_table(rows, gpu))
+    if e2e:
+        print(bm.e2e_table(e2e))
     if failed:
         print(f"FAILED runs: {len(failed)} (see 'failed' in {path})")
     return 1 if failed else 0
@@ -256,46 +270,95 @@ def _tune(args) -> int:
         print("tune: sweeps need CUDA (without a GPU exactly one config, the default, is used). "
               "The pruned config spaces:")
         for shape in shapes:
-            n = len(tuning.config_space("fwd", shape.heads, shape.C, shape.d, shape.N))
-            d = tuning.default_config(shape.heads, shape.C, shape.d, shape.N)
+            size = shape.torch_dtype.itemsize
+            n = len(tuning.config_space("fwd", shape.heads, shape.C, shape.d, shape.N, size))
+            d = tuning.default_config(shape.heads, shape.C, shape.d, shape.N, size)
             print(f"  {shape.name}: {n} forward configs, 6 backward (warps x stages for the "
                   f"forward's tiles); default {d.label()}")
         return 0
     env = tuning.environment(device)
     print(f"tuning on {env['gpu']}, torch {env['torch']}, triton {env['triton']}; cache "
           f"{tuning.cache_path()}")
+    cc = torch.cuda.get_device_capability(device)[0]
     for shape in shapes:
         b = bm.Bench(shape, "triton", device, n_sets=1)
         x3, w = b.xs[0].flatten(2), b.weight0
         H, C, D, N, B = shape.heads, shape.C, shape.d, shape.N, shape.B
+        size = x3.element_size()
         temps = ops._temps_tensor(bm.temperatures(H), device)
-        outs = ops.fwd_outputs(x3, H, C, torch.empty)
-        fwd_best = tuning.default_config(H, C, D, N)
+        outs = ops.fwd_outputs(x3, H, C, ops.empty)
+        w_op, inv_n = ops.prep_weight(x3, w, True, outs[5])
+        fwd_best = tuning.default_config(H, C, D, N, size, cc)
         for kernel in kernels:
             if kernel == "fwd":
-                space = tuning.config_space("fwd", H, C, D, N, x3.element_size())
+                space = tuning.config_space("fwd", H, C, D, N, size, cc=cc)
                 bench = ops.fwd_bench(x3, w, temps, outs)
             else:
-                ops._fwd_launch(x3, w, temps, 0.1, True, outs, fwd_best)
+                ops._fwd_launch(x3, w_op, inv_n, temps, 0.1, outs, fwd_best, H)
                 chunk = ops._chunk(H, C, B, N, fwd_best.BC)
                 ws = torch.empty(H * chunk * B * N, dtype=x3.dtype, device=device)
-                space = tuning.config_space("bwd", H, C, D, N, x3.element_size(),
-                                            fwd_best.tiles())
-                bench = ops.ds_bench(x3, w, temps, b.gs[0], outs[1:], chunk, ws)
-            results = tuning.sweep(space, bench, args.budget_s)
+                space = tuning.config_space("bwd", H, C, D, N, size, fwd_best.tiles(), cc)
+                bench = ops.ds_bench(x3, w_op, inv_n, temps, b.gs[0], outs[1:5], chunk, ws)
+            space, known = tuning.drop_known_spills(space, kernel, shape, x3.dtype, cc)
+            rejected = [(c, "spills (compile report cache)") for c in known]
+            results = tuning.sweep(space, bench, args.budget_s, rejected)
             default_ms = next((ms for c, ms in results if c == space[0]), float("nan"))
             best, best_ms = results[0]
-            print(f"\n{shape.name} {kernel}: {len(results)} of {len(space)} configs timed; best "
-                  f"{best_ms:.4f} ms vs default {default_ms:.4f} ms "
-                  f"({default_ms / best_ms:.2f}x)")
+            print(f"\n{shape.name} {kernel}: {len(results)} of {len(space) + len(known)} configs "
+                  f"timed; best {best_ms:.4f} ms vs default {default_ms:.4f} ms "
+                  f"({default_ms / best_ms:.2f}x); {len(rejected)} rejected")
             print("| config | median ms |\n|---|---|")
             for cfg, ms in results:
                 print(f"| {cfg.label()}{' (default)' if cfg == space[0] else ''} | {ms:.4f} |")
+            for cfg, why in rejected:
+                print(f"| {cfg.label()} | rejected: {why} |")
             key = tuning.make_key(kernel, H, C, D, N, x3.dtype)
             tuning.save_choice(key, best, best_ms, env)
             if kernel == "fwd":
                 fwd_best = best
     print(f"\nwrote {tuning.cache_path()}")
+    return 0
+
+
+def _inspect(args) -> int:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        # The kernels are interpreter functions in this process: compile in a fresh one.
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        return subprocess.run([sys.executable, "-m", "csra_triton", *args.argv], env=env).returncode
+    from . import compiled
+
+    archs = [a for a in args.arch.split(",") if a]
+    for a in archs:
+        if a not in compiled.ARCHS:
+            raise SystemExit(f"--arch: expected some of {', '.join(compiled.ARCHS)}, got {a!r}")
+    dtypes = None
+    if args.dtypes:
+        try:
+            dtypes = [compiled.DTYPES[d] for d in args.dtypes.split(",") if d]
+        except KeyError as exc:
+            raise SystemExit(f"--dtypes: expected some of {', '.join(compiled.DTYPES)}, "
+                             f"got {exc.args[0]!r}") from None
+    kernels = [k for k in args.kernels.split(",") if k]
+    for k in kernels:
+        if k not in compiled.KERNELS:
+            raise SystemExit(f"--kernels: expected some of {', '.join(compiled.KERNELS)}, "
+                             f"got {k!r}")
+    shapes = compiled.shapes_from(args.shapes)
+    print(f"compile report: triton {compiled._triton_version()}, targets {', '.join(archs)} "
+          f"(compiled here, no GPU needed); model rates (H100): "
+          + ", ".join(f"{k} {v / 1e12:g}T" for k, v in compiled.RATES.items()), flush=True)
+    rows = compiled.report(shapes, archs, dtypes, args.all_configs, kernels)
+    print(compiled.table(rows))
+    if args.json:
+        doc = {"triton": compiled._triton_version(), "rates": compiled.RATES, "rows": rows}
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -320,6 +383,10 @@ def main(argv=None) -> int:
     b.add_argument("--reps", type=int, default=10, help="timed repetitions on CPU")
     b.add_argument("--budget-s", type=float, default=None,
                    help="skip compile runs that would start after this many seconds")
+    b.add_argument("--e2e", action="store_true",
+                   help="also time one ResNet-101 training step (448, B=32, bf16 autocast) with "
+                        "the official head and with CSRATriton, eager and compiled (CUDA and "
+                        "torchvision only; skipped elsewhere)")
     m = sub.add_parser("maps", help="attention-map PNG grid for held-out synthetic images")
     m.add_argument("--out", default="csra_maps.png", help="PNG to write")
     m.add_argument("--checkpoint", default=None,
@@ -339,7 +406,20 @@ def main(argv=None) -> int:
     t.add_argument("--kernel", choices=["fwd", "bwd", "all"], default="all")
     t.add_argument("--budget-s", type=float, default=None,
                    help="per shape and kernel: stop starting new configs after this many seconds")
+    i = sub.add_parser("inspect", help="compile every kernel for sm_90a/sm_80 here (no GPU): "
+                                       "registers, spills, shared memory, MMA kind, traffic model")
+    i.add_argument("--arch", default="sm_90a,sm_80", help="comma list of sm_90a, sm_80")
+    i.add_argument("--shapes", default="all", help="shape names as for bench (default: all)")
+    i.add_argument("--dtypes", default=None,
+                   help="comma list of fp16,bf16,fp32,fp64 (default: each shape's own)")
+    i.add_argument("--kernels", default="prep,fwd,ds", help="comma list of prep, fwd, ds")
+    i.add_argument("--all-configs", action="store_true",
+                   help="the whole tuning space of each shape, not only its default config")
+    i.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    if args.cmd == "inspect":
+        return _inspect(args)
     if args.cmd == "tune":
         return _tune(args)
     if args.cmd == "bench":

@@ -1,32 +1,57 @@
 """Triton kernels for multi-head CSRA (stage 2 of reference -> kernels -> op -> module -> CLI).
 
-Notation (see shared DESIGN.md §1-2): B batch, D channels (in_ch), N = h*w positions, H heads,
-C classes. A "row" is one (head, class) pair. A program owns one batch element ``b`` and a block of
-``BC`` classes for *all* heads at once: its row tile has ``HP * BC`` rows, laid out head-major
-(``r = h * BC + c_local``), where ``HP`` is the next power of two of H (rows with ``h >= H`` are
-padding). Because every head of a class lives in the same program, the sum over heads is a
-register reshape + reduction: no atomics, no second launch, bitwise deterministic.
+Notation (see bench/NOTES.md): B batch, D channels (in_ch), N = h*w positions, H heads, C classes.
+A "row" is one (head, class) pair. Three kernels:
 
-Operand precision: the score GEMM runs on ``x.dtype`` operands (the weight tile is cast to it,
-as a 1x1 conv under autocast would), accumulating in fp32 (fp64 when x is fp64). fp32 inputs use
-IEEE fp32 products unless ``torch.backends.cuda.matmul.allow_tf32`` is set (then TF32). The row
-norms are computed from the weight in its own dtype, in fp32, as the official code does
-(``torch.norm`` runs in fp32 under autocast). Softmax state is fp32 (fp64 for fp64 inputs) and
-uses base-2 exponentials: with z_j = T*log2(e)*s_j, the forward saves m = max_j z_j and
-l = sum_j 2^(z_j - m) (not their log-sum-exp: at |z| ~ 1e4 an fp32 lse is off by up to an ulp,
-~1e-3, which would scale every softmax weight; 2^(z_j - m) is exact at the maximum). The backward
-recomputes z bit for bit (same tiles, same channel order), so p_j = 2^(z_j - m) / l.
+* ``csra_prep_kernel``: once per call, the weight (H, C, D) in any dtype and strides becomes
+  ``w_op`` (H*C, D) contiguous in x's dtype (round to nearest even, as a 1x1 conv under autocast
+  rounds its weight) and ``inv_n`` (H*C,) = 1 / ||W row|| computed in fp32 from the weight as
+  stored (fp64 for fp64 x). The main kernels then read each weight element once per program, in
+  the operand dtype, instead of re-reading fp32 rows for the norms and for every position tile.
+* ``csra_fwd_kernel``: a program owns one batch element ``b`` and a block of ``BC`` classes for
+  *all* heads: a row tile of ``HP * BC`` rows, head-major (``r = h * BC + c_local``, ``HP`` the
+  next power of two of H, rows with ``h >= H`` are padding). The sum over heads is a register
+  reshape + reduction: no atomics, no second launch, bitwise deterministic. It walks positions in
+  tiles of ``BN`` (one tile when N <= BN: the softmax is then a single exact pass; an online
+  softmax merges tiles beyond). Each position tile is two accumulators of ``BN/2`` columns:
+  the epilogue finishes one half's statistics while the other waits, which is what keeps a
+  128 x 256 tile free of register spills (one 128 x 256 accumulator spilled in that epilogue).
+* ``csra_bwd_ds_kernel``: the same tiles and the same main loop (:func:`_score_tiles`) recompute
+  the scores bit for bit, and write dS' = inv_n * dy/ds for a chunk of classes.
 
-Pointer conventions: every tensor argument is followed by its strides in elements, in the order of
-the shape given next to it. Outputs written with implicit strides are contiguous by contract
+Launch order: programs are numbered so that the class blocks of one batch element are adjacent
+(``CB_MAJOR=False``: x[b] is read from HBM once and from L2 by its other class blocks) or, for
+large weights (OpenImages' 9,605 classes: 157 MB in bf16, beyond L2), so that all batch
+elements of one class block are adjacent (``CB_MAJOR=True``: each weight block is read from
+HBM once, and x, 26 MB there, stays in L2).
+
+Arithmetic: a = w_op . x accumulates in fp32 (fp64 for fp64 x) on ``DOT``-dtype operands: x's
+own dtype, except bf16 under the interpreter (fp32: its bf16 dot is wrong). fp32 x uses TF32 when ``PRECISION="tf32"`` (the op follows
+``torch.backends.cudnn.allow_tf32``, as the official 1x1 conv does). Scores are
+s = a * inv_n; softmax state is kept in raw units with base-2 exponentials: z_j = a_j * cz,
+cz = inv_n * T * log2(e). The forward saves m = max_j z_j and l = sum_j 2^(z_j - m) (not their
+log-sum-exp: at |z| ~ 1e4 an fp32 lse is off by up to an ulp, ~1e-3, which would scale every
+softmax weight), att (in score units) and argmax (the first of tied maxima, as torch.max).
+The backward forms p_j = 2^(z_j - m) / l with the same shift m, so the two passes agree.
+
+Pointer conventions: every tensor argument is followed by its strides in elements, in the order
+of the shape given next to it. Outputs written with implicit strides are contiguous by contract
 (the op layer allocates them).
 """
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
+from . import _compat
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    _compat.patch_interpreter()
+
 LOG2E = 1.4426950408889634
+BIG = tl.constexpr(2147483647)  # int32 max: "no position" in the argmax reduction
 
 
 @triton.jit
@@ -47,162 +72,256 @@ def _round_to(v, dtype: tl.constexpr, EMU_BF16: tl.constexpr):
 
 
 @triton.jit
-def _row_setup(t_ptr, w_ptr, stride_wh, stride_wc, stride_wd, H, C, D, pid_c, c_start, c_stop,
-               NORMALIZE: tl.constexpr, HP: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr,
-               ACC: tl.constexpr):
-    """Per-row indices, temperatures and inverse row norms of one program's row tile."""
-    r = tl.arange(0, HP * BC)
-    h = r // BC
-    c = c_start + pid_c * BC + r % BC
-    row_ok = (h < H) & (c < c_stop)
-    temp = tl.load(t_ptr + h, mask=h < H, other=1.0).to(ACC)
-    is_max = temp == float("inf")
-    t_fin = tl.where(is_max, 1.0, temp)  # the finite temperature used by softmax rows
-    w_rows = w_ptr + h * stride_wh + c * stride_wc
-    if NORMALIZE:
-        ss = tl.zeros((HP * BC,), dtype=ACC)
-        for d0 in range(0, D, BD):
-            dd = d0 + tl.arange(0, BD)
-            w = tl.load(w_rows[:, None] + dd[None, :] * stride_wd,
-                        mask=row_ok[:, None] & (dd < D)[None, :], other=0.0).to(ACC)
-            ss += tl.sum(w * w, axis=1)
-        # A zero row gives inv_n = inf and s = 0 * inf = NaN, as the official 0/0 does.
-        inv_n = tl.where(row_ok, 1.0 / tl.sqrt(tl.where(row_ok, ss, 1.0)), 0.0)
-    else:
-        inv_n = tl.where(row_ok, 1.0, 0.0).to(ACC)
-    return h, c, row_ok, is_max, t_fin, w_rows, inv_n
+def _aligned(v, A: tl.constexpr):
+    """``v`` (a stride or extent that the host found divisible by ``A``) rebuilt as ``(v // A) * A``
+    so that Triton's alignment analysis knows the divisibility: x rows of 196 bf16 positions
+    (392 bytes) are then loaded 8 bytes at a time and software-pipelined (cp.async); without the
+    hint Triton assumes 2-byte alignment and loads x through registers, unpipelined."""
+    if A > 1:
+        v = (v // A) * A
+    return v
 
 
 @triton.jit
-def _scores(x_ptr, stride_xb, stride_xd, stride_xn, w_rows, stride_wd, row_ok, pid_b, nn, D, N,
-            inv_n, HP: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-            ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-            EMU_BF16: tl.constexpr):
-    """s[r, j] = inv_n[r] * sum_i W[r, i] x[b, i, nn[j]] for one (rows x BN) tile, fp32/fp64.
-
-    The weight tile is rounded to x's dtype first (as a 1x1 conv under autocast does), then both
-    operands go to the DOT dtype (x's own, except bf16 under the interpreter: fp32)."""
-    acc = tl.zeros((HP * BC, BN), dtype=ACC)
-    x_cols = x_ptr + pid_b * stride_xb + nn[None, :] * stride_xn
-    n_ok = (nn < N)[None, :]
+def csra_prep_kernel(
+    w_ptr, stride_wh, stride_wc, stride_wd,      # weight (H, C, D), any strides, any float dtype
+    wo_ptr,                                      # w_op   (H*C, D) contiguous out, x.dtype
+    invn_ptr,                                    # inv_n  (H*C,) contiguous out, ACC
+    R, C, D,                                     # R = H*C rows
+    NORMALIZE: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr,
+    EMU_BF16: tl.constexpr,
+):
+    """Grid (cdiv(R, BR),). Rounds the weight to the operand dtype and takes the row norms."""
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    r_ok = r < R
+    src = w_ptr + (r // C).to(tl.int64) * stride_wh + (r % C).to(tl.int64) * stride_wc
+    dst = wo_ptr + r.to(tl.int64) * D
+    ss = tl.zeros((BR,), dtype=ACC)
     for d0 in range(0, D, BD):
         dd = d0 + tl.arange(0, BD)
-        d_ok = dd < D
-        w = tl.load(w_rows[:, None] + dd[None, :] * stride_wd,
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        xt = tl.load(x_cols + dd[:, None] * stride_xd, mask=d_ok[:, None] & n_ok, other=0.0)
-        w = _round_to(w, x_ptr.dtype.element_ty, EMU_BF16)
-        acc = tl.dot(w.to(DOT), xt.to(DOT), acc, input_precision=PRECISION)
-    return acc * inv_n[:, None]
+        ok = r_ok[:, None] & (dd < D)[None, :]
+        w = tl.load(src[:, None] + dd[None, :] * stride_wd, mask=ok, other=0.0)
+        wa = w.to(ACC)
+        ss += tl.sum(wa * wa, axis=1)
+        tl.store(dst[:, None] + dd[None, :], _round_to(w, wo_ptr.dtype.element_ty, EMU_BF16),
+                 mask=ok)
+    if NORMALIZE:
+        # A zero row gives inv_n = inf and s = 0 * inf = NaN, as the official 0/0 does.
+        inv = 1.0 / tl.sqrt(ss)
+    else:
+        inv = tl.full((BR,), 1.0, dtype=ACC)
+    tl.store(invn_ptr + r, inv, mask=r_ok)
+
+
+@triton.jit
+def _program_rows(t_ptr, invn_ptr, H, C, B, n_cb, c_start, c_stop,
+                  HP: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr, CB_MAJOR: tl.constexpr):
+    """This program's batch element, class block and per-row indices, temperatures, norms."""
+    if CB_MAJOR:  # grid (B, n_cb): the fastest-varying program index runs over batch elements
+        b = tl.program_id(0)
+        cb = tl.program_id(1)
+    else:         # grid (n_cb, B): ... over the class blocks of one batch element
+        cb = tl.program_id(0)
+        b = tl.program_id(1)
+    r = tl.arange(0, HP * BC)
+    h = r // BC
+    c = c_start + cb * BC + r % BC
+    row_ok = (h < H) & (c < c_stop)
+    hc = h * C + c                                          # row index into (H, C) and w_op
+    temp = tl.load(t_ptr + h, mask=h < H, other=1.0).to(ACC)
+    is_max = temp == float("inf")
+    t_fin = tl.where(is_max, 1.0, temp)                     # the temperature softmax rows use
+    inv = tl.load(invn_ptr + hc, mask=row_ok, other=0.0).to(ACC)
+    return b.to(tl.int64), cb, c, row_ok, hc, is_max, t_fin, inv
+
+
+@triton.jit
+def _score_tiles(x_b, stride_xd, stride_xn, w_rows, row_ok, n0, D, N,
+                 ROWS: tl.constexpr, HALF: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+                 PRECISION: tl.constexpr, EVEN_D: tl.constexpr):
+    """Raw scores a = w_op . x for positions [n0, n0 + 2*HALF), as two (rows, HALF) halves.
+
+    The forward and the backward both call this, with the same tiles: their scores agree bit
+    for bit. Positions beyond N and padding rows load zeros (so their a is exactly 0)."""
+    nn = n0 + tl.arange(0, HALF)
+    ok0 = (nn < N)[None, :]
+    ok1 = (nn + HALF < N)[None, :]
+    a0 = tl.zeros((ROWS, HALF), dtype=ACC)
+    a1 = tl.zeros((ROWS, HALF), dtype=ACC)
+    for d0 in range(0, D, BD):
+        dd = d0 + tl.arange(0, BD)
+        d_ok = (dd < D) | EVEN_D      # EVEN_D (D % BD == 0): no channel mask at all
+        w = tl.load(w_rows[:, None] + dd[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                    other=0.0).to(DOT)
+        xp = x_b + dd[:, None] * stride_xd + nn[None, :] * stride_xn
+        x0 = tl.load(xp, mask=d_ok[:, None] & ok0, other=0.0).to(DOT)
+        x1 = tl.load(xp + HALF * stride_xn, mask=d_ok[:, None] & ok1, other=0.0).to(DOT)
+        # out_dtype=ACC: triton 3.6 asserts that the accumulator has the out_dtype (default fp32),
+        # so fp64 would not compile without it (see _compat).
+        a0 = tl.dot(w, x0, a0, input_precision=PRECISION, out_dtype=ACC)
+        a1 = tl.dot(w, x1, a1, input_precision=PRECISION, out_dtype=ACC)
+    return a0, a1
+
+
+@triton.jit
+def _half_stats(a, nn, N, cz):
+    """Per-row statistics of one (rows, HALF) half in raw units: sum_j a_j, max_j a_j, the
+    first j of that max, m = max_j z_j (z = a * cz), l = sum_j 2^(z_j - m), sum_j 2^(z_j - m) a_j.
+    The masks are written out per use (not shared) so that no masked copy of the tile stays
+    live across the reductions (register pressure)."""
+    n_ok = (nn < N)[None, :]
+    best = tl.max(tl.where(n_ok, a, float("-inf")), axis=1)
+    best_j = tl.min(tl.where((a == best[:, None]) & n_ok, nn[None, :], BIG), axis=1)
+    m = best * cz
+    p = tl.where(n_ok, tl.exp2(a * cz[:, None] - m[:, None]), 0.0)
+    return tl.sum(a, axis=1), best, best_j, m, tl.sum(p, axis=1), tl.sum(p * a, axis=1)
+
+
+@triton.jit
+def _merge(s_sum, best, best_j, m, l, pa, s2, b2, j2, m2, l2, pa2):
+    """Online merge of two sets of row statistics (from _half_stats or earlier tiles)."""
+    m_new = tl.maximum(m, m2)
+    e1 = tl.exp2(m - m_new)
+    e2 = tl.exp2(m2 - m_new)
+    # NaN-safe: a fresh state has m = -inf (then e1 = 0 while l = 0).
+    e1 = tl.where(m == float("-inf"), 0.0, e1)
+    new_best = tl.maximum(best, b2)
+    j_first = tl.where(best == new_best, best_j, BIG)
+    j_second = tl.where(b2 == new_best, j2, BIG)
+    return (s_sum + s2, new_best, tl.minimum(j_first, j_second), m_new, l * e1 + l2 * e2,
+            pa * e1 + pa2 * e2)
 
 
 @triton.jit
 def csra_fwd_kernel(
     x_ptr, stride_xb, stride_xd, stride_xn,      # x      (B, D, N), any strides, x.dtype
-    w_ptr, stride_wh, stride_wc, stride_wd,      # weight (H, C, D), any strides, weight.dtype
+    wo_ptr,                                      # w_op   (H*C, D) contiguous, x.dtype (prep)
+    invn_ptr,                                    # inv_n  (H*C,) contiguous, ACC (prep)
     t_ptr,                                       # temps  (H,) contiguous fp32; inf = max head
     y_ptr, stride_yb, stride_yc,                 # y      (B, C) out, x.dtype
-    m_ptr, l_ptr, att_ptr, amax_ptr,             # state  (B, H, C) contiguous: acc, acc, acc, int32
-    invn_ptr,                                    # inv_n  (H, C) contiguous fp32/fp64, written by b == 0
-    H, C, D, N, lam, inv_N,
-    NORMALIZE: tl.constexpr, HP: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr,
-    BD: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-    EMU_BF16: tl.constexpr,
+    m_ptr, l_ptr, att_ptr, amax_ptr,             # state  (B, H, C) contiguous: ACC x3, int32
+    B, H, C, D, N, n_cb, lam, inv_N,             # n_cb = cdiv(C, BC) class blocks
+    HP: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    CB_MAJOR: tl.constexpr, EVEN_D: tl.constexpr, ONE_TILE: tl.constexpr,
+    XA_D: tl.constexpr, XA_N: tl.constexpr, XA_P: tl.constexpr, EMU_BF16: tl.constexpr,
 ):
-    """Grid (B, cdiv(C, BC)). One pass over positions with an online softmax per row."""
-    pid_b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: x may exceed 2**31 elements
-    pid_c = tl.program_id(1)
-    h, c, row_ok, is_max, t_fin, w_rows, inv_n = _row_setup(
-        t_ptr, w_ptr, stride_wh, stride_wc, stride_wd, H, C, D, pid_c, 0, C,
-        NORMALIZE, HP, BC, BD, ACC)
-    state = pid_b * H * C + h * C + c  # offsets into (B, H, C) and, minus b, into (H, C)
-    if pid_b == 0:
-        tl.store(invn_ptr + h * C + c, inv_n, mask=row_ok)
-    t2 = t_fin * 1.4426950408889634  # T * log2(e): softmax in base 2
+    """Grid (n_cb, B), or (B, n_cb) with CB_MAJOR (see "Launch order"). One pass over positions;
+    per row: sum, max/argmax, online softmax."""
+    HALF: tl.constexpr = BN // 2
+    b, cb, c, row_ok, hc, is_max, t_fin, inv = _program_rows(
+        t_ptr, invn_ptr, H, C, B, n_cb, 0, C, HP, BC, ACC, CB_MAJOR)
+    cz = inv * (t_fin * 1.4426950408889634)
+    x_b = x_ptr + b * stride_xb
+    stride_xd = _aligned(stride_xd, XA_D)
+    stride_xn = _aligned(stride_xn, XA_N)
+    N = _aligned(N, XA_P)   # position masks then hold over whole vectors
+    w_rows = wo_ptr + hc.to(tl.int64) * D
 
-    m2 = tl.full((HP * BC,), float("-inf"), dtype=ACC)  # running max of T*log2e*s
-    l = tl.zeros((HP * BC,), dtype=ACC)                 # running sum of 2^(z - m2)
-    ps = tl.zeros((HP * BC,), dtype=ACC)                # running sum of 2^(z - m2) * s
     s_sum = tl.zeros((HP * BC,), dtype=ACC)
     best = tl.full((HP * BC,), float("-inf"), dtype=ACC)
-    best_j = tl.zeros((HP * BC,), dtype=tl.int32)
-    for n0 in range(0, N, BN):
-        nn = n0 + tl.arange(0, BN)
-        n_ok = (nn < N)[None, :]
-        s = _scores(x_ptr, stride_xb, stride_xd, stride_xn, w_rows, stride_wd, row_ok, pid_b, nn,
-                    D, N, inv_n, HP, BC, BN, BD, ACC, DOT, PRECISION, EMU_BF16)
-        s_sum += tl.sum(tl.where(n_ok, s, 0.0), axis=1)
-        s_m = tl.where(n_ok, s, float("-inf"))
-        blk_best = tl.max(s_m, axis=1)
-        blk_j = tl.argmax(s_m, axis=1).to(tl.int32) + n0
-        better = blk_best > best  # strict: ties keep the first position, as torch.max does
-        best = tl.where(better, blk_best, best)
-        best_j = tl.where(better, blk_j, best_j)
-        z = s_m * t2[:, None]
-        m_new = tl.maximum(m2, tl.max(z, axis=1))
-        alpha = tl.exp2(m2 - m_new)
-        p = tl.exp2(z - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        ps = ps * alpha + tl.sum(tl.where(n_ok, p * s, 0.0), axis=1)
-        m2 = m_new
+    best_j = tl.full((HP * BC,), BIG, dtype=tl.int32)
+    m = tl.full((HP * BC,), float("-inf"), dtype=ACC)
+    l = tl.zeros((HP * BC,), dtype=ACC)
+    pa = tl.zeros((HP * BC,), dtype=ACC)
+    if ONE_TILE:  # N <= BN: a single exact pass, no loop-carried state
+        a0, a1 = _score_tiles(x_b, stride_xd, stride_xn, w_rows, row_ok, 0, D, N,
+                              HP * BC, HALF, BD, ACC, DOT, PRECISION, EVEN_D)
+        nn = tl.arange(0, HALF)
+        s_sum, best, best_j, m, l, pa = _half_stats(a0, nn, N, cz)
+        s1, b1, j1, m1, l1, p1 = _half_stats(a1, nn + HALF, N, cz)
+        s_sum, best, best_j, m, l, pa = _merge(s_sum, best, best_j, m, l, pa,
+                                               s1, b1, j1, m1, l1, p1)
+    else:
+        for n0 in range(0, N, BN):
+            a0, a1 = _score_tiles(x_b, stride_xd, stride_xn, w_rows, row_ok, n0, D, N,
+                                  HP * BC, HALF, BD, ACC, DOT, PRECISION, EVEN_D)
+            nn = n0 + tl.arange(0, HALF)
+            s0, b0, j0, m0, l0, p0 = _half_stats(a0, nn, N, cz)
+            s_sum, best, best_j, m, l, pa = _merge(s_sum, best, best_j, m, l, pa,
+                                                   s0, b0, j0, m0, l0, p0)
+            s1, b1, j1, m1, l1, p1 = _half_stats(a1, nn + HALF, N, cz)
+            s_sum, best, best_j, m, l, pa = _merge(s_sum, best, best_j, m, l, pa,
+                                                   s1, b1, j1, m1, l1, p1)
 
-    att = tl.where(is_max, best, ps / l)
-    y_rows = tl.where(row_ok, s_sum * inv_N + lam * att, 0.0)
+    # No position matched the maximum only where a row is NaN: report position 0.
+    best_j = tl.where(best_j == BIG, 0, best_j)
+    att = tl.where(is_max, best, pa / l) * inv
+    y_rows = tl.where(row_ok, s_sum * inv * inv_N + lam * att, 0.0)
     y = tl.sum(tl.reshape(y_rows, (HP, BC)), axis=0)
-    cc = pid_c * BC + tl.arange(0, BC)
-    tl.store(y_ptr + pid_b * stride_yb + cc * stride_yc,
+    cc = cb * BC + tl.arange(0, BC)
+    tl.store(y_ptr + b * stride_yb + cc * stride_yc,
              _round_to(y, y_ptr.dtype.element_ty, EMU_BF16), mask=cc < C)
-    tl.store(m_ptr + state, m2, mask=row_ok)
+    state = b * H * C + hc
+    tl.store(m_ptr + state, m, mask=row_ok)
     tl.store(l_ptr + state, l, mask=row_ok)
     tl.store(att_ptr + state, att, mask=row_ok)
     tl.store(amax_ptr + state, best_j, mask=row_ok)
 
 
 @triton.jit
+def _ds_half(a, nn, N, inv, cz, t_fin, m, att, best_j, is_max, k0, kp, out_rows, row_ok,
+             EMU_BF16: tl.constexpr):
+    """dS' for one (rows, HALF) half of recomputed raw scores, stored into ``out_rows``:
+    k0 + kp * d with d = 2^(z - m) (1 + T (s - att)) (softmax rows; kp holds g lam inv_n / l)
+    or d = [j == argmax] (max rows; kp = g lam inv_n), k0 = g inv_n / N."""
+    e = tl.exp2(a * cz[:, None] - m[:, None])
+    d_soft = e * (1.0 + t_fin[:, None] * (a * inv[:, None] - att[:, None]))
+    d_att = tl.where(is_max[:, None], tl.where(nn[None, :] == best_j[:, None], 1.0, 0.0), d_soft)
+    ds = k0[:, None] + kp[:, None] * d_att
+    tl.store(out_rows[:, None] + nn[None, :], _round_to(ds, out_rows.dtype.element_ty, EMU_BF16),
+             mask=row_ok[:, None] & (nn < N)[None, :])
+
+
+@triton.jit
 def csra_bwd_ds_kernel(
     x_ptr, stride_xb, stride_xd, stride_xn,      # x      (B, D, N), any strides
-    w_ptr, stride_wh, stride_wc, stride_wd,      # weight (H, C, D), any strides
+    wo_ptr,                                      # w_op   (H*C, D) contiguous, x.dtype (prep)
+    invn_ptr,                                    # inv_n  (H*C,) contiguous, from the forward
     t_ptr,                                       # temps  (H,) contiguous fp32
     g_ptr, stride_gb, stride_gc,                 # grad_y (B, C), any strides (stride 0 allowed)
     m_ptr, l_ptr, att_ptr, amax_ptr,             # state  (B, H, C) contiguous, from the forward
-    invn_ptr,                                    # inv_n  (H, C) contiguous
     ds_ptr,                                      # dS'    (H, n_chunk, B, N) contiguous out
-    B, H, C, D, N, c_start, n_chunk, lam, inv_N,
+    B, H, C, D, N, c_start, n_chunk, n_cb, lam, inv_N,
     HP: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-    ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, EMU_BF16: tl.constexpr,
+    ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    CB_MAJOR: tl.constexpr, EVEN_D: tl.constexpr, ONE_TILE: tl.constexpr,
+    XA_D: tl.constexpr, XA_N: tl.constexpr, XA_P: tl.constexpr, EMU_BF16: tl.constexpr,
 ):
-    """Grid (B, cdiv(n_chunk, BC)) over classes [c_start, c_start + n_chunk).
+    """Grid (n_cb, B), or (B, n_cb) with CB_MAJOR, over classes [c_start, c_start + n_chunk),
+    n_cb = cdiv(n_chunk, BC).
 
-    Recomputes s and writes dS' = inv_n * dy/ds, i.e. the score gradient already scaled by the
-    inverse row norm, so that dx = W^T dS' and dW = dS' x^T - W * rowsum(W * dS' x^T) * inv_n^2.
+    Recomputes the scores and writes dS' = inv_n * dy/ds, the score gradient already scaled by
+    the inverse row norm, so that dx = w_op^T dS' and dW = dS' x^T - W rowsum(W dS' x^T) inv_n^2:
         finite T: dy/ds_j = g * (1/N + lam * p_j * (1 + T * (s_j - att))),  p_j = 2^(z_j - m) / l
         T = inf:  dy/ds_j = g * (1/N + lam * [j == argmax])
     """
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_c = tl.program_id(1)
+    HALF: tl.constexpr = BN // 2
     c_stop = tl.minimum(c_start + n_chunk, C)
-    h, c, row_ok, is_max, t_fin, w_rows, _unused = _row_setup(
-        t_ptr, w_ptr, stride_wh, stride_wc, stride_wd, H, C, D, pid_c, c_start, c_stop,
-        False, HP, BC, BD, ACC)
-    inv_n = tl.load(invn_ptr + h * C + c, mask=row_ok, other=0.0).to(ACC)
-    state = pid_b * H * C + h * C + c
-    g = tl.load(g_ptr + pid_b * stride_gb + c * stride_gc, mask=row_ok, other=0.0).to(ACC)
-    m2 = tl.load(m_ptr + state, mask=row_ok, other=0.0).to(ACC)
-    inv_l = 1.0 / tl.load(l_ptr + state, mask=row_ok, other=1.0).to(ACC)
+    b, cb, c, row_ok, hc, is_max, t_fin, inv = _program_rows(
+        t_ptr, invn_ptr, H, C, B, n_cb, c_start, c_stop, HP, BC, ACC, CB_MAJOR)
+    cz = inv * (t_fin * 1.4426950408889634)
+    x_b = x_ptr + b * stride_xb
+    stride_xd = _aligned(stride_xd, XA_D)
+    stride_xn = _aligned(stride_xn, XA_N)
+    N = _aligned(N, XA_P)   # position masks then hold over whole vectors
+    w_rows = wo_ptr + hc.to(tl.int64) * D
+    state = b * H * C + hc
+    g = tl.load(g_ptr + b * stride_gb + c * stride_gc, mask=row_ok, other=0.0).to(ACC)
+    m = tl.load(m_ptr + state, mask=row_ok, other=0.0).to(ACC)
+    l = tl.load(l_ptr + state, mask=row_ok, other=1.0).to(ACC)
     att = tl.load(att_ptr + state, mask=row_ok, other=0.0).to(ACC)
     best_j = tl.load(amax_ptr + state, mask=row_ok, other=-1)
-    t2 = t_fin * 1.4426950408889634
-    g_scaled = g * inv_n  # folds the row normalisation into dS'
-    out_rows = ds_ptr + ((h * n_chunk + (c - c_start)) * B + pid_b) * N
-    for n0 in range(0, N, BN):
-        nn = n0 + tl.arange(0, BN)
-        n_ok = (nn < N)[None, :]
-        s = _scores(x_ptr, stride_xb, stride_xd, stride_xn, w_rows, stride_wd, row_ok, pid_b, nn,
-                    D, N, inv_n, HP, BC, BN, BD, ACC, DOT, PRECISION, EMU_BF16)
-        p = tl.exp2(s * t2[:, None] - m2[:, None]) * inv_l[:, None]
-        d_soft = p * (1.0 + t_fin[:, None] * (s - att[:, None]))
-        d_max = tl.where(nn[None, :] == best_j[:, None], 1.0, 0.0)
-        d_att = tl.where(is_max[:, None], d_max, d_soft)
-        ds = g_scaled[:, None] * (inv_N + lam * d_att)
-        tl.store(out_rows[:, None] + nn[None, :],
-                 _round_to(ds, ds_ptr.dtype.element_ty, EMU_BF16), mask=row_ok[:, None] & n_ok)
+    g_scaled = g * inv  # folds the row normalisation into dS'
+    k0 = g_scaled * inv_N
+    kp = tl.where(is_max, g_scaled * lam, g_scaled * lam / l)
+    h = hc // C
+    out_rows = ds_ptr + ((h * n_chunk + (c - c_start)).to(tl.int64) * B + b) * N
+    for n0 in range(0, 1 if ONE_TILE else N, BN):   # ONE_TILE (N <= BN): no loop
+        a0, a1 = _score_tiles(x_b, stride_xd, stride_xn, w_rows, row_ok, n0, D, N,
+                              HP * BC, HALF, BD, ACC, DOT, PRECISION, EVEN_D)
+        nn = n0 + tl.arange(0, HALF)
+        _ds_half(a0, nn, N, inv, cz, t_fin, m, att, best_j, is_max, k0, kp, out_rows, row_ok,
+                 EMU_BF16)
+        _ds_half(a1, nn + HALF, N, inv, cz, t_fin, m, att, best_j, is_max, k0, kp, out_rows,
+                 row_ok, EMU_BF16)

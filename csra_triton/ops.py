@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 from torch import Tensor
@@ -85,6 +85,11 @@ def _temps_tensor(temps: list[float], device: torch.device) -> Tensor:
     return t
 
 
+def empty(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``torch.empty`` with the allocator signature of :func:`_new` (never poisoned)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _new(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
     t = torch.empty(shape, dtype=dtype, device=device)
     if POISON:
@@ -106,23 +111,124 @@ def _torch_chunk(H: int, C: int, D: int, B: int, N: int) -> int:
     return _chunk(H, C, B, N, tuning.default_config(H, C, D, N).BC)
 
 
-def _dtypes(x: Tensor) -> dict:
+#: Weights (in the operand dtype) above this size are launched class-block-major, so that each
+#: weight block is read from HBM once and x stays in L2 (see kernels.py, "Launch order").
+CB_MAJOR_BYTES = 8 << 20
+
+
+def tf32_enabled(x: Tensor, gpu: bool | None = None) -> bool:
+    """fp32 scores on TF32 tensor cores: as the official 1x1 conv (cuDNN) computes them, i.e.
+    when ``torch.backends.cudnn.allow_tf32`` is True (PyTorch's default); IEEE fp32 otherwise.
+    Never under the interpreter (which has no TF32)."""
+    gpu = x.is_cuda if gpu is None else gpu
+    return x.dtype == torch.float32 and gpu and bool(torch.backends.cudnn.allow_tf32)
+
+
+def _dtypes(x: Tensor, gpu: bool) -> dict:
+    """Dtype constexprs of the kernels for x; ``gpu`` False means the interpreter's choices."""
     import triton.language as tl
 
     acc = tl.float64 if x.dtype == torch.float64 else tl.float32
     # The interpreter's tl.dot is wrong on bf16 operands: products go through fp32 there.
-    dot = {torch.float16: tl.float16, torch.bfloat16: tl.float32 if INTERPRET else tl.bfloat16,
+    dot = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16 if gpu else tl.float32,
            torch.float32: tl.float32, torch.float64: tl.float64}[x.dtype]
-    tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and x.is_cuda
-    return dict(ACC=acc, DOT=dot, PRECISION="tf32" if tf32 else "ieee",
-                EMU_BF16=INTERPRET and x.dtype == torch.bfloat16)
+    return dict(ACC=acc, DOT=dot, PRECISION="tf32" if tf32_enabled(x, gpu) else "ieee",
+                EMU_BF16=not gpu and x.dtype == torch.bfloat16)
 
 
-def _launch_kw(x: Tensor, cfg: tuning.Config, H: int) -> dict:
-    kw = dict(HP=tuning.pow2(H), BC=cfg.BC, BN=cfg.BN, BD=cfg.BD, **_dtypes(x))
-    if x.is_cuda:
-        kw.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return kw
+class Call(NamedTuple):
+    """One kernel launch: ``kernel[grid](*args, **constexprs, num_warps=.., num_stages=..)``.
+    The compile report (compiled.py) compiles exactly these for a GPU that is not there."""
+    kernel: object
+    grid: tuple
+    args: tuple
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+
+    def run(self):
+        """Launches (on CUDA with the config's warps and stages; the interpreter takes none)."""
+        x = self.args[0]
+        kw = dict(self.constexprs)
+        if x.is_cuda:
+            kw.update(num_warps=self.num_warps, num_stages=self.num_stages)
+        with _device_guard(x):
+            return self.kernel[self.grid](*self.args, **kw)
+
+
+def _gpu(x: Tensor, gpu: bool | None) -> bool:
+    return (not INTERPRET) if gpu is None else gpu
+
+
+def pow2_divisor(v: int, cap: int) -> int:
+    """The largest power of two dividing ``v``, at most ``cap`` (``cap`` for v == 0)."""
+    v = abs(int(v))
+    return cap if v == 0 else min(cap, v & -v)
+
+
+def _tile_kw(x: Tensor, cfg: tuning.Config, H: int, C: int, D: int, gpu: bool) -> dict:
+    # Alignment (in elements, up to 16 bytes) of x's channel and position strides and of the
+    # dS' workspace rows (N): lets the kernels load x and store dS' in vectors (kernels._aligned).
+    vec = max(1, 16 // x.element_size())
+    return dict(HP=tuning.pow2(H), BC=cfg.BC, BN=cfg.BN, BD=cfg.BD,
+                CB_MAJOR=cb_major(H, C, D, x.element_size()), EVEN_D=D % cfg.BD == 0,
+                ONE_TILE=x.shape[2] <= cfg.BN, XA_D=pow2_divisor(x.stride(1), vec),
+                XA_N=pow2_divisor(x.stride(2), vec), XA_P=pow2_divisor(x.shape[2], vec),
+                **_dtypes(x, gpu))
+
+
+def cb_major(H: int, C: int, D: int, itemsize: int) -> bool:
+    """Class-block-major launch order for weights beyond ``CB_MAJOR_BYTES`` (see kernels.py)."""
+    return H * C * D * itemsize > CB_MAJOR_BYTES
+
+
+PREP_ROWS = 32
+PREP_WARPS = 4
+
+
+def _grid(B: int, n_cb: int, H: int, C: int, D: int, x: Tensor) -> tuple:
+    """(n_cb, B), or (B, n_cb) in class-block-major order (see kernels.py, "Launch order")."""
+    return (B, n_cb) if cb_major(H, C, D, x.element_size()) else (n_cb, B)
+
+
+def prep_call(x: Tensor, weight: Tensor, normalize: bool, w_op: Tensor, inv_n: Tensor,
+              gpu: bool | None = None) -> Call:
+    from .kernels import csra_prep_kernel
+
+    H, C, D = weight.shape
+    R = H * C
+    d = _dtypes(x, _gpu(x, gpu))
+    return Call(csra_prep_kernel, (triton_cdiv(R, PREP_ROWS),),
+                (weight, *weight.stride(), w_op, inv_n, R, C, D),
+                dict(NORMALIZE=bool(normalize), BR=PREP_ROWS, BD=min(128, tuning.pow2(max(D, 16))),
+                     ACC=d["ACC"], EMU_BF16=d["EMU_BF16"]), PREP_WARPS, 2)
+
+
+def fwd_call(x, w_op, inv_n, temps, lam, outs, cfg, H, gpu: bool | None = None) -> Call:
+    from .kernels import csra_fwd_kernel
+
+    B, D, N = x.shape
+    C = inv_n.shape[-1]
+    y, m, l, att, amax, _ = outs
+    n_cb = triton_cdiv(C, cfg.BC)
+    return Call(csra_fwd_kernel, _grid(B, n_cb, H, C, D, x),
+                (x, *x.stride(), w_op, inv_n, temps, y, *y.stride(), m, l, att, amax,
+                 B, H, C, D, N, n_cb, float(lam), 1.0 / N),
+                _tile_kw(x, cfg, H, C, D, _gpu(x, gpu)), cfg.num_warps, cfg.num_stages)
+
+
+def ds_call(x, w_op, inv_n, temps, grad_y, state, lam, c0, c1, out, cfg, H,
+            gpu: bool | None = None) -> Call:
+    from .kernels import csra_bwd_ds_kernel
+
+    B, D, N = x.shape
+    C = inv_n.shape[-1]
+    m, l, att, amax = state
+    n_cb = triton_cdiv(c1 - c0, cfg.BC)
+    return Call(csra_bwd_ds_kernel, _grid(B, n_cb, H, C, D, x),
+                (x, *x.stride(), w_op, inv_n, temps, grad_y, *grad_y.stride(),
+                 m, l, att, amax, out, B, H, C, D, N, c0, c1 - c0, n_cb, float(lam), 1.0 / N),
+                _tile_kw(x, cfg, H, C, D, _gpu(x, gpu)), cfg.num_warps, cfg.num_stages)
 
 
 def _bench_ms(fn) -> float:
@@ -139,26 +245,97 @@ def fwd_outputs(x: Tensor, H: int, C: int, new=_new) -> tuple:
             new((B, H, C), torch.int32, x.device), new((H, C), acc, x.device))
 
 
-def fwd_bench(x: Tensor, weight: Tensor, temps: Tensor, outs: tuple):
-    """cfg -> median ms of one forward launch with that config (for tuning)."""
-    return lambda cfg: _bench_ms(lambda: _fwd_launch(x, weight, temps, 0.1, True, outs, cfg))
+def prep_weight(x: Tensor, weight: Tensor, normalize: bool, inv_n: Tensor | None = None,
+                new=_new) -> tuple[Tensor, Tensor]:
+    """(w_op (H*C, D) in x's dtype, inv_n (H, C)): the weight rounded to the operand dtype and
+    its inverse row norms, once per call (one launch; ``inv_n`` is written in place if given)."""
+    H, C, D = weight.shape
+    w_op = new((H * C, D), x.dtype, x.device)
+    if inv_n is None:
+        inv_n = new((H, C), acc_dtype(x.dtype), x.device)
+    prep_call(x, weight, normalize, w_op, inv_n).run()
+    return w_op, inv_n
 
 
-def ds_bench(x, weight, temps, grad_y, state, chunk: int, ws: Tensor):
-    """cfg -> median ms of the dS kernel on the first class chunk (for tuning)."""
-    B, _, N = x.shape
+def _rel_err(got: Tensor, want: Tensor) -> float:
+    from .benchmark import rel_err   # ||got - want|| / ||want||, inf if got is not finite
+
+    return rel_err(got, want)
+
+
+#: A tuning candidate whose output is further than this from float64 is dropped (fp32 under
+#: TF32 and bf16 operands land near 1e-3; a wrong tile lands near 1).
+TUNE_TOL = {torch.float64: 1e-9, torch.float32: 1e-2, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+
+
+class ConfigRejected(RuntimeError):
+    """A tuning candidate that spills registers or computes something else (see tuning.sweep)."""
+
+
+def _checked(launch, check):
+    """Bench closure body: launch once, reject spills and wrong outputs, then time."""
+    def bench(cfg):
+        kernel = launch(cfg)
+        spills = getattr(kernel, "n_spills", 0) or 0
+        if spills:
+            raise ConfigRejected(f"spills {spills} registers")
+        err = check()
+        if err is not None:
+            raise ConfigRejected(f"output differs from float64 by {err:.1e}")
+        return _bench_ms(lambda: launch(cfg))
+    return bench
+
+
+def fwd_bench(x: Tensor, weight: Tensor, temps: Tensor, outs: tuple, lam: float = 0.1):
+    """cfg -> median ms of one forward launch with that config (for tuning), after checking its
+    output once against float64 and its compiled form for spills."""
     H, C, _ = weight.shape
+    w_op, inv_n = prep_weight(x, weight, True, outs[5])
+    ref = y64(x, w_op.view(H, C, -1), inv_n, temps, lam)
+
+    def check():
+        err = _rel_err(outs[0], ref)
+        return err if err > TUNE_TOL[x.dtype] else None
+
+    return _checked(lambda cfg: _fwd_launch(x, w_op, inv_n, temps, lam, outs, cfg, H), check)
+
+
+def y64(x: Tensor, w_op: Tensor, inv_n: Tensor, temps: Tensor, lam: float) -> Tensor:
+    """float64 forward on the kernels' own operands, s = inv_n * (w_op . x) (tuning checks)."""
+    s = torch.einsum("hcd,bdn->bhcn", w_op.double(), x.double()) * inv_n.double()[..., None]
+    t = temps.double().view(1, -1, 1, 1)
+    is_max = torch.isinf(t)
+    soft = (torch.softmax(s * torch.where(is_max, 1.0, t), -1) * s).sum(-1)
+    att = torch.where(is_max[..., 0], s.amax(-1), soft)
+    return (s.mean(-1) + lam * att).sum(1)
+
+
+def ds_bench(x, w_op, inv_n, temps, grad_y, state, chunk: int, ws: Tensor, lam: float = 0.1):
+    """cfg -> median ms of the dS kernel on the first class chunk (for tuning), after checking
+    its output once against the default config's and its compiled form for spills."""
+    B, _, N = x.shape
+    H, C = inv_n.shape
     c1 = min(C, chunk)
     out = ws[: H * c1 * B * N].view(H, c1, B, N)
-    return lambda cfg: _bench_ms(lambda: _ds_launch(x, weight, temps, grad_y, state, 0.1, 0, c1,
-                                                    out, cfg))
+    launch = lambda cfg: _ds_launch(x, w_op, inv_n, temps, grad_y, state, lam, 0, c1, out, cfg, H)
+    ref = None
+
+    def check():
+        nonlocal ref
+        if ref is None:   # the first candidate is the default config (config_space's order)
+            ref = out.double().clone()
+            return None
+        err = _rel_err(out, ref)
+        return err if err > TUNE_TOL[x.dtype] else None
+
+    return _checked(launch, check)
 
 
 def fwd_config(x: Tensor, H: int, C: int, D: int, N: int) -> tuning.Config:
     """The forward's launch config (tiles shared with the backward); tunes if asked to."""
     def bench(cfg):
-        w, t = torch.randn(H, C, D, device=x.device), torch.ones(H, device=x.device)
-        return fwd_bench(x, w, t, fwd_outputs(x, H, C, torch.empty))(cfg)
+        w, t = torch.randn(H, C, D, device=x.device), _temps_tensor([1.0] * H, x.device)
+        return fwd_bench(x, w, t, fwd_outputs(x, H, C, empty))(cfg)
 
     return tuning.choose("fwd", H, C, D, N, x, bench)
 
@@ -168,30 +345,12 @@ def bwd_config(x: Tensor, H: int, C: int, D: int, N: int, fwd: tuning.Config,
     return tuning.choose("bwd", H, C, D, N, x, bench, tiles=fwd.tiles())
 
 
-def _fwd_launch(x, weight, temps, lam, normalize, outs, cfg):
-    from .kernels import csra_fwd_kernel
-
-    B, D, N = x.shape
-    H, C, _ = weight.shape
-    y, m, l, att, amax, inv_n = outs
-    with _device_guard(x):
-        csra_fwd_kernel[(B, triton_cdiv(C, cfg.BC))](
-            x, *x.stride(), weight, *weight.stride(), temps, y, *y.stride(),
-            m, l, att, amax, inv_n, H, C, D, N, float(lam), 1.0 / N,
-            NORMALIZE=bool(normalize), **_launch_kw(x, cfg, H))
+def _fwd_launch(x, w_op, inv_n, temps, lam, outs, cfg, H):
+    return fwd_call(x, w_op, inv_n, temps, lam, outs, cfg, H).run()
 
 
-def _ds_launch(x, weight, temps, grad_y, state, lam, c0, c1, out, cfg):
-    from .kernels import csra_bwd_ds_kernel
-
-    B, D, N = x.shape
-    H, C, _ = weight.shape
-    m, l, att, amax, inv_n = state
-    with _device_guard(x):
-        csra_bwd_ds_kernel[(B, triton_cdiv(c1 - c0, cfg.BC))](
-            x, *x.stride(), weight, *weight.stride(), temps, grad_y, *grad_y.stride(),
-            m, l, att, amax, inv_n, out, B, H, C, D, N, c0, c1 - c0, float(lam), 1.0 / N,
-            **_launch_kw(x, cfg, H))
+def _ds_launch(x, w_op, inv_n, temps, grad_y, state, lam, c0, c1, out, cfg, H):
+    return ds_call(x, w_op, inv_n, temps, grad_y, state, lam, c0, c1, out, cfg, H).run()
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -220,8 +379,9 @@ def csra_fwd(x: Tensor, weight: Tensor, temperatures: list[float], lam: float,
         return fallback.fwd(x, weight, temps, lam, normalize, _torch_chunk(H, C, D, B, N),
                             fwd_outputs(x, H, C))
     outs = fwd_outputs(x, H, C)
-    _fwd_launch(x, weight, _temps_tensor(temperatures, x.device), lam, normalize, outs,
-                fwd_config(x, H, C, D, N))
+    w_op, _ = prep_weight(x, weight, normalize, outs[5])
+    _fwd_launch(x, w_op, outs[5], _temps_tensor(temperatures, x.device), lam, outs,
+                fwd_config(x, H, C, D, N), H)
     return outs
 
 
@@ -253,16 +413,19 @@ def csra_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, m: Tensor, l: Tensor, at
     # (B*N, D) view of x for G = dS' x^T; a copy only when x's channels are not innermost.
     x_t = x.transpose(1, 2).reshape(B * N, D).to(gemm)
     G = _new((H, C, D), gemm, x.device)
-    state = (m, l, att, amax, inv_n)
+    state = (m, l, att, amax)
     if use_torch:
         chunk = _torch_chunk(H, C, D, B, N)
+        w_gemm = weight.to(x.dtype).to(gemm)
     else:  # the forward's tiles (so that its scores are recomputed exactly), chunks of whole tiles
         fwd_cfg = fwd_config(x, H, C, D, N)
         chunk = _chunk(H, C, B, N, fwd_cfg.BC)
+        w_op, _ = prep_weight(x, weight, normalize)           # as in the forward, bit for bit
+        w_gemm = w_op.view(H, C, D)
     ws = _new((H * chunk * B * N,), gemm, x.device)
     if not use_torch:
         bwd_cfg = bwd_config(x, H, C, D, N, fwd_cfg,
-                             ds_bench(x, weight, temps, grad_y, state, chunk, ws))
+                             ds_bench(x, w_op, inv_n, temps, grad_y, state, chunk, ws, lam))
     grad_x = None
     for c0 in range(0, C, chunk):
         c1 = min(C, c0 + chunk)
@@ -271,10 +434,10 @@ def csra_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, m: Tensor, l: Tensor, at
         if use_torch:
             fallback.ds_chunk(x, weight, temps, grad_y, m, l, att, amax, inv_n, lam, c0, c1, ds)
         else:
-            _ds_launch(x, weight, temps, grad_y, state, lam, c0, c1, ds, bwd_cfg)
+            _ds_launch(x, w_op, inv_n, temps, grad_y, state, lam, c0, c1, ds, bwd_cfg, H)
         ds2 = ds.view(rows, B * N)
         G[:, c0:c1] = (ds2 @ x_t).view(H, c1 - c0, D)
-        w_c = weight[:, c0:c1].to(x.dtype).to(gemm).reshape(rows, D)
+        w_c = w_gemm[:, c0:c1].reshape(rows, D)
         dx_c = torch.matmul(w_c.t(), ds.view(rows, B, N).transpose(0, 1))  # (B, D, N)
         grad_x = dx_c if grad_x is None else grad_x.add_(dx_c)
     grad_x = grad_x.to(x.dtype)

@@ -50,53 +50,77 @@ def pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def default_config(H: int, C: int, D: int, N: int) -> Config:
-    """The untuned choice: 64-row tiles (all heads of 64/HP classes), 64 positions, 64 channels."""
+def default_config(H: int, C: int, D: int, N: int, itemsize: int = 2, cc: int = 9) -> Config:
+    """The untuned choice; each DESIGN shape's is spill-free on its arch (see the ``inspect``
+    command and tests/test_compiled.py). ``cc``: the GPU's compute capability major (9: Hopper).
+
+    * rows (HP*BC, all heads of BC classes): on Hopper 128 when the heads' classes fill more
+      than 64 rows, else 64 (the smallest wgmma tile, so H=1 with 20 classes still runs on
+      wgmma); before Hopper 64 (128-row tiles spill there);
+    * positions: every position of a batch element in one tile (BN = next power of two of N, at
+      least 32) up to 256, so that the softmax is a single exact pass; beyond 256, tiles of 128
+      with an online softmax (256-position tiles spill in its loop);
+    * channels per step: 64 for 16-bit operands, 32 for fp32 (TF32; shared memory), 16 for fp64;
+    * 8 warps (two warpgroups) for tiles of 64 x 128 and more, else 4; 3 pipeline stages.
+
+    fp64 (gradcheck only) uses small tiles: 16 rows, 32 positions, 16 channels."""
     hp = pow2(H)
-    bc = max(min(max(1, 64 // hp), pow2(C)), -(-16 // hp))
-    return Config(bc, min(64, max(16, pow2(N))), min(64, max(16, pow2(D))), 4, 2)
+    if itemsize >= 8:
+        return Config(max(1, 16 // hp), 32, 16, 4, 1)
+    rows = 128 if hp * C > 64 and cc >= 9 else 64
+    bc = max(1, rows // hp)
+    bn = max(32, pow2(N)) if N <= 256 else 128
+    bd = min(64 if itemsize <= 2 else 32, max(16, pow2(D)))
+    return Config(bc, bn, bd, default_warps(hp * bc, bn), 3)
+
+
+def default_warps(rows: int, bn: int) -> int:
+    return 8 if rows * bn >= 64 * 128 else 4
 
 
 def is_valid(cfg: Config, H: int, C: int, D: int, N: int, itemsize: int = 2) -> bool:
-    """The pruning rules: tl.dot needs >= 16 rows, positions and channels; no tile dimension
-    larger than the problem needs (next power of two, or the 16-row minimum), and none of 16
-    where the problem is larger; register and shared-memory budgets of a Hopper SM."""
+    """The pruning rules: tl.dot needs >= 16 rows, channels and positions per half-tile (BN/2);
+    no tile dimension much larger than the problem needs; register and shared-memory budgets of
+    a Hopper SM. (Spilling configs are dropped on top of this by the compile report's cache and
+    by the sweep itself, see :func:`sweep`.)"""
     hp = pow2(H)
     rows = hp * cfg.BC
     checks = [
         all(v & (v - 1) == 0 for v in (cfg.BC, cfg.BN, cfg.BD)),
-        rows >= 16 and cfg.BN >= 16 and cfg.BD >= 16,
-        cfg.BC <= max(pow2(C), -(-16 // hp)),             # no class block beyond what is needed
-        cfg.BN <= max(16, pow2(N)),                       # no position block beyond pow2(N)
+        rows >= 16 and cfg.BN >= 32 and cfg.BD >= 16,
+        rows <= 128 or cfg.BC == 1,                       # more rows only where H itself needs them
+        cfg.BC <= max(pow2(C), 64 // hp, 1),              # no class block beyond what is needed
+        cfg.BN <= max(32, pow2(N)),                       # no position block beyond pow2(N)
+        cfg.BN <= 256,
         cfg.BD <= max(16, pow2(D)),
-        rows * cfg.BN <= 64 * 128,                        # fp32 accumulator in registers
-        # 16-wide tiles only where the problem is that small (they waste the MMA shapes)
-        rows > 16 or hp * pow2(C) <= 16,
-        cfg.BN > 16 or N <= 16,
-        cfg.BD > 16 or D <= 16,
+        rows * cfg.BN <= 128 * 256,                       # fp32 accumulators in registers
         (rows + cfg.BN) * cfg.BD * itemsize * cfg.num_stages <= 200 * 1024,   # shared memory
-        cfg.num_warps in (2, 4, 8) and cfg.num_stages in (1, 2, 3, 4),
+        cfg.num_warps in (4, 8) and cfg.num_stages in (1, 2, 3, 4),
     ]
     return all(checks)
 
 
 def config_space(kernel: str, H: int, C: int, D: int, N: int, itemsize: int = 2,
-                 tiles: tuple[int, int, int] | None = None) -> list[Config]:
-    """Every valid config for the shape, the default first. For ``bwd`` the tiles are fixed
-    (``tiles``: the forward's) and only warps and stages vary."""
+                 tiles: tuple[int, int, int] | None = None, cc: int = 9) -> list[Config]:
+    """Every valid config for the shape, the default (for compute capability ``cc``) first.
+    For ``bwd`` the tiles are fixed (``tiles``: the forward's) and only warps and stages vary."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    default = default_config(H, C, D, N)
+    default = default_config(H, C, D, N, itemsize, cc)
     hp = pow2(H)
     if kernel == "bwd":
         bc, bn, bd = tiles or default.tiles()
         grid = [(bc, bn, bd, w, s) for w in (4, 8) for s in (2, 3, 4)]
     else:
-        bcs = sorted({max(1, r // hp) for r in (16, 32, 64, 128)})
-        grid = itertools.product(bcs, (16, 32, 64, 128), (16, 32, 64, 128), (4, 8), (2, 3))
+        bcs = sorted({max(1, r // hp) for r in (64, 128)})
+        grid = itertools.product(bcs, (32, 64, 128, 256), (32, 64, 128), (4, 8), (2, 3, 4))
     out = [Config(*g) for g in grid]
     out = [c for c in out if is_valid(c, H, C, D, N, itemsize)]
-    base = default if kernel == "fwd" else Config(*(tiles or default.tiles()), 4, 2)
+    if kernel == "fwd":
+        base = default
+    else:
+        bc, bn, bd = tiles or default.tiles()
+        base = Config(bc, bn, bd, default_warps(hp * bc, bn), default.num_stages)
     return [base] + [c for c in out if c != base]
 
 
@@ -173,7 +197,8 @@ def choose(kernel: str, H: int, C: int, D: int, N: int, x: torch.Tensor, bench=N
     key = make_key(kernel, H, C, D, N, x.dtype)
     if key in _memory:
         return _memory[key]
-    fallback = config_space(kernel, H, C, D, N, x.element_size(), tiles)[0]
+    cc = torch.cuda.get_device_capability(x.device)[0] if x.is_cuda else 9
+    fallback = config_space(kernel, H, C, D, N, x.element_size(), tiles, cc)[0]
     if not x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         return fallback          # one valid config; nothing is benchmarked without a GPU
     env = environment(x.device)
@@ -185,16 +210,45 @@ def choose(kernel: str, H: int, C: int, D: int, N: int, x: torch.Tensor, bench=N
         return cfg
     cfg = fallback
     if bench is not None and os.environ.get("CSRA_TRITON_AUTOTUNE", "0") not in ("", "0"):
-        results = sweep(config_space(kernel, H, C, D, N, x.element_size(), tiles), bench)
+        from .benchmark import Shape
+
+        space, known = drop_known_spills(
+            config_space(kernel, H, C, D, N, x.element_size(), tiles, cc), kernel,
+            Shape("autotune", x.shape[0], D, 1, N, C, H, str(x.dtype).replace("torch.", "")),
+            x.dtype, cc)
+        rejected = [(c, "spills (compile report cache)") for c in known]
+        results = sweep(space, bench, rejected=rejected)
+        for bad, why in rejected:
+            print(f"csra_triton autotune {key}: dropped {bad.label()}: {why}")
         cfg, ms = results[0]
         save_choice(key, cfg, ms, env)
     _memory[key] = cfg
     return cfg
 
 
-def sweep(configs: list[Config], bench, budget_s: float | None = None) -> list[tuple]:
-    """[(config, median ms)] fastest first; configs that fail to compile or run are dropped;
-    with ``budget_s`` the sweep stops starting new configs once the budget is spent."""
+def drop_known_spills(space: list[Config], kernel: str, shape, dtype: torch.dtype, cc: int):
+    """(space without the configs that the compile report's cache says spill on this arch,
+    those configs); the default config always stays (it is the reference of the sweep)."""
+    try:
+        from . import compiled
+    except ImportError:          # pragma: no cover - compiled imports nothing optional
+        return space, []
+    arch = "sm_90a" if cc >= 9 else "sm_80"
+    name = "ds" if kernel == "bwd" else "fwd"
+    keep, known = space[:1], []
+    for cfg in space[1:]:
+        spill = compiled.spills(name, arch, shape, dtype, cfg) if arch in compiled.ARCHS else None
+        (known if spill else keep).append(cfg)
+    return keep, known
+
+
+def sweep(configs: list[Config], bench, budget_s: float | None = None,
+          rejected: list | None = None) -> list[tuple]:
+    """[(config, median ms)] fastest first. ``bench(cfg)`` launches a candidate once, checks
+    its output against float64 and its compiled form for register spills (``ops._checked``),
+    then times it; a candidate that fails any of this is dropped and, with ``rejected`` given,
+    appended there as ``(config, reason)``: a fast config that computes something else never
+    wins. With ``budget_s`` the sweep stops starting new configs once the budget is spent."""
     import time
 
     t0 = time.monotonic()
@@ -204,6 +258,9 @@ def sweep(configs: list[Config], bench, budget_s: float | None = None) -> list[t
             break
         try:
             results.append((cfg, float(bench(cfg))))
-        except Exception:  # noqa: BLE001 - e.g. out of shared memory for this config
-            continue
+        except Exception as exc:  # noqa: BLE001 - out of shared memory, spills, wrong output
+            if rejected is not None:
+                rejected.append((cfg, f"{type(exc).__name__}: {exc}"[:200]))
+    if not results:
+        raise RuntimeError(f"no config passed: {rejected}")
     return sorted(results, key=lambda r: r[1])

@@ -1,5 +1,14 @@
-"""Poisons every output (the root conftest.py has already chosen the interpreter without a GPU)."""
+"""Poisons every output (the root conftest.py has already chosen the interpreter without a GPU)
+and fixes the randomness, so that CI gives the same verdict on every run of a commit:
+
+* torch's seed is derived from the test's id (stable across runs and machines); set
+  ``CSRA_TRITON_RANDOM=1`` for a fresh seed per test (printed on failure, to reproduce with
+  ``CSRA_TRITON_SEED=<seed>``);
+* hypothesis runs derandomized in the default ``ci`` profile (200 examples) and in ``gpu-check``;
+  ``HYPOTHESIS_PROFILE=long`` draws 5,000 fresh examples.
+"""
 import os
+import zlib
 
 import pytest
 import torch
@@ -8,16 +17,22 @@ from hypothesis import HealthCheck, settings
 import csra_triton.ops as ops
 from helpers import WORST
 
+RANDOM = os.environ.get("CSRA_TRITON_RANDOM", "0") not in ("", "0")
 settings.register_profile("ci", max_examples=200, deadline=None, print_blob=True,
-                          suppress_health_check=[HealthCheck.too_slow])
+                          derandomize=not RANDOM, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("long", max_examples=5000, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("gpu-check", max_examples=25, deadline=None, print_blob=True,
+                          derandomize=not RANDOM,
                           suppress_health_check=[HealthCheck.too_slow])  # bench/gpu_check.sh
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 ops.POISON = True
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# fp32 scores follow torch.backends.cudnn.allow_tf32 (TF32 by default, like the official conv);
+# the fp32 tolerances of the tests are IEEE fp32's, so the suite runs with the flag off and
+# tests/test_forward.py::test_tf32_follows_cudnn_flag covers the TF32 path.
+torch.backends.cudnn.allow_tf32 = False
 
 
 @pytest.fixture
@@ -34,9 +49,15 @@ def backend(request):
 
 
 @pytest.fixture(autouse=True)
-def _fresh_seed(request):
-    # Fresh random inputs on every run, but reproducible from the printed seed on failure.
-    seed = int.from_bytes(os.urandom(4), "little")
+def _seed(request):
+    """A fixed seed per test (its id's CRC32) unless CSRA_TRITON_RANDOM=1; CSRA_TRITON_SEED
+    forces one (to reproduce a printed seed)."""
+    if os.environ.get("CSRA_TRITON_SEED"):
+        seed = int(os.environ["CSRA_TRITON_SEED"])
+    elif RANDOM:
+        seed = int.from_bytes(os.urandom(4), "little")
+    else:
+        seed = zlib.crc32(request.node.nodeid.encode())
     torch.manual_seed(seed)
     request.node.user_properties.append(("seed", seed))
     yield

@@ -95,12 +95,21 @@ def test_weight_only_and_x_only(backend, device):
 
 def test_large_temperature_grads(backend, device):
     """T up to 100 with |s| ~ 100 (T*s ~ 1e4). Saving a log-sum-exp in fp32 would shift every
-    softmax weight by up to an ulp of 1e4 (~1e-3); the saved max and sum keep the weight of the
-    maximum exact. What remains is the problem's conditioning, T*|s|*eps_fp32 on small weights:
-    over 15 seeds the worst error was 1.3e-5 on both backends."""
+    softmax weight by up to an ulp of 1e4 (~1e-3; the CPU fallback's grads were off by 1.9e-2
+    that way); the saved max and sum make the forward and backward use one shift.
+
+    What remains is the problem's conditioning: one fp32 rounding of a score s moves its
+    softmax weight by T * |s| * eps_fp32 relative (T*(s - att) amplifies it in the gradient),
+    so that is the tolerance: ~2e-3 at these sizes, 10x below the lse failure. Typical errors
+    are 1e-6; the worst over seeds 0-199 (fallback) and 0-59 (kernels) was 2.3e-4 = 7.6% of
+    the tolerance, on both backends alike (seed 42; seed 10105895 gave 1.6e-4 through a T=50
+    class whose top two scores were 8/T apart, so that the second weight carries the rounding)."""
     x = (torch.randn(2, 16, 7, 7, device=device) * 30).requires_grad_()
     weight = torch.randn(4, 5, 16, device=device, requires_grad=True)
     temps, g = [50.0, 100.0, 2.0, INF], torch.randn(2, 5, device=device)
     csra_triton.csra(x, weight, temps, 1.0, normalize=False).backward(g)
     y, dx, dw = ref64(x, weight, temps, 1.0, False, grad=g)
-    assert rel_err(x.grad, dx) <= 1e-4 and rel_err(weight.grad, dw) <= 1e-4
+    s_max = torch.einsum("hcd,bdn->bhcn", weight.detach().double(),
+                         x.detach().double().flatten(2)).abs().max().item()
+    tol = 100.0 * s_max * 2.0 ** -24
+    assert rel_err(x.grad, dx) <= tol and rel_err(weight.grad, dw) <= tol

@@ -91,3 +91,27 @@ def test_backends_agree(device):
     with csra_triton.use_backend("torch"):
         b = csra_triton.csra(x, weight, temps, 0.3)
     assert rel_err(a, b) <= 1e-6
+
+
+def test_tf32_follows_cudnn_flag(device):
+    """fp32 scores use TF32 tensor cores exactly when torch.backends.cudnn.allow_tf32 is True
+    (as the official 1x1 conv does; PyTorch's default), IEEE fp32 otherwise. TF32 keeps 10
+    mantissa bits: ~1e-3 relative error against float64, where IEEE fp32 gives ~1e-7. The
+    interpreter (CPU) has no TF32, so there the flag changes nothing."""
+    x, weight = _inputs(4, 256, 7, 7, 4, 20, torch.float32, device)
+    temps = OFFICIAL_TEMPERATURES[4]
+    ref = ref64(x, weight, temps, 0.1)
+    errs = {}
+    old = torch.backends.cudnn.allow_tf32
+    try:
+        for flag in (False, True):
+            torch.backends.cudnn.allow_tf32 = flag
+            with csra_triton.use_backend("triton"):
+                errs[flag] = rel_err(csra_triton.csra(x, weight, temps, 0.1), ref)
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+    assert errs[False] <= 1e-5
+    if device == "cuda":
+        assert 1e-5 < errs[True] <= 5e-3, errs
+    else:
+        assert errs[True] == errs[False]

@@ -80,18 +80,18 @@ def test_tune_headline_forward(benchmark, cfg, device):
     x3, w = b.xs[0].flatten(2), b.weight0
     H, C = shape.heads, shape.C
     outs = ops.fwd_outputs(x3, H, C, ops.empty)
-    temps = ops._temps_tensor(bm.temperatures(H), device)
+    params = ops.params_tensor(bm.temperatures(H), 0.1, ops.acc_dtype(x3.dtype), device)
     w_op, inv_n = ops.prep_weight(x3, w, True, outs[5])
 
     # Checked once before timing, as every tuning sweep does: no spills, output == float64.
-    kernel = ops._fwd_launch(x3, w_op, inv_n, temps, 0.1, outs, cfg, H)
+    kernel = ops._fwd_launch(x3, w_op, inv_n, params, outs, cfg, H)
     if getattr(kernel, "n_spills", 0):
         pytest.skip(f"rejected: {kernel.n_spills} spilled registers")
-    err = bm.rel_err(outs[0], ops.y64(x3, w_op.view(H, C, -1), inv_n, temps, 0.1))
+    err = bm.rel_err(outs[0], ops.y64(x3, w_op.view(H, C, -1), inv_n, params))
     assert err <= ops.TUNE_TOL[x3.dtype], f"config computes something else: rel err {err:.1e}"
 
     def run():
-        ops._fwd_launch(x3, w_op, inv_n, temps, 0.1, outs, cfg, H)
+        ops._fwd_launch(x3, w_op, inv_n, params, outs, cfg, H)
         bm.sync(device)
 
     benchmark.group = "tune coco-r101-448 fwd"

@@ -424,7 +424,9 @@ def e2e_rows(device: torch.device, budget_s: float | None = None, **over) -> lis
             g = torch.randn(B, C, generator=gen).to(device, feats.dtype)
 
             def head_step():
-                head(feats).backward(g)
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    y = head(feats)
+                y.backward(g.to(y.dtype))
                 feats.grad = None
                 head.zero_grad(set_to_none=True)
 

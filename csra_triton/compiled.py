@@ -117,17 +117,17 @@ def _calls(shape: Shape, dtype: torch.dtype, cfg: tuning.Config, kernels=KERNELS
     w_op = torch.empty(H * C, D, dtype=dtype)
     outs = ops.fwd_outputs(x, H, C, ops.empty)
     inv_n = outs[5]
-    temps = torch.empty(H, dtype=torch.float32)
+    params = torch.empty(H + 2, dtype=ops.acc_dtype(dtype))
     out = {}
     if "prep" in kernels:
         out["prep"] = ops.prep_call(x, weight, True, w_op, inv_n, gpu=True)
     if "fwd" in kernels:
-        out["fwd"] = ops.fwd_call(x, w_op, inv_n, temps, 0.1, outs, cfg, H, gpu=True)
+        out["fwd"] = ops.fwd_call(x, w_op, inv_n, params, outs, cfg, H, gpu=True)
     if "ds" in kernels:
         chunk = ops._chunk(H, C, B, N, cfg.BC)
         ws = torch.empty(H, chunk, B, N, dtype=dtype)
         g = torch.empty(B, C, dtype=dtype)
-        out["ds"] = ops.ds_call(x, w_op, inv_n, temps, g, outs[1:5], 0.1, 0, chunk, ws, cfg, H,
+        out["ds"] = ops.ds_call(x, w_op, inv_n, params, g, outs[1:5], 0, chunk, ws, cfg, H,
                                 gpu=True)
     return out
 

@@ -50,7 +50,6 @@ from . import _compat
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     _compat.patch_interpreter()
 
-LOG2E = 1.4426950408889634
 BIG = tl.constexpr(2147483647)  # int32 max: "no position" in the argmax reduction
 
 
@@ -114,7 +113,7 @@ def csra_prep_kernel(
 
 
 @triton.jit
-def _program_rows(t_ptr, invn_ptr, H, C, B, n_cb, c_start, c_stop,
+def _program_rows(p_ptr, invn_ptr, H, C, B, n_cb, c_start, c_stop,
                   HP: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr, CB_MAJOR: tl.constexpr):
     """This program's batch element, class block and per-row indices, temperatures, norms."""
     if CB_MAJOR:  # grid (B, n_cb): the fastest-varying program index runs over batch elements
@@ -128,11 +127,13 @@ def _program_rows(t_ptr, invn_ptr, H, C, B, n_cb, c_start, c_stop,
     c = c_start + cb * BC + r % BC
     row_ok = (h < H) & (c < c_stop)
     hc = h * C + c                                          # row index into (H, C) and w_op
-    temp = tl.load(t_ptr + h, mask=h < H, other=1.0).to(ACC)
+    temp = tl.load(p_ptr + h, mask=h < H, other=1.0).to(ACC)
     is_max = temp == float("inf")
     t_fin = tl.where(is_max, 1.0, temp)                     # the temperature softmax rows use
     inv = tl.load(invn_ptr + hc, mask=row_ok, other=0.0).to(ACC)
-    return b.to(tl.int64), cb, c, row_ok, hc, is_max, t_fin, inv
+    lam = tl.load(p_ptr + H).to(ACC)
+    cz = inv * (t_fin * tl.load(p_ptr + H + 1).to(ACC))     # inv_n * T * log2(e)
+    return b.to(tl.int64), cb, c, row_ok, hc, is_max, t_fin, inv, lam, cz
 
 
 @triton.jit
@@ -197,10 +198,11 @@ def csra_fwd_kernel(
     x_ptr, stride_xb, stride_xd, stride_xn,      # x      (B, D, N), any strides, x.dtype
     wo_ptr,                                      # w_op   (H*C, D) contiguous, x.dtype (prep)
     invn_ptr,                                    # inv_n  (H*C,) contiguous, ACC (prep)
-    t_ptr,                                       # temps  (H,) contiguous fp32; inf = max head
+    p_ptr,                                       # params (H + 2,) contiguous ACC: the H
+                                                 #   temperatures (inf = max head), lam, log2(e)
     y_ptr, stride_yb, stride_yc,                 # y      (B, C) out, x.dtype
     m_ptr, l_ptr, att_ptr, amax_ptr,             # state  (B, H, C) contiguous: ACC x3, int32
-    B, H, C, D, N, n_cb, lam, inv_N,             # n_cb = cdiv(C, BC) class blocks
+    B, H, C, D, N, n_cb,                         # n_cb = cdiv(C, BC) class blocks
     HP: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     CB_MAJOR: tl.constexpr, EVEN_D: tl.constexpr, ONE_TILE: tl.constexpr,
@@ -209,9 +211,9 @@ def csra_fwd_kernel(
     """Grid (n_cb, B), or (B, n_cb) with CB_MAJOR (see "Launch order"). One pass over positions;
     per row: sum, max/argmax, online softmax."""
     HALF: tl.constexpr = BN // 2
-    b, cb, c, row_ok, hc, is_max, t_fin, inv = _program_rows(
-        t_ptr, invn_ptr, H, C, B, n_cb, 0, C, HP, BC, ACC, CB_MAJOR)
-    cz = inv * (t_fin * 1.4426950408889634)
+    b, cb, c, row_ok, hc, is_max, t_fin, inv, lam, cz = _program_rows(
+        p_ptr, invn_ptr, H, C, B, n_cb, 0, C, HP, BC, ACC, CB_MAJOR)
+    inv_N = 1.0 / N.to(ACC)
     x_b = x_ptr + b * stride_xb
     stride_xd = _aligned(stride_xd, XA_D)
     stride_xn = _aligned(stride_xn, XA_N)
@@ -278,11 +280,11 @@ def csra_bwd_ds_kernel(
     x_ptr, stride_xb, stride_xd, stride_xn,      # x      (B, D, N), any strides
     wo_ptr,                                      # w_op   (H*C, D) contiguous, x.dtype (prep)
     invn_ptr,                                    # inv_n  (H*C,) contiguous, from the forward
-    t_ptr,                                       # temps  (H,) contiguous fp32
+    p_ptr,                                       # params (H + 2,) contiguous ACC (as forward)
     g_ptr, stride_gb, stride_gc,                 # grad_y (B, C), any strides (stride 0 allowed)
     m_ptr, l_ptr, att_ptr, amax_ptr,             # state  (B, H, C) contiguous, from the forward
     ds_ptr,                                      # dS'    (H, n_chunk, B, N) contiguous out
-    B, H, C, D, N, c_start, n_chunk, n_cb, lam, inv_N,
+    B, H, C, D, N, c_start, n_chunk, n_cb,
     HP: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     CB_MAJOR: tl.constexpr, EVEN_D: tl.constexpr, ONE_TILE: tl.constexpr,
@@ -298,9 +300,9 @@ def csra_bwd_ds_kernel(
     """
     HALF: tl.constexpr = BN // 2
     c_stop = tl.minimum(c_start + n_chunk, C)
-    b, cb, c, row_ok, hc, is_max, t_fin, inv = _program_rows(
-        t_ptr, invn_ptr, H, C, B, n_cb, c_start, c_stop, HP, BC, ACC, CB_MAJOR)
-    cz = inv * (t_fin * 1.4426950408889634)
+    b, cb, c, row_ok, hc, is_max, t_fin, inv, lam, cz = _program_rows(
+        p_ptr, invn_ptr, H, C, B, n_cb, c_start, c_stop, HP, BC, ACC, CB_MAJOR)
+    inv_N = 1.0 / N.to(ACC)
     x_b = x_ptr + b * stride_xb
     stride_xd = _aligned(stride_xd, XA_D)
     stride_xn = _aligned(stride_xn, XA_N)

@@ -73,15 +73,20 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-_temps_cache: dict = {}
+_params_cache: dict = {}
 
 
-def _temps_tensor(temps: list[float], device: torch.device) -> Tensor:
-    """Device copy of the temperatures, cached so that replays (CUDA graphs) copy nothing."""
-    key = (tuple(temps), str(device))
-    t = _temps_cache.get(key)
+def params_tensor(temps: list[float], lam: float, dtype: torch.dtype,
+                  device: torch.device) -> Tensor:
+    """The kernels' scalar parameters as one (H + 2,) tensor in the accumulation dtype:
+    the temperatures (inf = max head), lam and log2(e). Kernel float arguments would be fp32;
+    a tensor keeps them exact for fp64 inputs. Cached, so that replays (CUDA graphs) copy
+    nothing from the host."""
+    key = (tuple(temps), float(lam), dtype, str(device))
+    t = _params_cache.get(key)
     if t is None:
-        t = _temps_cache[key] = torch.tensor(temps, dtype=torch.float32, device=device)
+        t = _params_cache[key] = torch.tensor([*temps, lam, math.log2(math.e)], dtype=dtype,
+                                              device=device)
     return t
 
 
@@ -182,7 +187,7 @@ def cb_major(H: int, C: int, D: int, itemsize: int) -> bool:
     return H * C * D * itemsize > CB_MAJOR_BYTES
 
 
-PREP_ROWS = 32
+PREP_ROWS = 8       # rows per prep program: 40 programs for 320 rows (10 took 22 µs on an H200)
 PREP_WARPS = 4
 
 
@@ -200,11 +205,11 @@ def prep_call(x: Tensor, weight: Tensor, normalize: bool, w_op: Tensor, inv_n: T
     d = _dtypes(x, _gpu(x, gpu))
     return Call(csra_prep_kernel, (triton_cdiv(R, PREP_ROWS),),
                 (weight, *weight.stride(), w_op, inv_n, R, C, D),
-                dict(NORMALIZE=bool(normalize), BR=PREP_ROWS, BD=min(128, tuning.pow2(max(D, 16))),
+                dict(NORMALIZE=bool(normalize), BR=PREP_ROWS, BD=min(256, tuning.pow2(max(D, 16))),
                      ACC=d["ACC"], EMU_BF16=d["EMU_BF16"]), PREP_WARPS, 2)
 
 
-def fwd_call(x, w_op, inv_n, temps, lam, outs, cfg, H, gpu: bool | None = None) -> Call:
+def fwd_call(x, w_op, inv_n, params, outs, cfg, H, gpu: bool | None = None) -> Call:
     from .kernels import csra_fwd_kernel
 
     B, D, N = x.shape
@@ -212,12 +217,12 @@ def fwd_call(x, w_op, inv_n, temps, lam, outs, cfg, H, gpu: bool | None = None) 
     y, m, l, att, amax, _ = outs
     n_cb = triton_cdiv(C, cfg.BC)
     return Call(csra_fwd_kernel, _grid(B, n_cb, H, C, D, x),
-                (x, *x.stride(), w_op, inv_n, temps, y, *y.stride(), m, l, att, amax,
-                 B, H, C, D, N, n_cb, float(lam), 1.0 / N),
+                (x, *x.stride(), w_op, inv_n, params, y, *y.stride(), m, l, att, amax,
+                 B, H, C, D, N, n_cb),
                 _tile_kw(x, cfg, H, C, D, _gpu(x, gpu)), cfg.num_warps, cfg.num_stages)
 
 
-def ds_call(x, w_op, inv_n, temps, grad_y, state, lam, c0, c1, out, cfg, H,
+def ds_call(x, w_op, inv_n, params, grad_y, state, c0, c1, out, cfg, H,
             gpu: bool | None = None) -> Call:
     from .kernels import csra_bwd_ds_kernel
 
@@ -226,8 +231,8 @@ def ds_call(x, w_op, inv_n, temps, grad_y, state, lam, c0, c1, out, cfg, H,
     m, l, att, amax = state
     n_cb = triton_cdiv(c1 - c0, cfg.BC)
     return Call(csra_bwd_ds_kernel, _grid(B, n_cb, H, C, D, x),
-                (x, *x.stride(), w_op, inv_n, temps, grad_y, *grad_y.stride(),
-                 m, l, att, amax, out, B, H, C, D, N, c0, c1 - c0, n_cb, float(lam), 1.0 / N),
+                (x, *x.stride(), w_op, inv_n, params, grad_y, *grad_y.stride(),
+                 m, l, att, amax, out, B, H, C, D, N, c0, c1 - c0, n_cb),
                 _tile_kw(x, cfg, H, C, D, _gpu(x, gpu)), cfg.num_warps, cfg.num_stages)
 
 
@@ -286,38 +291,40 @@ def _checked(launch, check):
     return bench
 
 
-def fwd_bench(x: Tensor, weight: Tensor, temps: Tensor, outs: tuple, lam: float = 0.1):
+def fwd_bench(x: Tensor, weight: Tensor, params: Tensor, outs: tuple):
     """cfg -> median ms of one forward launch with that config (for tuning), after checking its
     output once against float64 and its compiled form for spills."""
     H, C, _ = weight.shape
     w_op, inv_n = prep_weight(x, weight, True, outs[5])
-    ref = y64(x, w_op.view(H, C, -1), inv_n, temps, lam)
+    ref = y64(x, w_op.view(H, C, -1), inv_n, params)
 
     def check():
         err = _rel_err(outs[0], ref)
         return err if err > TUNE_TOL[x.dtype] else None
 
-    return _checked(lambda cfg: _fwd_launch(x, w_op, inv_n, temps, lam, outs, cfg, H), check)
+    return _checked(lambda cfg: _fwd_launch(x, w_op, inv_n, params, outs, cfg, H), check)
 
 
-def y64(x: Tensor, w_op: Tensor, inv_n: Tensor, temps: Tensor, lam: float) -> Tensor:
+def y64(x: Tensor, w_op: Tensor, inv_n: Tensor, params: Tensor) -> Tensor:
     """float64 forward on the kernels' own operands, s = inv_n * (w_op . x) (tuning checks)."""
+    H = w_op.shape[0]
     s = torch.einsum("hcd,bdn->bhcn", w_op.double(), x.double()) * inv_n.double()[..., None]
-    t = temps.double().view(1, -1, 1, 1)
+    t = params[:H].double().view(1, -1, 1, 1)
+    lam = float(params[H])
     is_max = torch.isinf(t)
     soft = (torch.softmax(s * torch.where(is_max, 1.0, t), -1) * s).sum(-1)
     att = torch.where(is_max[..., 0], s.amax(-1), soft)
     return (s.mean(-1) + lam * att).sum(1)
 
 
-def ds_bench(x, w_op, inv_n, temps, grad_y, state, chunk: int, ws: Tensor, lam: float = 0.1):
+def ds_bench(x, w_op, inv_n, params, grad_y, state, chunk: int, ws: Tensor):
     """cfg -> median ms of the dS kernel on the first class chunk (for tuning), after checking
     its output once against the default config's and its compiled form for spills."""
     B, _, N = x.shape
     H, C = inv_n.shape
     c1 = min(C, chunk)
     out = ws[: H * c1 * B * N].view(H, c1, B, N)
-    launch = lambda cfg: _ds_launch(x, w_op, inv_n, temps, grad_y, state, lam, 0, c1, out, cfg, H)
+    launch = lambda cfg: _ds_launch(x, w_op, inv_n, params, grad_y, state, 0, c1, out, cfg, H)
     ref = None
 
     def check():
@@ -333,24 +340,26 @@ def ds_bench(x, w_op, inv_n, temps, grad_y, state, chunk: int, ws: Tensor, lam: 
 
 def fwd_config(x: Tensor, H: int, C: int, D: int, N: int) -> tuning.Config:
     """The forward's launch config (tiles shared with the backward); tunes if asked to."""
-    def bench(cfg):
-        w, t = torch.randn(H, C, D, device=x.device), _temps_tensor([1.0] * H, x.device)
-        return fwd_bench(x, w, t, fwd_outputs(x, H, C, empty))(cfg)
+    def bench():
+        w = torch.randn(H, C, D, device=x.device)
+        params = params_tensor([1.0] * H, 0.1, acc_dtype(x.dtype), x.device)
+        return fwd_bench(x, w, params, fwd_outputs(x, H, C, empty))
 
     return tuning.choose("fwd", H, C, D, N, x, bench)
 
 
 def bwd_config(x: Tensor, H: int, C: int, D: int, N: int, fwd: tuning.Config,
                bench=None) -> tuning.Config:
+    """The dS kernel's config: the forward's tiles; ``bench()`` makes the timer if tuning."""
     return tuning.choose("bwd", H, C, D, N, x, bench, tiles=fwd.tiles())
 
 
-def _fwd_launch(x, w_op, inv_n, temps, lam, outs, cfg, H):
-    return fwd_call(x, w_op, inv_n, temps, lam, outs, cfg, H).run()
+def _fwd_launch(x, w_op, inv_n, params, outs, cfg, H):
+    return fwd_call(x, w_op, inv_n, params, outs, cfg, H).run()
 
 
-def _ds_launch(x, w_op, inv_n, temps, grad_y, state, lam, c0, c1, out, cfg, H):
-    return ds_call(x, w_op, inv_n, temps, grad_y, state, lam, c0, c1, out, cfg, H).run()
+def _ds_launch(x, w_op, inv_n, params, grad_y, state, c0, c1, out, cfg, H):
+    return ds_call(x, w_op, inv_n, params, grad_y, state, c0, c1, out, cfg, H).run()
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -380,7 +389,7 @@ def csra_fwd(x: Tensor, weight: Tensor, temperatures: list[float], lam: float,
                             fwd_outputs(x, H, C))
     outs = fwd_outputs(x, H, C)
     w_op, _ = prep_weight(x, weight, normalize, outs[5])
-    _fwd_launch(x, w_op, outs[5], _temps_tensor(temperatures, x.device), lam, outs,
+    _fwd_launch(x, w_op, outs[5], params_tensor(temperatures, lam, acc, x.device), outs,
                 fwd_config(x, H, C, D, N), H)
     return outs
 
@@ -403,44 +412,54 @@ def csra_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, m: Tensor, l: Tensor, at
     H, C, _ = weight.shape
     acc = m.dtype
     if B == 0:
-        return x.new_zeros((B, D, N)), torch.zeros_like(weight)
+        inner = _channels_inner(x)
+        dx = x.new_zeros((B * N, D) if inner else (D, B * N))
+        return _dx_view(dx, B, D, N, inner), torch.zeros_like(weight)
     use_torch = backend_for(x.device) == "torch"
-    temps = (torch.tensor(temperatures, dtype=acc) if use_torch
-             else _temps_tensor(temperatures, x.device))
     # GEMM operands: x's dtype, except the fallback on CPU, where half-precision GEMMs are slow
     # and fp32 ones are both faster and more precise.
     gemm = acc if use_torch and x.device.type == "cpu" else x.dtype
-    # (B*N, D) view of x for G = dS' x^T; a copy only when x's channels are not innermost.
-    x_t = x.transpose(1, 2).reshape(B * N, D).to(gemm)
+    # x as a (D, B*N) matrix: G = dS' x_dk^T and dx = W^T dS' are then single GEMMs over all
+    # batch elements. A view when x's channels are innermost (channels_last, tokens); for NCHW
+    # a copy of contiguous position runs (coalesced, unlike a (B*N, D) transpose).
+    x_dk = x.permute(1, 0, 2).reshape(D, B * N).to(gemm)
+    channels_inner = _channels_inner(x)
     G = _new((H, C, D), gemm, x.device)
     state = (m, l, att, amax)
     if use_torch:
+        temps = torch.tensor(temperatures, dtype=acc)
         chunk = _torch_chunk(H, C, D, B, N)
         w_gemm = weight.to(x.dtype).to(gemm)
     else:  # the forward's tiles (so that its scores are recomputed exactly), chunks of whole tiles
+        params = params_tensor(temperatures, lam, acc, x.device)
         fwd_cfg = fwd_config(x, H, C, D, N)
         chunk = _chunk(H, C, B, N, fwd_cfg.BC)
         w_op, _ = prep_weight(x, weight, normalize)           # as in the forward, bit for bit
         w_gemm = w_op.view(H, C, D)
     ws = _new((H * chunk * B * N,), gemm, x.device)
     if not use_torch:
-        bwd_cfg = bwd_config(x, H, C, D, N, fwd_cfg,
-                             ds_bench(x, w_op, inv_n, temps, grad_y, state, chunk, ws, lam))
-    grad_x = None
-    for c0 in range(0, C, chunk):
+        bwd_cfg = bwd_config(x, H, C, D, N, fwd_cfg, lambda: ds_bench(
+            x, w_op, inv_n, params, grad_y, state, chunk, ws))
+    # dx accumulates over class chunks in the layout of x: (B*N, D) for channels-innermost x,
+    # else (D, B*N); both are returned as (B, D, N) views.
+    dx = _new((B * N, D) if channels_inner else (D, B * N), gemm, x.device)
+    for i, c0 in enumerate(range(0, C, chunk)):
         c1 = min(C, c0 + chunk)
         rows = H * (c1 - c0)
         ds = ws[: rows * B * N].view(H, c1 - c0, B, N)
         if use_torch:
             fallback.ds_chunk(x, weight, temps, grad_y, m, l, att, amax, inv_n, lam, c0, c1, ds)
         else:
-            _ds_launch(x, w_op, inv_n, temps, grad_y, state, lam, c0, c1, ds, bwd_cfg, H)
+            _ds_launch(x, w_op, inv_n, params, grad_y, state, c0, c1, ds, bwd_cfg, H)
         ds2 = ds.view(rows, B * N)
-        G[:, c0:c1] = (ds2 @ x_t).view(H, c1 - c0, D)
+        G[:, c0:c1] = (ds2 @ x_dk.t()).view(H, c1 - c0, D)
         w_c = w_gemm[:, c0:c1].reshape(rows, D)
-        dx_c = torch.matmul(w_c.t(), ds.view(rows, B, N).transpose(0, 1))  # (B, D, N)
-        grad_x = dx_c if grad_x is None else grad_x.add_(dx_c)
-    grad_x = grad_x.to(x.dtype)
+        beta = 0.0 if i == 0 else 1.0       # beta=0 ignores the (poisoned) buffer's contents
+        if channels_inner:
+            dx.addmm_(ds2.t(), w_c, beta=beta)
+        else:
+            dx.addmm_(w_c.t(), ds2, beta=beta)
+    grad_x = _dx_view(dx.to(x.dtype), B, D, N, channels_inner)
     Gf = G.to(acc)
     if normalize:
         wf = weight.to(acc)
@@ -448,10 +467,24 @@ def csra_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, m: Tensor, l: Tensor, at
     return grad_x, Gf.to(weight.dtype)
 
 
+def _channels_inner(x: Tensor) -> bool:
+    """x (B, D, N) with channels innermost (channels_last, tokens): dx is computed (B*N, D)."""
+    return x.stride(1) == 1 and x.shape[1] > 1
+
+
+def _dx_view(dx: Tensor, B: int, D: int, N: int, channels_inner: bool) -> Tensor:
+    """The (B, D, N) view of the backward's dx buffer, (B*N, D) or (D, B*N) (no copy)."""
+    if channels_inner:
+        return dx.view(B, N, D).transpose(1, 2)
+    return dx.view(D, B, N).permute(1, 0, 2)
+
+
 @csra_bwd.register_fake
 def _(grad_y, x, weight, m, l, att, amax, inv_n, temperatures, lam, normalize):
     B, D, N = x.shape
-    return x.new_empty((B, D, N)), torch.empty_like(weight)
+    inner = _channels_inner(x)
+    dx = x.new_empty((B * N, D) if inner else (D, B * N))
+    return _dx_view(dx, B, D, N, inner), torch.empty_like(weight)
 
 
 def _setup_context(ctx, inputs, output):

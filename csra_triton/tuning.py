@@ -116,12 +116,19 @@ def config_space(kernel: str, H: int, C: int, D: int, N: int, itemsize: int = 2,
         grid = itertools.product(bcs, (32, 64, 128, 256), (32, 64, 128), (4, 8), (2, 3, 4))
     out = [Config(*g) for g in grid]
     out = [c for c in out if is_valid(c, H, C, D, N, itemsize)]
-    if kernel == "fwd":
-        base = default
-    else:
-        bc, bn, bd = tiles or default.tiles()
-        base = Config(bc, bn, bd, default_warps(hp * bc, bn), default.num_stages)
+    base = base_config(kernel, H, C, D, N, itemsize, tiles, cc)
     return [base] + [c for c in out if c != base]
+
+
+def base_config(kernel: str, H: int, C: int, D: int, N: int, itemsize: int = 2,
+                tiles: tuple[int, int, int] | None = None, cc: int = 9) -> Config:
+    """The untuned config of ``kernel``: the default, or for ``bwd`` the forward's ``tiles``
+    with the default warps (by tile size) and stages."""
+    default = default_config(H, C, D, N, itemsize, cc)
+    if kernel == "fwd" or tiles is None:
+        return default
+    bc, bn, bd = tiles
+    return Config(bc, bn, bd, default_warps(pow2(H) * bc, bn), default.num_stages)
 
 
 # --------------------------------------------------------------------------- the cache
@@ -191,16 +198,18 @@ _loaded_for: dict | None = None
 
 def choose(kernel: str, H: int, C: int, D: int, N: int, x: torch.Tensor, bench=None,
            tiles: tuple[int, int, int] | None = None) -> Config:
-    """The config to launch with. ``bench(cfg) -> ms`` is called per candidate only when
-    autotuning is on (CUDA, ``CSRA_TRITON_AUTOTUNE=1``, no interpreter)."""
+    """The config to launch with. ``bench()`` makes the timer ``cfg -> ms``; it is called (and
+    the timer per candidate) only when autotuning is on (CUDA, ``CSRA_TRITON_AUTOTUNE=1``, no
+    interpreter), so that nothing is built on the common path."""
     global _loaded_for
     key = make_key(kernel, H, C, D, N, x.dtype)
     if key in _memory:
         return _memory[key]
     cc = torch.cuda.get_device_capability(x.device)[0] if x.is_cuda else 9
-    fallback = config_space(kernel, H, C, D, N, x.element_size(), tiles, cc)[0]
+    fallback = base_config(kernel, H, C, D, N, x.element_size(), tiles, cc)
     if not x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        return fallback          # one valid config; nothing is benchmarked without a GPU
+        _memory[key] = fallback  # one valid config; nothing is benchmarked without a GPU
+        return fallback
     env = environment(x.device)
     if _loaded_for != env:
         _memory.update(load_cache(env))
@@ -217,7 +226,7 @@ def choose(kernel: str, H: int, C: int, D: int, N: int, x: torch.Tensor, bench=N
             Shape("autotune", x.shape[0], D, 1, N, C, H, str(x.dtype).replace("torch.", "")),
             x.dtype, cc)
         rejected = [(c, "spills (compile report cache)") for c in known]
-        results = sweep(space, bench, rejected=rejected)
+        results = sweep(space, bench(), rejected=rejected)
         for bad, why in rejected:
             print(f"csra_triton autotune {key}: dropped {bad.label()}: {why}")
         cfg, ms = results[0]

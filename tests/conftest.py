@@ -63,6 +63,17 @@ def _seed(request):
     yield
 
 
+FAILLOG = os.environ.get("CSRA_TRITON_FAILLOG")
+
+
+def pytest_runtest_logreport(report):
+    """With CSRA_TRITON_FAILLOG=path, each failure is appended there as it happens (xdist
+    workers included), so a run cut short by a time limit still says what failed and why."""
+    if FAILLOG and report.failed:
+        with open(FAILLOG, "a") as f:
+            f.write(f"=== {report.nodeid} ({report.when})\n{str(report.longrepr)[-3000:]}\n")
+
+
 def pytest_runtest_makereport(item, call):
     if (call.when == "call" and call.excinfo is not None
             and not call.excinfo.errisinstance(pytest.skip.Exception)):

@@ -44,7 +44,7 @@ def error_scales(x, weight, temps, lam, normalize, grad):
     """
     x64 = x.detach().double().flatten(2)
     w64 = as_operand(weight.detach().double(), x.dtype)
-    norm = torch.linalg.vector_norm(w64, dim=-1, keepdim=True) if normalize else torch.ones(1)
+    norm = torch.linalg.vector_norm(w64, dim=-1, keepdim=True) if normalize else w64.new_ones(1)
     wn = w64 / norm
     s = torch.einsum("hcd,bdn->bhcn", wn, x64).requires_grad_()
     y, y_abs = 0.0, 0.0

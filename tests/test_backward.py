@@ -42,7 +42,7 @@ def test_stride0_upstream(backend, device):
     x = torch.randn(3, 20, 3, 3, device=device, requires_grad=True)
     weight = torch.randn(4, 6, 20, device=device, requires_grad=True)
     csra_triton.csra(x, weight, temps, 0.1).sum().backward()
-    _, dx, dw = ref64(x, weight, temps, 0.1, grad=torch.ones(3, 6))
+    _, dx, dw = ref64(x, weight, temps, 0.1, grad=torch.ones(3, 6, device=device))
     assert rel_err(x.grad, dx) <= 1e-5 and rel_err(weight.grad, dw) <= 1e-5
     # An explicitly expanded gradient, too.
     x.grad = weight.grad = None
@@ -67,10 +67,11 @@ def test_max_head_ties_follow_torch_max(backend, device):
     x = torch.randn(2, 8, 1, 3, device=device, dtype=torch.float64)
     x = torch.cat([x, x], dim=3).requires_grad_()          # every position appears twice
     weight = torch.randn(1, 4, 8, device=device, dtype=torch.float64, requires_grad=True)
-    csra_triton.csra(x, weight, [INF], 1.0).backward(torch.ones(2, 4, dtype=torch.float64))
+    g = torch.ones(2, 4, dtype=torch.float64, device=device)
+    csra_triton.csra(x, weight, [INF], 1.0).backward(g)
     x2 = x.detach().clone().requires_grad_()
     official = MHA.from_weight(weight.detach(), [99], 1.0)
-    official(x2).backward(torch.ones(2, 4, dtype=torch.float64))
+    official(x2).backward(g)
     assert rel_err(x.grad, x2.grad) <= 1e-12
 
 

@@ -24,14 +24,15 @@ NOTHING = ("No GPU results are committed yet (`bench/results/` holds no GPU JSON
            "CPU numbers: Triton kernel timings need CUDA.")
 
 
-def newest_gpu_results(results_dir: Path) -> tuple[Path, dict] | None:
+def newest_gpu_results(results_dir: Path, key: str = "rows") -> tuple[Path, dict] | None:
+    """The newest GPU results JSON (by date, then name) that has ``key`` (rows, or e2e)."""
     found = []
     for path in sorted(results_dir.glob("*.json")):
         try:
             doc = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if doc.get("device", "cpu") != "cpu" and doc.get("rows"):
+        if doc.get("device", "cpu") != "cpu" and doc.get(key):
             found.append((doc.get("date", ""), path.name, path, doc))
     if not found:
         return None
@@ -56,6 +57,11 @@ def render(results_dir: Path) -> str:
                   + ", ".join(doc["skipped"]["runs"]) + "."]
     if doc.get("failed"):
         lines += ["", "Failed in that run: " + "; ".join(doc["failed"]) + "."]
+    e2e = newest_gpu_results(results_dir, key="e2e")
+    if e2e is not None:
+        e2e_path, e2e_doc = e2e
+        lines += ["", f"One training step end to end (`{e2e_path.name}`, {e2e_doc['device']}, "
+                  f"commit `{e2e_doc['commit'][:12]}`):", "", bm.e2e_table(e2e_doc["e2e"])]
     return "\n".join(lines)
 
 

@@ -4,8 +4,8 @@ Data path: ``reference`` (eager, official structure) -> ``kernels`` (Triton) -> 
 ops + autograd, CPU fallback in ``fallback``) -> ``module`` (``csra``, ``CSRATriton``) -> CLI
 (``python -m csra_triton``).
 """
-from .interop import OfficialCheckpointError, load_official
-from .module import CSRATriton, csra
+from .interop import OfficialCheckpointError
+from .module import CSRATriton, csra, load_official
 from .ops import CSRAFunction, use_backend
 from .reference import OFFICIAL_TEMPERATURES, csra_reference
 from . import reference

@@ -150,7 +150,8 @@ def _bench(args) -> int:
         if device.type != "cuda":
             print("--e2e: needs CUDA (a ResNet-101 training step at 448x448); skipped")
         else:
-            left = None if args.budget_s is None else max(0.0, args.budget_s - (time.monotonic() - t0))
+            left = (None if args.budget_s is None
+                    else max(0.0, args.budget_s - (time.monotonic() - t0)))
             e2e = bm.e2e_rows(device, budget_s=left)
             if not e2e:
                 print("--e2e: torchvision cannot be imported here; skipped")

@@ -82,21 +82,3 @@ def weight_to_official(weight: Tensor, prefix: str = "") -> dict[str, Tensor]:
     H, C, d = weight.shape
     return {official_key(prefix, k): weight[k].detach().clone().view(C, d, 1, 1)
             for k in range(H)}
-
-
-def load_official(state_dict: Mapping[str, Tensor], prefix: str | None = None,
-                  lam: float = 0.1, temperatures=None, normalize: bool = True, head=None):
-    """A CSRATriton holding the official head found in ``state_dict`` (a full official model's
-    checkpoint is fine: ``classifier.`` and DataParallel's ``module.`` prefixes are found). With
-    ``head=`` an existing CSRATriton is filled instead, and must fit. Returns the module."""
-    from .module import CSRATriton
-
-    if head is None:
-        weight = official_to_weight(state_dict, prefix)
-        head = CSRATriton(weight.shape[2], weight.shape[1], heads=weight.shape[0], lam=lam,
-                          temperatures=temperatures, normalize=normalize)
-    else:
-        weight = official_to_weight(state_dict, prefix, head.heads, head.classes, head.in_ch)
-    with torch.no_grad():
-        head.weight.copy_(weight)
-    return head

@@ -26,8 +26,9 @@ elements of one class block are adjacent (``CB_MAJOR=True``: each weight block i
 HBM once, and x, 26 MB there, stays in L2).
 
 Arithmetic: a = w_op . x accumulates in fp32 (fp64 for fp64 x) on ``DOT``-dtype operands: x's
-own dtype, except bf16 under the interpreter (fp32: its bf16 dot is wrong). fp32 x uses TF32 when ``PRECISION="tf32"`` (the op follows
-``torch.backends.cudnn.allow_tf32``, as the official 1x1 conv does). Scores are
+own dtype, except bf16 under the interpreter (fp32: its bf16 dot is wrong). fp32 x uses TF32
+when ``PRECISION="tf32"`` (the op follows ``torch.backends.cudnn.allow_tf32``, as the official
+1x1 conv does). Scores are
 s = a * inv_n; softmax state is kept in raw units with base-2 exponentials: z_j = a_j * cz,
 cz = inv_n * T * log2(e). The forward saves m = max_j z_j and l = sum_j 2^(z_j - m) (not their
 log-sum-exp: at |z| ~ 1e4 an fp32 lse is off by up to an ulp, ~1e-3, which would scale every
@@ -138,8 +139,8 @@ def _program_rows(p_ptr, invn_ptr, H, C, B, n_cb, c_start, c_stop,
 
 @triton.jit
 def _score_tiles(x_b, stride_xd, stride_xn, w_rows, row_ok, n0, D, N,
-                 ROWS: tl.constexpr, HALF: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
-                 PRECISION: tl.constexpr, EVEN_D: tl.constexpr):
+                 ROWS: tl.constexpr, HALF: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr,
+                 DOT: tl.constexpr, PRECISION: tl.constexpr, EVEN_D: tl.constexpr):
     """Raw scores a = w_op . x for positions [n0, n0 + 2*HALF), as two (rows, HALF) halves.
 
     The forward and the backward both call this, with the same tiles: their scores agree bit
@@ -213,7 +214,7 @@ def csra_fwd_kernel(
     HALF: tl.constexpr = BN // 2
     b, cb, c, row_ok, hc, is_max, t_fin, inv, lam, cz = _program_rows(
         p_ptr, invn_ptr, H, C, B, n_cb, 0, C, HP, BC, ACC, CB_MAJOR)
-    inv_N = 1.0 / N.to(ACC)
+    inv_N = 1.0 / (N + tl.zeros((1,), dtype=ACC))    # N == 1 arrives as a constant int
     x_b = x_ptr + b * stride_xb
     stride_xd = _aligned(stride_xd, XA_D)
     stride_xn = _aligned(stride_xn, XA_N)
@@ -302,7 +303,7 @@ def csra_bwd_ds_kernel(
     c_stop = tl.minimum(c_start + n_chunk, C)
     b, cb, c, row_ok, hc, is_max, t_fin, inv, lam, cz = _program_rows(
         p_ptr, invn_ptr, H, C, B, n_cb, c_start, c_stop, HP, BC, ACC, CB_MAJOR)
-    inv_N = 1.0 / N.to(ACC)
+    inv_N = 1.0 / (N + tl.zeros((1,), dtype=ACC))    # N == 1 arrives as a constant int
     x_b = x_ptr + b * stride_xb
     stride_xd = _aligned(stride_xd, XA_D)
     stride_xn = _aligned(stride_xn, XA_N)

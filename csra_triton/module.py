@@ -5,7 +5,7 @@ Validation of user input lives here, at the public entry points; the ops below a
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -202,3 +202,20 @@ class CSRATriton(nn.Module):
             state_dict[prefix + "weight"] = weight
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+
+def load_official(state_dict: Mapping[str, Tensor], prefix: str | None = None,
+                  lam: float = 0.1, temperatures=None, normalize: bool = True, head=None):
+    """A CSRATriton holding the official head found in ``state_dict`` (a full official model's
+    checkpoint is fine: ``classifier.`` and DataParallel's ``module.`` prefixes are found). With
+    ``head=`` an existing CSRATriton is filled instead, and must fit. Returns the module."""
+    if head is None:
+        weight = interop.official_to_weight(state_dict, prefix)
+        head = CSRATriton(weight.shape[2], weight.shape[1], heads=weight.shape[0], lam=lam,
+                          temperatures=temperatures, normalize=normalize)
+    else:
+        weight = interop.official_to_weight(state_dict, prefix, head.heads, head.classes,
+                                            head.in_ch)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+    return head

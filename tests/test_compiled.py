@@ -16,17 +16,37 @@ import pytest
 from csra_triton.benchmark import HEADLINE, SHAPES
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def _inspect(tmp_path_factory, *args):
     tmp = tmp_path_factory.mktemp("inspect")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CSRA_TRITON_INSPECT_CACHE"] = str(tmp / "cache.json")
     path = tmp / "report.json"
-    proc = subprocess.run([sys.executable, "-m", "csra_triton", "inspect", "--arch",
-                           "sm_90a,sm_80", "--json", str(path)], env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "csra_triton", "inspect", *args, "--json",
+                           str(path)], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return json.loads(path.read_text()), proc.stdout
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    return _inspect(tmp_path_factory, "--arch", "sm_90a,sm_80")
+
+
+#: Where Triton specialises arguments equal to 1 into constants (N=1, B=1, C=1, H=1) and d is
+#: not a multiple of any tile: code the interpreter runs fine can fail to compile there (it
+#: did: ``N.to(...)`` on a constant int, caught on the first GPU run).
+EDGES = "latency-r101-224@B=1@h=1@w=1@C=1@d=3@heads=1,coco-r101-448@B=2@h=1@w=1@d=129"
+
+
+def test_edge_shapes_compile_for_every_dtype(tmp_path_factory):
+    doc, _ = _inspect(tmp_path_factory, "--arch", "sm_90a", "--shapes", EDGES, "--dtypes",
+                      "bf16,fp16,fp32,fp64")
+    rows = doc["rows"]
+    assert len(rows) == 2 * 4 * 3
+    for r in rows:
+        assert r["regs"] > 0
+        if r["dtype"] != "float64":
+            assert r["spill_bytes"] == 0, r
 
 
 def test_every_kernel_of_every_shape_is_reported(report):

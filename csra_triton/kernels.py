@@ -114,9 +114,13 @@ def csra_prep_kernel(
 
 
 @triton.jit
-def _program_rows(p_ptr, invn_ptr, H, C, B, n_cb, c_start, c_stop,
-                  HP: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr, CB_MAJOR: tl.constexpr):
-    """This program's batch element, class block and per-row indices, temperatures, norms."""
+def _program_setup(p_ptr, invn_ptr, x_ptr, stride_xb, stride_xd, stride_xn, wo_ptr, H, C, D, N,
+                   B, n_cb, c_start, c_stop, HP: tl.constexpr, BC: tl.constexpr,
+                   ACC: tl.constexpr, CB_MAJOR: tl.constexpr, XA_D: tl.constexpr,
+                   XA_N: tl.constexpr, XA_P: tl.constexpr):
+    """What the forward and dS programs share: this program's batch element and class block;
+    per row its indices, temperature, inverse norm, lam and z-scale; 1/N; x[b] and the weight
+    rows; x's strides and N with their alignment made visible to Triton (``_aligned``)."""
     if CB_MAJOR:  # grid (B, n_cb): the fastest-varying program index runs over batch elements
         b = tl.program_id(0)
         cb = tl.program_id(1)
@@ -134,7 +138,13 @@ def _program_rows(p_ptr, invn_ptr, H, C, B, n_cb, c_start, c_stop,
     inv = tl.load(invn_ptr + hc, mask=row_ok, other=0.0).to(ACC)
     lam = tl.load(p_ptr + H).to(ACC)
     cz = inv * (t_fin * tl.load(p_ptr + H + 1).to(ACC))     # inv_n * T * log2(e)
-    return b.to(tl.int64), cb, c, row_ok, hc, is_max, t_fin, inv, lam, cz
+    inv_N = 1.0 / (N + tl.zeros((1,), dtype=ACC))          # N == 1 arrives as a constant int
+    b = b.to(tl.int64)
+    x_b = x_ptr + b * stride_xb
+    w_rows = wo_ptr + hc.to(tl.int64) * D
+    return (b, cb, c, row_ok, hc, is_max, t_fin, inv, lam, cz, inv_N, x_b, w_rows,
+            _aligned(stride_xd, XA_D), _aligned(stride_xn, XA_N),
+            _aligned(N, XA_P))   # position masks then hold over whole vectors
 
 
 @triton.jit
@@ -212,14 +222,9 @@ def csra_fwd_kernel(
     """Grid (n_cb, B), or (B, n_cb) with CB_MAJOR (see "Launch order"). One pass over positions;
     per row: sum, max/argmax, online softmax."""
     HALF: tl.constexpr = BN // 2
-    b, cb, c, row_ok, hc, is_max, t_fin, inv, lam, cz = _program_rows(
-        p_ptr, invn_ptr, H, C, B, n_cb, 0, C, HP, BC, ACC, CB_MAJOR)
-    inv_N = 1.0 / (N + tl.zeros((1,), dtype=ACC))    # N == 1 arrives as a constant int
-    x_b = x_ptr + b * stride_xb
-    stride_xd = _aligned(stride_xd, XA_D)
-    stride_xn = _aligned(stride_xn, XA_N)
-    N = _aligned(N, XA_P)   # position masks then hold over whole vectors
-    w_rows = wo_ptr + hc.to(tl.int64) * D
+    (b, cb, c, row_ok, hc, is_max, t_fin, inv, lam, cz, inv_N, x_b, w_rows, stride_xd, stride_xn,
+     N) = _program_setup(p_ptr, invn_ptr, x_ptr, stride_xb, stride_xd, stride_xn, wo_ptr, H, C, D,
+                         N, B, n_cb, 0, C, HP, BC, ACC, CB_MAJOR, XA_D, XA_N, XA_P)
 
     s_sum = tl.zeros((HP * BC,), dtype=ACC)
     best = tl.full((HP * BC,), float("-inf"), dtype=ACC)
@@ -301,14 +306,9 @@ def csra_bwd_ds_kernel(
     """
     HALF: tl.constexpr = BN // 2
     c_stop = tl.minimum(c_start + n_chunk, C)
-    b, cb, c, row_ok, hc, is_max, t_fin, inv, lam, cz = _program_rows(
-        p_ptr, invn_ptr, H, C, B, n_cb, c_start, c_stop, HP, BC, ACC, CB_MAJOR)
-    inv_N = 1.0 / (N + tl.zeros((1,), dtype=ACC))    # N == 1 arrives as a constant int
-    x_b = x_ptr + b * stride_xb
-    stride_xd = _aligned(stride_xd, XA_D)
-    stride_xn = _aligned(stride_xn, XA_N)
-    N = _aligned(N, XA_P)   # position masks then hold over whole vectors
-    w_rows = wo_ptr + hc.to(tl.int64) * D
+    (b, cb, c, row_ok, hc, is_max, t_fin, inv, lam, cz, inv_N, x_b, w_rows, stride_xd, stride_xn,
+     N) = _program_setup(p_ptr, invn_ptr, x_ptr, stride_xb, stride_xd, stride_xn, wo_ptr, H, C, D,
+                         N, B, n_cb, c_start, c_stop, HP, BC, ACC, CB_MAJOR, XA_D, XA_N, XA_P)
     state = b * H * C + hc
     g = tl.load(g_ptr + b * stride_gb + c * stride_gc, mask=row_ok, other=0.0).to(ACC)
     m = tl.load(m_ptr + state, mask=row_ok, other=0.0).to(ACC)

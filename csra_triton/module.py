@@ -11,7 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from . import interop, maps
-from .ops import official_temperature
+from . import fallback
+from .ops import official_temperature, op_temperatures
 from .reference import OFFICIAL_TEMPERATURES
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -98,17 +99,26 @@ def csra(x: Tensor, weight: Tensor, temperatures: Sequence[float], lam: float,
     the attention logit. normalize: divide each class's scores by its weight row's L2 norm.
     """
     x3 = _check_inputs(x, weight, layout)
-    temps = _check_temperatures(temperatures, weight.shape[0])
+    temps = op_temperatures(_check_temperatures(temperatures, weight.shape[0]))
     lam = _check_lam(lam)
-    return torch.ops.csra_triton.csra_fwd(x3, weight, temps, lam, bool(normalize))[0]
+    return _run(x3, weight, temps, lam, bool(normalize))
 
 
-def _csra_prechecked(x: Tensor, weight: Tensor, temperatures: list[float], lam: float,
+def _csra_prechecked(x: Tensor, weight: Tensor, op_temps: list[float], lam: float,
                      normalize: bool, layout: str) -> Tensor:
     """``csra`` for the module, whose temperatures and lam were validated at construction (under
-    ``torch.compile(dynamic=True)`` they arrive as symbolic floats, which cannot be re-checked)."""
+    ``torch.compile(dynamic=True)`` they arrive as symbolic floats, which cannot be re-checked):
+    ``op_temps`` are already in the ops' encoding (``ops.op_temperatures``)."""
     x3 = _check_inputs(x, weight, layout)
-    return torch.ops.csra_triton.csra_fwd(x3, weight, temperatures, lam, normalize)[0]
+    return _run(x3, weight, op_temps, lam, normalize)
+
+
+def _run(x3: Tensor, weight: Tensor, op_temps: list[float], lam: float, normalize: bool) -> Tensor:
+    """The op, or under ``torch.onnx.export`` the same math in standard operators (ONNX has no
+    translation for a custom op; ``fallback.forward_graph``)."""
+    if torch.onnx.is_in_onnx_export():
+        return fallback.forward_graph(x3, weight, op_temps, lam, normalize)
+    return torch.ops.csra_triton.csra_fwd(x3, weight, op_temps, lam, normalize)[0]
 
 
 class CSRATriton(nn.Module):
@@ -131,6 +141,7 @@ class CSRATriton(nn.Module):
                                  f"{sorted(OFFICIAL_TEMPERATURES)}); pass temperatures explicitly")
             temperatures = OFFICIAL_TEMPERATURES[heads]
         self.temperatures = _check_temperatures(temperatures, heads)
+        self._op_temperatures = op_temperatures(self.temperatures)
         self.lam = _check_lam(lam)
         self.normalize = bool(normalize)
         self.in_ch, self.classes, self.heads = in_ch, classes, heads
@@ -145,12 +156,12 @@ class CSRATriton(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, in_ch, h, w) -> logits (B, classes) in x's dtype."""
-        return _csra_prechecked(x, self._checked_weight(), self.temperatures, self.lam,
+        return _csra_prechecked(x, self._checked_weight(), self._op_temperatures, self.lam,
                                 self.normalize, "nchw")
 
     def forward_tokens(self, x: Tensor) -> Tensor:
         """x (B, N, in_ch) tokens (e.g. a ViT's patch tokens, class token dropped) -> (B, classes)."""
-        return _csra_prechecked(x, self._checked_weight(), self.temperatures, self.lam,
+        return _csra_prechecked(x, self._checked_weight(), self._op_temperatures, self.lam,
                                 self.normalize, "tokens")
 
     def _checked_weight(self) -> Tensor:

@@ -383,6 +383,7 @@ def csra_fwd(x: Tensor, weight: Tensor, temperatures: list[float], lam: float,
     B, D, N = x.shape
     H, C, _ = weight.shape
     acc = acc_dtype(x.dtype)
+    temperatures = _internal(temperatures)
     if backend_for(x.device) == "torch" or B == 0:
         temps = torch.tensor(temperatures, dtype=acc)
         return fallback.fwd(x, weight, temps, lam, normalize, _torch_chunk(H, C, D, B, N),
@@ -416,6 +417,7 @@ def csra_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, m: Tensor, l: Tensor, at
         dx = x.new_zeros((B * N, D) if inner else (D, B * N))
         return _dx_view(dx, B, D, N, inner), torch.zeros_like(weight)
     use_torch = backend_for(x.device) == "torch"
+    temperatures = _internal(temperatures)
     # GEMM operands: x's dtype, except the fallback on CPU, where half-precision GEMMs are slow
     # and fp32 ones are both faster and more precise.
     gemm = acc if use_torch and x.device.type == "cpu" else x.dtype
@@ -518,7 +520,7 @@ class CSRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, temperatures, lam, normalize=True):
-        temps, lam, normalize = list(temperatures), float(lam), bool(normalize)
+        temps, lam, normalize = op_temperatures(temperatures), float(lam), bool(normalize)
         y, *state = torch.ops.csra_triton.csra_fwd(x, weight, temps, lam, normalize)
         ctx.save_for_backward(x, weight, *state)
         ctx.temperatures, ctx.lam, ctx.normalize = temps, lam, normalize
@@ -533,3 +535,19 @@ def official_temperature(t: float) -> float:
     """Maps the official flag value 99 to inf (a max-pooling head)."""
     t = float(t)
     return math.inf if t == 99 else t
+
+
+#: How a max head reaches the ops: temperature 0 (users' temperatures must be > 0). A finite
+#: flag, because exported programs serialise float lists as JSON numbers: an inf there made
+#: torch._inductor.aoti_load_package fail ("type must be number, but is string").
+MAX_HEAD = 0.0
+
+
+def op_temperatures(temps) -> list[float]:
+    """The ops' encoding of validated temperatures: inf (a max head) -> MAX_HEAD."""
+    return [MAX_HEAD if math.isinf(t) else t for t in temps]
+
+
+def _internal(temps) -> list[float]:
+    """The kernels' encoding: a max head is inf (the ops accept inf or MAX_HEAD)."""
+    return [math.inf if (t <= MAX_HEAD or math.isinf(t)) else float(t) for t in temps]

@@ -96,7 +96,7 @@ def empty(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 
 def _new(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
-    t = torch.empty(shape, dtype=dtype, device=device)
+    t = empty(shape, dtype, device)
     if POISON:
         t.fill_(-(2**31) + 1 if dtype == torch.int32 else math.nan)
     return t

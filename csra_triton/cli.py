@@ -331,7 +331,6 @@ def _inspect(args) -> int:
     import json
     import os
     import subprocess
-    import sys
 
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         # The kernels are interpreter functions in this process: compile in a fresh one.

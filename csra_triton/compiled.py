@@ -251,17 +251,18 @@ def report(shapes: list[Shape], archs=tuple(ARCHS), dtypes=None, all_configs=Fal
     return rows
 
 
-def spills(kernel: str, arch: str, shape: Shape, dtype, cfg) -> int | None:
-    """Cached spill bytes of a config (None if it was never compiled): tuning drops configs
-    that spill without compiling them again."""
+def known_spills(kernel: str, arch: str, shape: Shape, dtype, configs) -> list:
+    """The configs that the cache says spill (configs never compiled are not among them):
+    tuning drops them without compiling them again. One read of the cache for all."""
     from . import kernels as k
 
     fn = {"prep": k.csra_prep_kernel, "fwd": k.csra_fwd_kernel, "ds": k.csra_bwd_ds_kernel}[kernel]
     source = getattr(fn, "cache_key", None)
     if source is None:     # interpreter functions: nothing is compiled, nothing to look up
-        return None
-    hit = _load_cache().get(_key(kernel, arch, shape, dtype, cfg, source))
-    return None if hit is None else hit["spill_bytes"]
+        return []
+    cache = _load_cache()
+    hits = ((cfg, cache.get(_key(kernel, arch, shape, dtype, cfg, source))) for cfg in configs)
+    return [cfg for cfg, hit in hits if hit is not None and hit["spill_bytes"] > 0]
 
 
 def table(rows: list[dict]) -> str:

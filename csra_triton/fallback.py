@@ -78,7 +78,7 @@ def ds_chunk(x, weight, temps, grad_y, m, l, att, amax, inv_n, lam, c0, c1, out)
 def forward_graph(x, weight, temps, lam, normalize):
     """y (B, C) in x's dtype as one graph of standard operators, for exporters that cannot call
     the custom op (ONNX): the same math and operand rounding as the kernels, in fp32 (fp64 for
-    fp64 x). x (B, D, N); temps in the ops' encoding (a max head is 0 or inf)."""
+    fp64 x). x (B, D, N); temps as the kernels take them (a max head is inf)."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     w = weight.to(x.dtype).to(acc)                                  # (H, C, D)
     s = torch.matmul(w.unsqueeze(0), x.to(acc).unsqueeze(1))        # (B, H, C, N)
@@ -87,7 +87,7 @@ def forward_graph(x, weight, temps, lam, normalize):
     heads = []
     for k, t in enumerate(temps):
         sk = s[:, k]
-        if t <= 0 or math.isinf(t):
+        if math.isinf(t):
             att = sk.amax(dim=-1)
         else:
             att = (torch.softmax(sk * t, dim=-1) * sk).sum(-1)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from . import interop, maps
 from . import fallback
-from .ops import official_temperature, op_temperatures
+from .ops import kernel_temperatures, official_temperature, op_temperatures
 from .reference import OFFICIAL_TEMPERATURES
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -117,7 +117,7 @@ def _run(x3: Tensor, weight: Tensor, op_temps: list[float], lam: float, normaliz
     """The op, or under ``torch.onnx.export`` the same math in standard operators (ONNX has no
     translation for a custom op; ``fallback.forward_graph``)."""
     if torch.onnx.is_in_onnx_export():
-        return fallback.forward_graph(x3, weight, op_temps, lam, normalize)
+        return fallback.forward_graph(x3, weight, kernel_temperatures(op_temps), lam, normalize)
     return torch.ops.csra_triton.csra_fwd(x3, weight, op_temps, lam, normalize)[0]
 
 

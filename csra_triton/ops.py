@@ -171,12 +171,12 @@ def pow2_divisor(v: int, cap: int) -> int:
     return cap if v == 0 else min(cap, v & -v)
 
 
-def _tile_kw(x: Tensor, cfg: tuning.Config, H: int, C: int, D: int, gpu: bool) -> dict:
+def _tile_kw(x: Tensor, cfg: tuning.Config, H: int, D: int, major: bool, gpu: bool) -> dict:
     # Alignment (in elements, up to 16 bytes) of x's channel and position strides and of the
     # dS' workspace rows (N): lets the kernels load x and store dS' in vectors (kernels._aligned).
     vec = max(1, 16 // x.element_size())
     return dict(HP=tuning.pow2(H), BC=cfg.BC, BN=cfg.BN, BD=cfg.BD,
-                CB_MAJOR=cb_major(H, C, D, x.element_size()), EVEN_D=D % cfg.BD == 0,
+                CB_MAJOR=major, EVEN_D=D % cfg.BD == 0,
                 ONE_TILE=x.shape[2] <= cfg.BN, XA_D=pow2_divisor(x.stride(1), vec),
                 XA_N=pow2_divisor(x.stride(2), vec), XA_P=pow2_divisor(x.shape[2], vec),
                 **_dtypes(x, gpu))
@@ -191,9 +191,9 @@ PREP_ROWS = 8       # rows per prep program: 40 programs for 320 rows (10 took 2
 PREP_WARPS = 4
 
 
-def _grid(B: int, n_cb: int, H: int, C: int, D: int, x: Tensor) -> tuple:
+def _grid(B: int, n_cb: int, major: bool) -> tuple:
     """(n_cb, B), or (B, n_cb) in class-block-major order (see kernels.py, "Launch order")."""
-    return (B, n_cb) if cb_major(H, C, D, x.element_size()) else (n_cb, B)
+    return (B, n_cb) if major else (n_cb, B)
 
 
 def prep_call(x: Tensor, weight: Tensor, normalize: bool, w_op: Tensor, inv_n: Tensor,
@@ -216,10 +216,11 @@ def fwd_call(x, w_op, inv_n, params, outs, cfg, H, gpu: bool | None = None) -> C
     C = inv_n.shape[-1]
     y, m, l, att, amax, _ = outs
     n_cb = triton_cdiv(C, cfg.BC)
-    return Call(csra_fwd_kernel, _grid(B, n_cb, H, C, D, x),
+    major = cb_major(H, C, D, x.element_size())
+    return Call(csra_fwd_kernel, _grid(B, n_cb, major),
                 (x, *x.stride(), w_op, inv_n, params, y, *y.stride(), m, l, att, amax,
                  B, H, C, D, N, n_cb),
-                _tile_kw(x, cfg, H, C, D, _gpu(x, gpu)), cfg.num_warps, cfg.num_stages)
+                _tile_kw(x, cfg, H, D, major, _gpu(x, gpu)), cfg.num_warps, cfg.num_stages)
 
 
 def ds_call(x, w_op, inv_n, params, grad_y, state, c0, c1, out, cfg, H,
@@ -230,10 +231,11 @@ def ds_call(x, w_op, inv_n, params, grad_y, state, c0, c1, out, cfg, H,
     C = inv_n.shape[-1]
     m, l, att, amax = state
     n_cb = triton_cdiv(c1 - c0, cfg.BC)
-    return Call(csra_bwd_ds_kernel, _grid(B, n_cb, H, C, D, x),
+    major = cb_major(H, C, D, x.element_size())
+    return Call(csra_bwd_ds_kernel, _grid(B, n_cb, major),
                 (x, *x.stride(), w_op, inv_n, params, grad_y, *grad_y.stride(),
                  m, l, att, amax, out, B, H, C, D, N, c0, c1 - c0, n_cb),
-                _tile_kw(x, cfg, H, C, D, _gpu(x, gpu)), cfg.num_warps, cfg.num_stages)
+                _tile_kw(x, cfg, H, D, major, _gpu(x, gpu)), cfg.num_warps, cfg.num_stages)
 
 
 def _bench_ms(fn) -> float:
@@ -383,7 +385,7 @@ def csra_fwd(x: Tensor, weight: Tensor, temperatures: list[float], lam: float,
     B, D, N = x.shape
     H, C, _ = weight.shape
     acc = acc_dtype(x.dtype)
-    temperatures = _internal(temperatures)
+    temperatures = kernel_temperatures(temperatures)
     if backend_for(x.device) == "torch" or B == 0:
         temps = torch.tensor(temperatures, dtype=acc)
         return fallback.fwd(x, weight, temps, lam, normalize, _torch_chunk(H, C, D, B, N),
@@ -417,7 +419,7 @@ def csra_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, m: Tensor, l: Tensor, at
         dx = x.new_zeros((B * N, D) if inner else (D, B * N))
         return _dx_view(dx, B, D, N, inner), torch.zeros_like(weight)
     use_torch = backend_for(x.device) == "torch"
-    temperatures = _internal(temperatures)
+    temperatures = kernel_temperatures(temperatures)
     # GEMM operands: x's dtype, except the fallback on CPU, where half-precision GEMMs are slow
     # and fp32 ones are both faster and more precise.
     gemm = acc if use_torch and x.device.type == "cpu" else x.dtype
@@ -548,6 +550,6 @@ def op_temperatures(temps) -> list[float]:
     return [MAX_HEAD if math.isinf(t) else t for t in temps]
 
 
-def _internal(temps) -> list[float]:
+def kernel_temperatures(temps) -> list[float]:
     """The kernels' encoding: a max head is inf (the ops accept inf or MAX_HEAD)."""
     return [math.inf if (t <= MAX_HEAD or math.isinf(t)) else float(t) for t in temps]

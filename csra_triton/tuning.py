@@ -241,17 +241,12 @@ def choose(kernel: str, H: int, C: int, D: int, N: int, x: torch.Tensor, bench=N
 def drop_known_spills(space: list[Config], kernel: str, shape, dtype: torch.dtype, cc: int):
     """(space without the configs that the compile report's cache says spill on this arch,
     those configs); the default config always stays (it is the reference of the sweep)."""
-    try:
-        from . import compiled
-    except ImportError:          # pragma: no cover - compiled imports nothing optional
-        return space, []
+    from . import compiled
+
     arch = "sm_90a" if cc >= 9 else "sm_80"
-    name = "ds" if kernel == "bwd" else "fwd"
-    keep, known = space[:1], []
-    for cfg in space[1:]:
-        spill = compiled.spills(name, arch, shape, dtype, cfg) if arch in compiled.ARCHS else None
-        (known if spill else keep).append(cfg)
-    return keep, known
+    known = compiled.known_spills("ds" if kernel == "bwd" else "fwd", arch, shape, dtype,
+                                  space[1:])
+    return [c for c in space if c not in known], known
 
 
 def sweep(configs: list[Config], bench, budget_s: float | None = None,

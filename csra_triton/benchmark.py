@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from . import ops
+from . import fallback, ops
 from .module import CSRATriton
 from .reference import MHA, OFFICIAL_TEMPERATURES, as_operand, csra_reference
 
@@ -296,6 +296,36 @@ def measure(shape: Shape, pass_: str, impl: str, device: torch.device, reps: int
     return row
 
 
+def measure_interleaved(shape: Shape, pass_: str, impls: list[str], device: torch.device,
+                        reps: int = 10) -> list[dict]:
+    """Rows for several implementations timed in alternation on CPU (one call of each per
+    round, ``reps`` rounds): the host's speed drifts over minutes on a shared 2-core machine
+    (2x within one run, 2026-11-27), which biased ratios of implementations timed one after
+    the other. The same rows as :func:`measure`; ``interleaved`` records how."""
+    benches = {i: Bench(shape, i, device) for i in impls}
+    fns = {i: b.step(pass_) for i, b in benches.items()}
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
+    times: dict = {i: [] for i in impls}
+    for _ in range(reps):
+        for i, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[i].append((time.perf_counter() - t0) * 1e3)
+    rows = []
+    for i, b in benches.items():
+        row = dict(shape.row_fields(), **{"pass": pass_, "impl": i,
+                                          "median_ms": statistics.median(times[i]),
+                                          "peak_mem_mb": None,
+                                          "max_rel_err": b.max_rel_err(pass_),
+                                          "interleaved": list(impls)})
+        if i == "triton":
+            row["backend"] = "torch-fallback"
+        rows.append(row)
+    return rows
+
+
 # --------------------------------------------------------------------------- results files
 
 
@@ -316,9 +346,13 @@ def results_doc(rows: list[dict], device: torch.device) -> dict:
     import triton
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"device": name, "torch": torch.__version__.split("+")[0],
-            "triton": triton.__version__, "commit": git_commit(),
-            "date": datetime.date.today().isoformat(), "rows": rows}
+    doc = {"device": name, "torch": torch.__version__.split("+")[0],
+           "triton": triton.__version__, "commit": git_commit(),
+           "date": datetime.date.today().isoformat(), "rows": rows}
+    if device.type != "cuda":   # what the fallback's choices followed (fallback.gemm_dtype)
+        doc["cpu"] = fallback.cpu_description()
+        doc["bf16_gemm"] = str(fallback.gemm_dtype(torch.bfloat16, device)).removeprefix("torch.")
+    return doc
 
 
 def write_results(doc: dict, out_dir: Path, device: torch.device) -> Path:

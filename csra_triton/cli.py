@@ -18,7 +18,7 @@ import time
 import torch
 
 from . import benchmark as bm
-from . import ops
+from . import fallback, ops
 from .module import csra
 from .reference import OFFICIAL_TEMPERATURES, as_operand, csra_reference
 
@@ -122,14 +122,35 @@ def _bench(args) -> int:
               f"{torch.__version__}, compile mode {bm.COMPILE_MODE!r}")
     else:
         print("csra-triton bench on CPU: no CUDA. 'triton' rows time the vectorised PyTorch "
-              "fallback (what CPU tensors run), against eager on CPU. These are CPU numbers; "
-              "Triton kernel timings need CUDA. Peak memory is measured on CUDA only.")
+              "fallback (what CPU tensors run), against eager on CPU, the two timed in "
+              "alternation. These are CPU numbers; Triton kernel timings need CUDA. Peak memory "
+              "is measured on CUDA only.")
+        print(f"CPU: {fallback.cpu_description()}; the fallback's GEMMs for bf16 inputs: "
+              f"{fallback.gemm_dtype(torch.bfloat16, device)}")
     t0 = time.monotonic()
     rows, skipped, failed = [], [], []
     # Every eager and triton row first, then the compile rows (their compilation and autotuning
     # is what a time budget may cut), headline first.
     runs = [(s, p, i) for s in shapes for p in passes for i in impls if i != "compile"]
     runs += [(s, p, "compile") for s in shapes for p in passes if "compile" in impls]
+    # On CPU the non-compile implementations of a shape and pass are timed in alternation
+    # (benchmark.measure_interleaved), so that the host's drift does not bias their ratio.
+    paired = [i for i in impls if i != "compile"] if device.type != "cuda" else []
+    if len(paired) > 1:
+        for shape in shapes:
+            for pass_ in passes:
+                try:
+                    pair_rows = bm.measure_interleaved(shape, pass_, paired, device, args.reps)
+                except Exception as exc:  # one failed run must not lose the others' results
+                    failed.append(f"{shape.name} {pass_} {'+'.join(paired)}: "
+                                  f"{type(exc).__name__}: {exc}"[:500])
+                    print(f"  {shape.name:28s} {pass_:8s} FAILED {failed[-1]}", flush=True)
+                    continue
+                for row in pair_rows:
+                    rows.append(row)
+                    print(f"  {shape.name:28s} {pass_:8s} {row['impl']:8s} "
+                          f"{row['median_ms']:10.4f} ms  err {row['max_rel_err']:.1e}", flush=True)
+        runs = [r for r in runs if r[2] not in paired]
     for shape, pass_, impl in runs:
         if impl == "compile" and args.budget_s and time.monotonic() - t0 > args.budget_s:
             skipped.append(f"{shape.name} {pass_} compile")
@@ -170,7 +191,8 @@ def _bench(args) -> int:
     if skipped:
         print(f"skipped (budget): {', '.join(skipped)}")
     print(("CPU numbers, not GPU: " if device.type != "cuda" else "")
-          + f"{doc['device']}, {doc['date']}, commit {doc['commit'][:12]}")
+          + f"{doc['device']}{' (' + doc['cpu'] + ')' if 'cpu' in doc else ''}, {doc['date']}, "
+          f"commit {doc['commit'][:12]}")
     print(bm.summary_table(rows, gpu))
     if e2e:
         print(bm.e2e_table(e2e))

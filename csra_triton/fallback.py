@@ -1,78 +1,282 @@
-"""Vectorised PyTorch versions of the two kernels in ``kernels.py`` (CPU without the interpreter).
+"""Vectorised PyTorch versions of the two kernels in ``kernels.py`` (no Triton: CPU without the
+interpreter, or ``use_backend("torch")``).
 
-Same inputs, outputs, layouts and state as the Triton kernels, so the op layer treats both alike.
-All heads go through one product per class chunk; nothing larger than one chunk of
-(B, H, chunk, N) scores is alive at a time. Computation is in fp32 (fp64 for fp64 inputs), after
-rounding the operands to x.dtype as the kernels do.
+Same inputs, outputs and state as the Triton kernels, so the op layer treats both alike. Classes
+go in chunks of about ``CHUNK_ELEMS`` scores (H, chunk, B, N), so memory stays bounded at 9,605
+classes and each chunk's elementwise passes stay in cache. Operands are rounded to x.dtype as the
+kernels round them; the statistics are computed in fp32 (fp64 for fp64 inputs).
+
+The products follow what the CPU does fast (:func:`gemm_dtype`). Where it multiplies bf16 in
+hardware (AVX512-BF16, AMX, Arm BF16; the official head's bf16 1x1 convs are fast there too),
+bf16 x runs bf16 GEMMs, about twice as fast as fp32 ones; elsewhere the products run in fp32. A
+bf16 GEMM accumulates in fp32 but rounds its output to bf16 (no CPU operator returns the fp32
+sum), i.e. up to 2^-9 |s| in every score. Two GEMMs recover the sum to ~2^-17 |s|: ``hi = W x``
+(rounded), then ``lo = addmm(hi, W, x, beta=-1)`` = W x - hi, where oneDNN adds ``-hi`` to the
+fp32 accumulator before rounding, so only the small ``lo`` is rounded (:func:`products`).
+
+The forward uses ``hi`` alone (``FWD_REFINE``): y moves by about one bf16 rounding of the output
+(1.6e-3 -> 1.9e-3 relative vs float64 at coco-r101-448@B=2), and one GEMM instead of two is
+what makes it faster than the official head. The backward recomputes its softmax statistics
+from ``hi + lo`` (:func:`ds_chunk`), and settles a max head's near-tied maxima, closer than
+``hi + lo`` resolves, in float64 (:func:`exact_first_max`): its gradients are those of the fp32
+sum (2.9e-3 vs float64 at the benchmark shapes, as the GPU kernels), where rounded scores flip
+maxima (the official eager head: 6.5e-2 to 1.2e-1). When the products have no more elements
+than x, the forward hands them to the backward (``ops.keeps_scores``), which then skips a GEMM.
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
+import platform
 
 import torch
 
 LN2 = math.log(2.0)
 
+#: ``None`` follows the CPU (:func:`native_bf16`); True/False force bf16/fp32 GEMMs for bf16 x
+#: (the tests run both). ``CSRA_TRITON_CPU_BF16_GEMM=0`` or ``1`` sets it at import.
+BF16_GEMM: bool | None = {"0": False, "1": True}.get(
+    os.environ.get("CSRA_TRITON_CPU_BF16_GEMM", ""))
+#: Scores per class chunk (elements of fp32): the chunk's elementwise passes stay in cache.
+CHUNK_ELEMS = 1 << 20
+#: Weight elements per block of the passes over weight rows (inverse norms, the weight gradient's
+#: projection): fp32 blocks of 1 MB. The weight gradient at 80 / 9,605 classes took 1.9 / 312,
+#: 0.80 / 187, 0.70 / 140 and 3.8 / 295 ms with blocks of 2^14, 2^16, 2^18 and 2^20 (2 cores;
+#: the largest pay page faults for fresh 4 MB buffers).
+ROW_BLOCK_ELEMS = 1 << 18
+#: Whether the forward's bf16 scores get the second (``lo``) GEMM; see the module docstring.
+FWD_REFINE = False
 
-def scores(x, weight, temps, inv_n, c0, c1, acc):
-    """Scores (B, H, c1-c0, N) in ``acc`` dtype and per-head temperature views."""
-    H, _, D = weight.shape
-    w = weight[:, c0:c1].to(x.dtype).to(acc)                       # (H, Cc, D)
-    xa = x.to(acc)                                                  # (B, D, N)
-    s = torch.einsum("hcd,bdn->bhcn", w, xa) * inv_n[:, c0:c1, None]
-    t = temps.to(device=x.device, dtype=acc).view(H, 1, 1)
+
+@functools.cache
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16, AMX, Arm BF16). Without it
+    oneDNN emulates bf16 and fp32 GEMMs are the faster ones."""
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def cpu_description() -> str:
+    """The CPU facts the fallback's choices follow, for benchmark output."""
+    return (f"{platform.machine()}, capability {torch.backends.cpu.get_cpu_capability()}, "
+            f"native bf16 {'yes' if native_bf16() else 'no'}, {torch.get_num_threads()} threads")
+
+
+def gemm_dtype(x_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """dtype of the fallback's GEMM operands for x of ``x_dtype`` on ``device``: bf16 for bf16 x on
+    a CPU that multiplies bf16 in hardware (or as ``BF16_GEMM`` forces), else fp32 (fp64 for
+    fp64 x)."""
+    acc = torch.float64 if x_dtype == torch.float64 else torch.float32
+    if x_dtype != torch.bfloat16 or device.type != "cpu":
+        return acc
+    fast = native_bf16() if BF16_GEMM is None else BF16_GEMM
+    return torch.bfloat16 if fast else acc
+
+
+def head_mm(w3, x2, out, add=None, beta=1.0):
+    """out (H, Cc, M) = w3 (H, Cc, D) @ x2 (D, M) [+ beta * add], returned. One GEMM when the
+    chunk's rows are contiguous (all classes), else one per head: a chunk of classes of every
+    head is not a matrix, and reshaping it copied the weight chunk (0.24 s of a 1.3 s step at
+    9,605 classes)."""
+    H, Cc, D = w3.shape
+    if torch.is_grad_enabled() and (w3.requires_grad or x2.requires_grad):   # maps: autograd
+        w2 = w3.reshape(H * Cc, D)      # (mm's rows are independent; bmm's were not at Cc < 16)
+        res = torch.mm(w2, x2) if add is None else torch.addmm(add.reshape(H * Cc, -1), w2, x2,
+                                                                beta=beta)
+        return res.view(H, Cc, -1)
+    if w3.is_contiguous() and out.is_contiguous() and (add is None or add.is_contiguous()):
+        w3, out2 = w3.view(1, H * Cc, D), out.view(1, H * Cc, -1)
+        add = None if add is None else add.view(1, H * Cc, -1)
+    else:
+        out2 = out
+    for h in range(w3.shape[0]):
+        if add is None:
+            torch.mm(w3[h], x2, out=out2[h])
+        else:
+            torch.addmm(add[h], w3[h], x2, beta=beta, out=out2[h])
+    return out
+
+
+def products(w3, x2, acc, refine=True, hi=None, keep=None):
+    """``w3 @ x2`` in ``acc``: w3 (H, Cc, D) and x2 (D, B*N) in the GEMM dtype; (H, Cc, B*N).
+
+    bf16 operands: the fp32 sum to ~2^-17 relative (two GEMMs, see the module docstring), or,
+    with ``refine=False``, rounded to bf16 (one GEMM). ``hi``: the (rounded) product, already
+    computed (the forward's, kept); ``keep``: an (H, Cc, B*N) view that receives it."""
+    H, Cc, _ = w3.shape
+    shape = (H, Cc, x2.shape[1])
+
+    def new():
+        return torch.empty(shape, dtype=w3.dtype, device=w3.device)
+    if w3.dtype != torch.bfloat16:          # fp32/fp64: the sum itself, kept or computed
+        return hi if hi is not None else head_mm(w3, x2, keep if keep is not None else new())
+    if hi is None:
+        hi = head_mm(w3, x2, keep if keep is not None else new())
+    if not refine:
+        return hi.to(acc)
+    lo = head_mm(w3, x2, new(), add=hi, beta=-1.0)     # W x - hi: -hi joins the fp32 sum
+    return hi.to(acc).add_(lo)
+
+
+def x_matrix(x, dtype):
+    """x (B, D, N) as the (D, B*N) matrix of the GEMMs, in ``dtype``: one copy at most (none when
+    x is in ``dtype`` and B == 1 or its channels are innermost)."""
+    B, D, N = x.shape
+    xt = x.permute(1, 0, 2)
+    try:
+        return xt.view(D, B * N).to(dtype)    # B == 1, or channels innermost (tokens, NHWC)
+    except RuntimeError:                      # NCHW: one copy, converting on the way
+        out = torch.empty((D, B, N), dtype=dtype, device=x.device)
+        return out.copy_(xt).view(D, B * N)
+
+
+def gemm_operands(x, weight):
+    """(x as the (D, B*N) GEMM matrix, a function c0, c1 -> that class chunk's (H, c1-c0, D)
+    weight), both in the GEMM dtype, the weight rounded to x's dtype first."""
+    gemm = gemm_dtype(x.dtype, x.device)
+
+    def w_chunk(c0, c1):
+        return weight[:, c0:c1].to(x.dtype).to(gemm)
+    return x_matrix(x, gemm), w_chunk
+
+
+def scores(x, weight, temps, inv_n, c0, c1, acc, refine=True, operands=None, hi=None,
+           keep=None):
+    """Scores (H, c1-c0, B, N) in ``acc``, and the temperatures as (H, 1, 1, 1): whether a head
+    is a max head, and T (1 for a max head). ``operands`` from :func:`gemm_operands`; ``hi`` and
+    ``keep`` as for :func:`products`."""
+    H, _, _ = weight.shape
+    B, _, N = x.shape
+    x2, w_chunk = operands or gemm_operands(x, weight)
+    p = products(w_chunk(c0, c1), x2, acc, refine, hi, keep)
+    scale = inv_n[:, c0:c1, None, None]
+    if p.dtype == acc and p is not hi and p is not keep:
+        s = p.view(H, c1 - c0, B, N).mul_(scale)
+    else:                                   # never scale the kept products in place
+        s = p.view(H, c1 - c0, B, N) * scale
+    t = temps.to(device=x.device, dtype=acc).view(H, 1, 1, 1)
     is_max = torch.isinf(t)
     t_fin = torch.where(is_max, torch.ones_like(t), t)
     return s, is_max, t_fin
 
 
-def inv_norms(weight, normalize, acc):
-    """(H, C) inverse row norms (ones without normalisation)."""
+def inv_norms(weight, normalize, acc, out=None):
+    """(H, C) inverse row norms in ``acc`` (ones without normalisation), into ``out`` if given.
+    Blocks of rows (``ROW_BLOCK_ELEMS``), so that the fp32 copy is cache-sized: converting the
+    whole weight at once cost 0.7 ms at 80 classes and 0.13 s at 9,605 on the 2-core CPU."""
+    H, C, D = weight.shape
+    if out is None:
+        out = torch.empty((H, C), dtype=acc, device=weight.device)
     if not normalize:
-        return torch.ones(weight.shape[:2], dtype=acc, device=weight.device)
-    return 1.0 / weight.to(acc).pow(2).sum(-1).sqrt()
+        return out.fill_(1.0)
+    step = max(1, ROW_BLOCK_ELEMS // max(1, H * D))
+    for c0 in range(0, C, step):
+        c1 = min(C, c0 + step)
+        out[:, c0:c1] = torch.linalg.vector_norm(weight[:, c0:c1], dim=-1, dtype=acc)
+    return out.reciprocal_()
 
 
-def fwd(x, weight, temps, lam, normalize, chunk, outs):
+def _softmax(s, t_fin):
+    """Per row of s (..., N), z = T log2(e) s: m = max_j z_j and l = sum_j 2^(z_j - m) (both
+    (..., 1)), and the softmax weights p (..., N)."""
+    z = s * (t_fin / LN2)
+    zmax = z.amax(dim=-1, keepdim=True)
+    p = torch.exp2(z.sub_(zmax))
+    l_c = p.sum(-1, keepdim=True)
+    return zmax, l_c, p.div_(l_c)
+
+
+def fwd(x, weight, temps, lam, normalize, chunk, outs, refine=None, kept=None):
     """Fills and returns ``outs`` = (y (B, C), m, l, att (B, H, C), argmax (B, H, C) int32,
     inv_n (H, C)): the kernel's state, in base 2 (z = T log2(e) s, m = max_j z_j,
-    l = sum_j 2^(z_j - m))."""
+    l = sum_j 2^(z_j - m)). ``kept`` (H*C, B*N) in the GEMM dtype, if given, receives the
+    products (ops.keeps_scores)."""
     y, m, l, att, amax, inv_n = outs
     C = y.shape[1]
     acc = inv_n.dtype
-    inv_n.copy_(inv_norms(weight, normalize, acc))
+    inv_norms(weight, normalize, acc, out=inv_n)
+    operands = gemm_operands(x, weight)
+    refine = FWD_REFINE if refine is None else refine
     for c0 in range(0, C, chunk):
         c1 = min(C, c0 + chunk)
-        s, is_max, t_fin = scores(x, weight, temps, inv_n, c0, c1, acc)
-        z = s * (t_fin / LN2)
-        zmax = z.amax(dim=-1, keepdim=True)
-        e = torch.exp2(z - zmax)
-        l_c = e.sum(-1)
-        soft = (e * s).sum(-1) / l_c
+        keep = None if kept is None else kept.view(weight.shape[0], C, -1)[:, c0:c1]
+        s, is_max, t_fin = scores(x, weight, temps, inv_n, c0, c1, acc, refine, operands,
+                                  keep=keep)
+        zmax, l_c, p = _softmax(s, t_fin)                           # (H, Cc, B, 1|N)
         best, best_j = s.max(dim=-1)
-        a = torch.where(is_max[..., 0], best, soft)
-        y[:, c0:c1] = (s.mean(-1) + lam * a).sum(1).to(x.dtype)
-        m[:, :, c0:c1] = zmax[..., 0]
-        l[:, :, c0:c1] = l_c
-        att[:, :, c0:c1] = a
-        amax[:, :, c0:c1] = best_j.to(torch.int32)
+        a = torch.where(is_max[..., 0], best, torch.linalg.vecdot(p, s))
+        y[:, c0:c1] = (s.mean(-1) + lam * a).sum(0).t().to(x.dtype)
+        m[:, :, c0:c1] = zmax[..., 0].permute(2, 0, 1)
+        l[:, :, c0:c1] = l_c[..., 0].permute(2, 0, 1)
+        att[:, :, c0:c1] = a.permute(2, 0, 1)
+        amax[:, :, c0:c1] = best_j.permute(2, 0, 1)
     return outs
 
 
-def ds_chunk(x, weight, temps, grad_y, m, l, att, amax, inv_n, lam, c0, c1, out):
-    """Writes dS' = inv_n * dy/ds for classes [c0, c1) into ``out`` (H, c1-c0, B, N)."""
+def exact_first_max(sk, x, w_rows, inv_n, rel=2.0 ** -13, block=4096):
+    """First position of the maximum of the exact sums W x for scores ``sk`` = inv_n W x
+    (Cc, B, N) from the two bf16 GEMMs (``products``); w_rows (Cc, D) and x (B, D, N) are their
+    bf16 operands, inv_n (Cc,) the rows' scales.
+
+    Two GEMMs resolve ~2^-17 |w||x| (plus fp32 accumulation); a max head's argmax flips on
+    smaller gaps, and one flipped
+    position moves lam * g * Wn of dx (one flip in 19,210 rows gave 7.8e-3 relative error in dx
+    and dW at openimages-r101-448@B=2, against 1.7e-3). Positions within ``rel`` |w_c| sqrt(D)
+    max|x| (>= |w_c||x_bj|) of the row's maximum are candidates; rows with several are
+    settled in float64 on the candidates alone (products of bf16 are exact there), in blocks
+    of ``block`` pairs."""
+    j = sk.argmax(-1)
+    # |x_bj| <= sqrt(D) max|x|: one pass over bf16 x (aminmax: 47 us at 2x2048x196, against
+    # 112 for abs().amax() and 2 ms for fp32 column norms)
+    lo_x, hi_x = torch.aminmax(x)
+    x_max = torch.maximum(hi_x, -lo_x).float().expand(x.shape[0]) * math.sqrt(x.shape[1])
+    # row norms of bf16 w in bf16 (converting the rows cost 2.3 ms a chunk at 9,605 classes),
+    # with a margin for their rounding
+    w_norm = torch.linalg.vector_norm(w_rows, dim=-1).float() * (1 + 2.0 ** -7)
+    slack = rel * (inv_n * w_norm)[:, None, None] * x_max[None, :, None]
+    cand = sk >= sk.amax(-1, keepdim=True) - slack                    # (Cc, B, N)
+    rows = (cand.sum(-1) > 1).nonzero()                                # (r, 2): class, batch
+    if rows.numel() == 0:
+        return j
+    rc, rb = rows.unbind(1)
+    pr, pj = cand[rc, rb].nonzero().unbind(1)                          # candidate pairs
+    exact = torch.full((rows.shape[0], sk.shape[-1]), -math.inf, dtype=torch.float64,
+                       device=sk.device)
+    for p0 in range(0, pr.numel(), block):
+        r, n = pr[p0:p0 + block], pj[p0:p0 + block]
+        exact[r, n] = (w_rows[rc[r]].double() * x[rb[r], :, n].double()).sum(-1)
+    j[rc, rb] = exact.argmax(-1)                                       # first of equal maxima
+    return j
+
+
+def ds_chunk(x, weight, temps, grad_y, inv_n, lam, c0, c1, out, operands=None, hi=None):
+    """Writes dS' = inv_n * dy/ds for classes [c0, c1) into ``out`` (H, c1-c0, B, N).
+
+    The softmax statistics (m, l, att, argmax) are recomputed from this chunk's scores, which
+    hold every position, rather than read from the forward's state: the backward is then exact
+    for its own fp32 scores even where the forward ran on bf16-rounded ones, for a max and a sum
+    more. ``hi``: the forward's products of these classes (H, c1-c0, B*N), if kept: then the
+    bf16 path runs one GEMM (``lo``) instead of two, and the fp32 path none."""
     B, D, N = x.shape
-    acc = m.dtype
-    s, is_max, t_fin = scores(x, weight, temps, inv_n, c0, c1, acc)   # (B, H, Cc, N)
-    m_c, l_c, att_c = (t[:, :, c0:c1, None] for t in (m, l, att))
-    p = torch.exp2(s * (t_fin / LN2) - m_c) / l_c
-    d_soft = p * (1.0 + t_fin * (s - att_c))
+    acc = inv_n.dtype
+    s, is_max, t_fin = scores(x, weight, temps, inv_n, c0, c1, acc, True, operands, hi)
+    max_heads = [k for k, t in enumerate(temps.tolist()) if math.isinf(t)]
+    x2, w_chunk = operands or gemm_operands(x, weight)
+    if x2.dtype == torch.bfloat16 and max_heads:
+        w_rows = w_chunk(c0, c1)
+        best_j = {k: exact_first_max(s[k], x, w_rows[k], inv_n[k, c0:c1]) for k in max_heads}
+    else:
+        best_j = {k: s[k].argmax(-1) for k in max_heads}        # first maximum, as the kernels
+    _, _, p = _softmax(s, t_fin)
+    att_c = torch.linalg.vecdot(p, s)[..., None]
+    d_att = p.mul_(s.sub_(att_c).mul_(t_fin).add_(1.0))         # s is spent here
     pos = torch.arange(N, device=x.device)
-    d_max = (pos == amax[:, :, c0:c1, None]).to(acc)
-    d_att = torch.where(is_max, d_max, d_soft)
-    g = grad_y[:, None, c0:c1, None].to(acc) * inv_n[None, :, c0:c1, None]
-    ds = g * (1.0 / N + lam * d_att)
-    out.copy_(ds.permute(1, 2, 0, 3))
+    for k, j in best_j.items():
+        torch.eq(pos, j[..., None], out=d_att[k])               # one-hot at the argmax
+    g = grad_y[:, c0:c1].t().to(acc) * inv_n[:, c0:c1, None]     # (H, Cc, B)
+    torch.mul(d_att.mul_(lam).add_(1.0 / N), g[..., None], out=out)    # rounded to out's dtype
 
 
 def forward_graph(x, weight, temps, lam, normalize):

@@ -59,7 +59,8 @@ def _maps(x: Tensor, weight: Tensor, temperatures: Sequence[float], normalize: b
     chunk = max(1, CHUNK_ELEMS // max(1, B * H * N))
     for c0 in range(0, K, chunk):
         c1 = min(K, c0 + chunk)
-        s, is_max, t_fin = fallback.scores(x3, w_sel, temps, inv_n, c0, c1, acc)  # (B, H, k, N)
+        s, is_max, t_fin = fallback.scores(x3, w_sel, temps, inv_n, c0, c1, acc)  # (H, k, B, N)
+        s, is_max, t_fin = s.permute(2, 0, 1, 3), is_max.view(H, 1, 1), t_fin.view(H, 1, 1)
         if kind == "score":
             out[:, :, c0:c1] = s
             continue

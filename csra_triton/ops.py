@@ -4,11 +4,13 @@ Two ops in the ``csra_triton`` namespace, both with fake (meta) implementations 
 ``torch.compile(fullgraph=True)`` and ``torch.export`` trace through them:
 
 * ``csra_triton::csra_fwd(x, weight, temperatures, lam, normalize)``
-    -> ``(y, m, l, att, argmax, inv_norm)``; x is (B, D, N) with any strides, weight (H, C, D).
-    y (B, C) has x's dtype; the rest is the O(B*H*C) state that the backward needs (see
-    kernels.py: softmax max and sum in base 2, attention logit, argmax, inverse row norms).
-* ``csra_triton::csra_bwd(grad_y, x, weight, m, l, att, argmax, inv_norm, temperatures, lam,
-  normalize)`` -> ``(grad_x, grad_weight)``.
+    -> ``(y, m, l, att, argmax, inv_norm, kept)``; x is (B, D, N) with any strides, weight
+    (H, C, D). y (B, C) has x's dtype; m, l, att, argmax, inv_norm are the O(B*H*C) state that
+    the backward needs (see kernels.py: softmax max and sum in base 2, attention logit, argmax,
+    inverse row norms); ``kept`` is empty (0,) except on the CPU fallback, where it holds the
+    forward's score products when they have no more elements than x (:func:`keeps_scores`).
+* ``csra_triton::csra_bwd(grad_y, x, weight, m, l, att, argmax, inv_norm, kept, temperatures,
+  lam, normalize)`` -> ``(grad_x, grad_weight)``.
 
 ``csra_fwd`` carries ``register_autograd``; :class:`CSRAFunction` is a thin ``autograd.Function``
 over the same two ops for users who want ``.apply``.
@@ -19,9 +21,10 @@ vectorised PyTorch fallback in ``fallback.py``. :func:`use_backend` overrides th
 
 Backward memory: dS' is materialised in chunks of classes, (H, chunk, B, N) elements with
 ``chunk ~ DS_WORKSPACE_ELEMS // (H * B * N)`` rounded to whole class tiles (so that the backward
-recomputes exactly the forward's tiles, bit for bit), then two GEMMs per chunk:
-``dx += W_chunk^T dS'`` and ``G_chunk = dS' x^T``; finally
-``dW = G - W * rowsum(W * G) * inv_norm^2`` (the gradient through the row normalisation).
+recomputes exactly the forward's tiles, bit for bit; the fallback's chunks hold
+``fallback.CHUNK_ELEMS`` scores), then two GEMMs per chunk: ``dx += W_chunk^T dS'`` and
+``G_chunk = dS' x^T``; finally ``dW = G - W * rowsum(W * G) * inv_norm^2`` (the gradient
+through the row normalisation, :func:`weight_grad`).
 """
 from __future__ import annotations
 
@@ -112,8 +115,11 @@ def _chunk(H: int, C: int, B: int, N: int, bc: int) -> int:
     return min(C, max(bc, DS_WORKSPACE_ELEMS // per_class // bc * bc))
 
 
-def _torch_chunk(H: int, C: int, D: int, B: int, N: int) -> int:
-    return _chunk(H, C, B, N, tuning.default_config(H, C, D, N).BC)
+def _torch_chunk(H: int, C: int, B: int, N: int) -> int:
+    """Classes per chunk of the fallback: about fallback.CHUNK_ELEMS scores (cache-sized;
+    chunks the size of the kernels' workspace made every elementwise pass over the scores
+    memory-bound, 0.3 s of 1.7 s at openimages-r101-448@B=2)."""
+    return min(C, max(1, fallback.CHUNK_ELEMS // max(1, H * B * N)))
 
 
 #: Weights (in the operand dtype) above this size are launched class-block-major, so that each
@@ -379,22 +385,43 @@ def _device_guard(x: Tensor):
 _TAGS = (torch.Tag.flexible_layout,)
 
 
+def keeps_scores(x: Tensor, H: int, C: int) -> bool:
+    """Whether the forward returns its score products (W x, before the row norms, in the GEMM
+    dtype) for the backward: on the CPU fallback, when they have no more elements than x
+    (H*C <= D), which autograd keeps anyway. The backward then skips a GEMM: its bf16 path runs
+    one (the ``lo`` correction) instead of two, its fp32 path none instead of one. The kernels
+    never keep them (they recompute in registers), nor does the fallback at 9,605 classes: the
+    kept memory is bounded by x's, never by classes x positions."""
+    return backend_for(x.device) == "torch" and x.device.type == "cpu" and H * C <= x.shape[1]
+
+
+def _kept_scores(x: Tensor, H: int, C: int, new=_new) -> Tensor:
+    """The forward's 7th output: (H*C, B*N) in the fallback's GEMM dtype if
+    :func:`keeps_scores`, else (0,) in x's dtype."""
+    B, _, N = x.shape
+    if not keeps_scores(x, H, C):
+        return new((0,), x.dtype, x.device)
+    return new((H * C, B * N), fallback.gemm_dtype(x.dtype, x.device), x.device)
+
+
 @torch.library.custom_op("csra_triton::csra_fwd", mutates_args=(), tags=_TAGS)
 def csra_fwd(x: Tensor, weight: Tensor, temperatures: list[float], lam: float,
-             normalize: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+             normalize: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     B, D, N = x.shape
     H, C, _ = weight.shape
     acc = acc_dtype(x.dtype)
     temperatures = kernel_temperatures(temperatures)
+    kept = _kept_scores(x, H, C)
     if backend_for(x.device) == "torch" or B == 0:
         temps = torch.tensor(temperatures, dtype=acc)
-        return fallback.fwd(x, weight, temps, lam, normalize, _torch_chunk(H, C, D, B, N),
-                            fwd_outputs(x, H, C))
+        outs = fallback.fwd(x, weight, temps, lam, normalize, _torch_chunk(H, C, B, N),
+                            fwd_outputs(x, H, C), kept=kept if kept.numel() else None)
+        return (*outs, kept)
     outs = fwd_outputs(x, H, C)
     w_op, _ = prep_weight(x, weight, normalize, outs[5])
     _fwd_launch(x, w_op, outs[5], params_tensor(temperatures, lam, acc, x.device), outs,
                 fwd_config(x, H, C, D, N), H)
-    return outs
+    return (*outs, kept)
 
 
 @csra_fwd.register_fake
@@ -404,12 +431,16 @@ def _(x, weight, temperatures, lam, normalize):
     acc = acc_dtype(x.dtype)
     state = [x.new_empty((B, H, C), dtype=acc) for _ in range(3)]
     return (x.new_empty((B, C)), *state, x.new_empty((B, H, C), dtype=torch.int32),
-            x.new_empty((H, C), dtype=acc))
+            x.new_empty((H, C), dtype=acc), _kept_scores(x, H, C, _fake_new))
+
+
+def _fake_new(shape, dtype, device):
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 @torch.library.custom_op("csra_triton::csra_bwd", mutates_args=(), tags=_TAGS)
 def csra_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, m: Tensor, l: Tensor, att: Tensor,
-             amax: Tensor, inv_n: Tensor, temperatures: list[float], lam: float,
+             amax: Tensor, inv_n: Tensor, kept: Tensor, temperatures: list[float], lam: float,
              normalize: bool) -> tuple[Tensor, Tensor]:
     B, D, N = x.shape
     H, C, _ = weight.shape
@@ -420,20 +451,21 @@ def csra_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, m: Tensor, l: Tensor, at
         return _dx_view(dx, B, D, N, inner), torch.zeros_like(weight)
     use_torch = backend_for(x.device) == "torch"
     temperatures = kernel_temperatures(temperatures)
-    # GEMM operands: x's dtype, except the fallback on CPU, where half-precision GEMMs are slow
-    # and fp32 ones are both faster and more precise.
-    gemm = acc if use_torch and x.device.type == "cpu" else x.dtype
+    # GEMM operands: x's dtype, except the fallback on CPU, where they follow what the CPU
+    # multiplies fast (fallback.gemm_dtype: bf16 with native bf16, else fp32).
+    gemm = fallback.gemm_dtype(x.dtype, x.device) if use_torch and not x.is_cuda else x.dtype
     # x as a (D, B*N) matrix: G = dS' x_dk^T and dx = W^T dS' are then single GEMMs over all
     # batch elements. A view when x's channels are innermost (channels_last, tokens); for NCHW
     # a copy of contiguous position runs (coalesced, unlike a (B*N, D) transpose).
-    x_dk = x.permute(1, 0, 2).reshape(D, B * N).to(gemm)
+    x_dk = fallback.x_matrix(x, gemm)
     channels_inner = _channels_inner(x)
     G = _new((H, C, D), gemm, x.device)
     state = (m, l, att, amax)
     if use_torch:
         temps = torch.tensor(temperatures, dtype=acc)
-        chunk = _torch_chunk(H, C, D, B, N)
+        chunk = _torch_chunk(H, C, B, N)
         w_gemm = weight.to(x.dtype).to(gemm)
+        operands = (x_dk, lambda c0, c1: w_gemm[:, c0:c1])
     else:  # the forward's tiles (so that its scores are recomputed exactly), chunks of whole tiles
         params = params_tensor(temperatures, lam, acc, x.device)
         fwd_cfg = fwd_config(x, H, C, D, N)
@@ -446,29 +478,67 @@ def csra_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, m: Tensor, l: Tensor, at
             x, w_op, inv_n, params, grad_y, state, chunk, ws))
     # dx accumulates over class chunks in the layout of x: (B*N, D) for channels-innermost x,
     # else (D, B*N); both are returned as (B, D, N) views.
-    dx = _new((B * N, D) if channels_inner else (D, B * N), gemm, x.device)
+    # The fallback rounds bf16 products once per chunk; over several chunks it sums them in acc
+    # (the kernels' path keeps x's dtype, as the GPU's addmm_ adds in fp32 before rounding).
+    several = use_torch and gemm != acc and chunk < C
+    dx = _new((B * N, D) if channels_inner else (D, B * N), acc if several else gemm, x.device)
+    dW = G if G.dtype == weight.dtype else torch.empty_like(weight)
     for i, c0 in enumerate(range(0, C, chunk)):
         c1 = min(C, c0 + chunk)
         rows = H * (c1 - c0)
         ds = ws[: rows * B * N].view(H, c1 - c0, B, N)
         if use_torch:
-            fallback.ds_chunk(x, weight, temps, grad_y, m, l, att, amax, inv_n, lam, c0, c1, ds)
+            # the forward's products of these classes, if it kept them
+            hi = kept.view(H, C, B * N)[:, c0:c1] if kept.numel() else None
+            fallback.ds_chunk(x, weight, temps, grad_y, inv_n, lam, c0, c1, ds, operands, hi)
         else:
             _ds_launch(x, w_op, inv_n, params, grad_y, state, c0, c1, ds, bwd_cfg, H)
-        ds2 = ds.view(rows, B * N)
-        G[:, c0:c1] = (ds2 @ x_dk.t()).view(H, c1 - c0, D)
-        w_c = w_gemm[:, c0:c1].reshape(rows, D)
-        beta = 0.0 if i == 0 else 1.0       # beta=0 ignores the (poisoned) buffer's contents
-        if channels_inner:
-            dx.addmm_(ds2.t(), w_c, beta=beta)
-        else:
-            dx.addmm_(w_c.t(), ds2, beta=beta)
+        # One GEMM each over all heads when the chunk holds every class; else one per head,
+        # because a chunk of classes of every head is not a matrix of W or G (no copies).
+        ds3, w3, G3 = ds.view(H, c1 - c0, B * N), w_gemm[:, c0:c1], G[:, c0:c1]
+        if c1 - c0 == C:
+            ds3, w3, G3 = ds3.reshape(1, rows, -1), w3.reshape(1, rows, D), G3.view(1, rows, D)
+        for h in range(ds3.shape[0]):
+            torch.mm(ds3[h], x_dk.t(), out=G3[h])
+            a, b = (ds3[h].t(), w3[h]) if channels_inner else (w3[h].t(), ds3[h])
+            first = i == 0 and h == 0
+            if several:
+                dx.copy_(a @ b) if first else dx.add_(a @ b)
+            else:   # beta=0 ignores the (poisoned) buffer's contents
+                dx.addmm_(a, b, beta=0.0 if first else 1.0)
+        # these classes' dW while their G is in cache (a pass over all of G and W afterwards
+        # read both from memory again: ~0.1 s of a 1.3 s step at 9,605 classes on CPU)
+        weight_grad(G, weight, inv_n, normalize, acc, dW, c0, c1)
     grad_x = _dx_view(dx.to(x.dtype), B, D, N, channels_inner)
-    Gf = G.to(acc)
-    if normalize:
-        wf = weight.to(acc)
-        Gf = Gf - wf * ((wf * Gf).sum(-1, keepdim=True) * (inv_n * inv_n)[..., None])
-    return grad_x, Gf.to(weight.dtype)
+    return grad_x, dW
+
+
+def weight_grad(G: Tensor, weight: Tensor, inv_n: Tensor, normalize: bool, acc, out: Tensor,
+                c0: int, c1: int) -> None:
+    """dL/dW of classes [c0, c1) into ``out`` (H, C, D, weight's dtype; may be G itself) from
+    G = dS' x^T (H, C, D): through the row normalisation, G - W (W.G) inv_n^2, computed in
+    ``acc`` blocks of rows at a time. No weight-sized fp32 temporaries: at 9,605 classes the
+    three of them were ~1 GB of the GPU's peak, and ~0.3 s of page faults on CPU."""
+    H, C, D = weight.shape
+    if not normalize:
+        if out is not G:
+            out[:, c0:c1] = G[:, c0:c1]
+        return
+    step = max(1, (PROJECT_ELEMS_CUDA if G.is_cuda else fallback.ROW_BLOCK_ELEMS) // (H * D))
+    for b0 in range(c0, c1, step):
+        b1 = min(c1, b0 + step)
+        g = G[:, b0:b1].to(acc)
+        w = weight[:, b0:b1].to(acc)
+        coef = torch.linalg.vecdot(w, g).mul_(inv_n[:, b0:b1].square())
+        # (a broadcast multiply and subtract was 18x slower than addcmul_ on CPU)
+        g.addcmul_(w, coef[..., None], value=-1.0)
+        if g.data_ptr() != out[:, b0:b1].data_ptr():      # else g is that block of out already
+            out[:, b0:b1] = g
+
+
+#: Elements per block of weight_grad on CUDA: a few launches at 9,605 classes, 64 MB of fp32
+#: temporaries at most (on CPU: fallback.ROW_BLOCK_ELEMS, cache-sized).
+PROJECT_ELEMS_CUDA = 1 << 24
 
 
 def _channels_inner(x: Tensor) -> bool:
@@ -484,7 +554,7 @@ def _dx_view(dx: Tensor, B: int, D: int, N: int, channels_inner: bool) -> Tensor
 
 
 @csra_bwd.register_fake
-def _(grad_y, x, weight, m, l, att, amax, inv_n, temperatures, lam, normalize):
+def _(grad_y, x, weight, m, l, att, amax, inv_n, kept, temperatures, lam, normalize):
     B, D, N = x.shape
     inner = _channels_inner(x)
     dx = x.new_empty((B * N, D) if inner else (D, B * N))

@@ -14,6 +14,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+import csra_triton.fallback as fallback
 import csra_triton.ops as ops
 from helpers import WORST
 
@@ -40,12 +41,19 @@ def device():
     return DEVICE
 
 
-@pytest.fixture(params=["triton", "torch"])
+@pytest.fixture(params=["triton", "torch", "torch-fp32gemm"])
 def backend(request):
-    """Runs a test once through the Triton kernels (interpreted on CPU) and once through the
-    vectorised PyTorch fallback."""
-    with ops.use_backend(request.param):
-        yield request.param
+    """Runs a test through the Triton kernels (interpreted on CPU) and through the vectorised
+    PyTorch fallback with each of its GEMM choices for bf16 inputs: bf16 products (a CPU with
+    native bf16) and fp32 ones (without), forced either way so that every CPU runs both."""
+    name = request.param
+    old = fallback.BF16_GEMM
+    fallback.BF16_GEMM = name != "torch-fp32gemm"
+    try:
+        with ops.use_backend(name.split("-")[0]):
+            yield name.split("-")[0]
+    finally:
+        fallback.BF16_GEMM = old
 
 
 @pytest.fixture(autouse=True)

@@ -34,5 +34,9 @@ def worker(rank, world, init_file, out_file):
         train(ddp, x[part], y[part])
         if rank == 0:
             torch.save(model.weight.detach().clone(), out_file)
+        # Both ranks leave together: one full suite run of six (2026-11-27) ended with a rank aborting
+        # in gloo's teardown ("terminate called without an active exception") while the other
+        # was still saving.
+        dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -59,6 +59,10 @@ def test_bench_cli_writes_design_json(tmp_path, capsys):
         assert r["median_ms"] > 0 and r["max_rel_err"] < 0.2
     table = out[out.index("| shape | pass"):]
     assert table.count("\n| coco-r101-448@") == 2 and "×" in table
+    if not cuda:    # what the fallback followed, and eager/triton timed in alternation
+        assert "capability" in doc["cpu"] and "native bf16" in doc["cpu"]
+        assert doc["bf16_gemm"] in ("bfloat16", "float32") and "native bf16" in out
+        assert all(r["interleaved"] == ["eager", "triton"] for r in doc["rows"])
 
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="needs matplotlib")

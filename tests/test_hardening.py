@@ -13,6 +13,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import csra_triton
+import csra_triton.fallback as fallback
 import csra_triton.ops as ops
 from helpers import INF, TOL, ref64, rel_err
 
@@ -94,9 +95,13 @@ def test_backward_deterministic_under_deterministic_algorithms(backend, device, 
     assert all(torch.equal(grads[0][0], a) and torch.equal(grads[0][1], b) for a, b in grads[1:])
 
 
-def test_saved_for_backward_is_x_weight_and_small_state(backend, device):
-    B, d, h, w, H, C = 3, 16, 5, 5, 4, 7
-    x = torch.randn(B, d, h, w, device=device, requires_grad=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("C", [7, 5])
+def test_saved_for_backward_is_x_weight_and_small_state(C, dtype, backend, device):
+    """x and the weight themselves, O(B*H*C) state, and the forward's score products only on the
+    CPU fallback and only when no larger than x (H*C <= d: 20 rows for C=5, d=20)."""
+    B, d, h, w, H = 3, 20, 5, 5, 4
+    x = torch.randn(B, d, h, w, device=device).to(dtype).requires_grad_()
     weight = torch.randn(H, C, d, device=device, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
@@ -104,11 +109,14 @@ def test_saved_for_backward_is_x_weight_and_small_state(backend, device):
     ptrs = {t.untyped_storage().data_ptr() for t in saved}
     assert x.untyped_storage().data_ptr() in ptrs            # x itself, no copy
     assert weight.untyped_storage().data_ptr() in ptrs
-    small = [t for t in saved if t.untyped_storage().data_ptr()
-             not in (x.untyped_storage().data_ptr(), weight.untyped_storage().data_ptr())]
+    *small, kept = [t for t in saved if t.untyped_storage().data_ptr()
+                    not in (x.untyped_storage().data_ptr(), weight.untyped_storage().data_ptr())]
     assert all(t.numel() <= B * H * C for t in small), [tuple(t.shape) for t in small]
     assert all(t.dtype in (torch.float32, torch.int32) for t in small)
-    assert len(saved) == 2 + len(small) and len(small) <= 5
+    assert len(saved) == 3 + len(small) and len(small) <= 5
+    keeps = backend == "torch" and device == "cpu" and H * C <= d
+    assert kept.shape == ((H * C, B * h * w) if keeps else (0,))
+    assert kept.numel() <= x.numel() and kept.element_size() <= 4
 
 
 def test_backward_workspace_is_bounded_by_the_chunk(backend, device, monkeypatch):
@@ -116,12 +124,13 @@ def test_backward_workspace_is_bounded_by_the_chunk(backend, device, monkeypatch
     bounded workspace no CPU allocation during backward exceeds dW's size (+10%), and on CUDA
     the whole backward's peak stays under a quarter of the full score gradient.
 
-    On CPU this runs through the fallback, which shares the op's chunking with the kernels (their
-    chunk offsets are covered by test_class_chunks); 9,605 classes in the interpreter take a
-    minute. On CUDA it runs the kernels."""
+    On CPU this runs through the fallback, whose chunks hold fallback.CHUNK_ELEMS scores (the
+    kernels' chunk offsets are covered by test_class_chunks); 9,605 classes in the interpreter
+    take a minute. On CUDA it runs the kernels."""
     if backend == "triton" and device == "cpu":
         pytest.skip("9,605 classes in the Triton interpreter take ~1 min; the fallback covers it")
     monkeypatch.setattr(ops, "DS_WORKSPACE_ELEMS", 1 << 14)
+    monkeypatch.setattr(fallback, "CHUNK_ELEMS", 1 << 14)      # the fallback's own chunk size
     B, d, h, w, H, C = 2, 4, 8, 8, 4, 9605
     x = torch.randn(B, d, h, w, device=device, requires_grad=True)
     weight = torch.randn(H, C, d, device=device, requires_grad=True)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import csra_triton
+import csra_triton.fallback as fallback
 from helpers import INF, rel_err
 
 TEMPS = [1.0, 2.0, 4.0, math.inf]
@@ -21,13 +22,25 @@ def test_opcheck_fwd(dtype, backend, device):
     torch.library.opcheck(torch.ops.csra_triton.csra_fwd.default, (x3, weight, TEMPS, 0.1, True))
 
 
-def test_opcheck_bwd(backend, device):
-    x3 = torch.randn(2, 8, 9, device=device)
-    weight = torch.randn(4, 5, 8, device=device)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck_bwd(dtype, backend, device):
+    """On the CPU fallback the forward keeps its products (8 score rows <= 16 channels)."""
+    x3 = torch.randn(2, 16, 9, device=device).to(dtype)
+    weight = torch.randn(4, 2, 16, device=device)
     _, *state = _state(x3, weight)
-    g = torch.randn(2, 5, device=device)
+    kept = backend == "torch" and device == "cpu"
+    assert state[-1].shape == ((8, 18) if kept else (0,))
+    if kept:
+        assert state[-1].dtype == fallback.gemm_dtype(dtype, x3.device)
+    g = torch.randn(2, 2, device=device).to(dtype)
     torch.library.opcheck(torch.ops.csra_triton.csra_bwd.default,
                           (g, x3, weight, *state, TEMPS, 0.1, True))
+
+
+def test_opcheck_fwd_keeps_bf16_products(backend, device):
+    x3 = torch.randn(2, 16, 9, device=device, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(4, 2, 16, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.csra_triton.csra_fwd.default, (x3, weight, TEMPS, 0.1, True))
 
 
 def test_opcheck_strided_input(backend, device):

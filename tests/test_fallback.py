@@ -1,0 +1,154 @@
+"""The PyTorch fallback's own choices (fallback.py): which GEMMs it runs on this CPU, the two-GEMM
+fp32 sum of bf16 products, exact maxima in the backward where bf16 scores would tie, blocked
+passes over the weight rows, and dx summed in fp32 over class chunks. Values against float64."""
+import math
+
+import pytest
+import torch
+
+import csra_triton
+import csra_triton.fallback as fallback
+import csra_triton.ops as ops
+from helpers import TOL, error_scales, ref64, rel_err
+
+
+@pytest.fixture
+def bf16_gemm():
+    old = fallback.BF16_GEMM
+    fallback.BF16_GEMM = True
+    with ops.use_backend("torch"):
+        yield
+    fallback.BF16_GEMM = old
+
+
+def test_gemm_choice_follows_cpu(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(fallback, "BF16_GEMM", None)
+    for native in (True, False):
+        monkeypatch.setattr(fallback, "native_bf16", lambda: native)
+        want = torch.bfloat16 if native else torch.float32
+        assert fallback.gemm_dtype(torch.bfloat16, cpu) == want
+        assert fallback.gemm_dtype(torch.float16, cpu) == torch.float32
+        assert fallback.gemm_dtype(torch.float32, cpu) == torch.float32
+        assert fallback.gemm_dtype(torch.float64, cpu) == torch.float64
+        assert fallback.gemm_dtype(torch.bfloat16, cuda) == torch.float32
+    monkeypatch.setattr(fallback, "BF16_GEMM", False)
+    monkeypatch.setattr(fallback, "native_bf16", lambda: True)
+    assert fallback.gemm_dtype(torch.bfloat16, cpu) == torch.float32
+    assert "native bf16" in fallback.cpu_description()
+
+
+@pytest.mark.parametrize("D", [3, 130, 2048])
+def test_two_gemms_recover_the_fp32_sum(D):
+    """hi = bf16(W x); lo = W x - hi with -hi added before rounding: |hi + lo - W x| is a
+    rounding of lo (<= 2^-9 |lo| <= 2^-18 |W x|) plus fp32 accumulation, against 2^-9 |W x|
+    for hi alone. Bounds on sum_d |w_d x_d|, the scale of a sum's rounding error."""
+    w = torch.randn(37, D).bfloat16()
+    x2 = torch.randn(D, 50).bfloat16()
+    exact = w.double() @ x2.double()
+    scale = w.double().abs() @ x2.double().abs()
+    two = fallback.products(w[None], x2, torch.float32, refine=True)[0].double()
+    one = fallback.products(w[None], x2, torch.float32, refine=False)[0].double()
+    assert ((two - exact).abs() / scale).max() <= 2.0 ** -16
+    assert ((one - exact).abs() / scale).max() <= 2.0 ** -8
+    fp32 = fallback.products(w.float()[None], x2.float(), torch.float32)[0].double()
+    assert ((fp32 - exact).abs() / scale).max() <= 1e-6
+
+
+def test_backward_maximum_of_the_fp32_sum(bf16_gemm):
+    """A max head whose two top positions differ by less than a bf16 rounding of their score:
+    rounded scores tie, and their first maximum is position 0; the fp32 sum (and float64) says
+    position 1. A flipped position moves lam * g * Wn of dx, far over the tolerance."""
+    D, N = 64, 6
+    weight = torch.ones(1, 1, D, requires_grad=True)
+    x = torch.randn(1, D, N) * 0.1
+    x[:, :, :2] = 4.0
+    x[0, 0, 1] = 4.0 + 2.0 ** -5                      # one bf16 ulp at 4: W x = 256 + 2^-5
+    x = x.bfloat16().view(1, D, 2, 3).requires_grad_()
+    w2, x2 = weight.detach().bfloat16(), x.detach().view(D, N)
+    hi = fallback.products(w2, x2, torch.float32, refine=False)[0]
+    assert hi[0, 0] == hi[0, 1]                       # bf16 ulp at 256 is 2
+    assert fallback.products(w2, x2, torch.float32)[0, 0, 1] == 256.0 + 2.0 ** -5
+    g = torch.ones(1, 1)
+    csra_triton.csra(x, weight, [math.inf], 0.5).backward(g.bfloat16())
+    _, dx, dw = ref64(x, weight, [math.inf], 0.5, grad=g)
+    assert rel_err(x.grad, dx) <= TOL[torch.bfloat16]
+    # dW of rows parallel to the top columns cancels (helpers.error_scales); a flip moves it by
+    # lam * g * |x_0 - x_1| / |W|, far over this too
+    _, _, dw_scale = error_scales(x, weight, [math.inf], 0.5, True, g)
+    assert rel_err(weight.grad, dw, scale=dw_scale) <= TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_blocks_and_chunks(dtype, bf16_gemm, monkeypatch):
+    """Weight-row passes in blocks of one class and the scores in chunks of a few classes (so
+    bf16 dx is summed in fp32 over chunks, and the forward's kept products are read by chunk) give
+    the unchunked values, within TOL of float64."""
+    x = torch.randn(2, 48, 3, 5).to(dtype).requires_grad_()
+    weight = torch.randn(4, 11, 48, requires_grad=True)
+    assert ops.keeps_scores(x.flatten(2), 4, 11)                # 44 score rows <= 48 channels
+    temps = [1.0, 2.0, 4.0, math.inf]
+    g = torch.randn(2, 11)
+    runs = []
+    for row_block, chunk_elems in ((1 << 16, 1 << 20), (1, 4 * 2 * 15 * 3)):
+        monkeypatch.setattr(fallback, "ROW_BLOCK_ELEMS", row_block)
+        monkeypatch.setattr(fallback, "CHUNK_ELEMS", chunk_elems)
+        x.grad = weight.grad = None
+        y = csra_triton.csra(x, weight, temps, 0.2)
+        y.backward(g.to(dtype))
+        runs.append((y.detach(), x.grad, weight.grad))
+    assert ops._torch_chunk(4, 11, 2, 15) == 3
+    y64, dx, dw = ref64(x, weight, temps, 0.2, grad=g.to(dtype).float())
+    for y, gx, gw in runs:
+        assert rel_err(y, y64) <= TOL[dtype]
+        assert rel_err(gx, dx) <= TOL[dtype] and rel_err(gw, dw) <= TOL[dtype]
+    assert rel_err(runs[1][2], runs[0][2]) <= 1e-6        # the projection is row-local
+
+
+def test_x_matrix_copies_only_when_needed():
+    x = torch.randn(3, 8, 5)
+    tokens = torch.randn(3, 5, 8).transpose(1, 2)        # channels innermost
+    one = torch.randn(1, 8, 5)
+    for t in (x, tokens, one):
+        m = fallback.x_matrix(t, t.dtype)
+        assert torch.equal(m, t.permute(1, 0, 2).reshape(8, -1))
+    assert fallback.x_matrix(tokens, tokens.dtype).data_ptr() == tokens.data_ptr()
+    assert fallback.x_matrix(one, one.dtype).data_ptr() == one.data_ptr()
+    bf = fallback.x_matrix(x, torch.bfloat16)
+    assert bf.dtype == torch.bfloat16
+    assert torch.equal(bf, x.permute(1, 0, 2).reshape(8, -1).bfloat16())
+
+
+def test_forward_on_rounded_scores_stays_near_fp32(bf16_gemm):
+    """FWD_REFINE False (one bf16 GEMM): y moves by about one bf16 rounding of y."""
+    x = torch.randn(4, 256, 7, 7).bfloat16()
+    weight = torch.randn(4, 20, 256)
+    temps = [1.0, 2.0, 4.0, math.inf]
+    y64 = ref64(x, weight, temps, 0.1)
+    errs = {}
+    for refine in (False, True):
+        old = fallback.FWD_REFINE
+        fallback.FWD_REFINE = refine
+        try:
+            errs[refine] = rel_err(csra_triton.csra(x, weight, temps, 0.1), y64)
+        finally:
+            fallback.FWD_REFINE = old
+    assert errs[True] <= 2.0 ** -8 and errs[False] <= 2.0 ** -8 + 2.0 ** -9
+
+
+def test_max_head_gaps_below_two_gemms():
+    """Scores tied at the two GEMMs' resolution (~2^-17) over a true gap of 2^-22 relative: the
+    candidates are settled in float64, as the reference's argmax."""
+    D, N, C = 64, 5, 6
+    w = torch.ones(C, D)
+    w[:, 0] = 2.0 ** -14
+    x = torch.randn(1, D, N) * 0.01
+    x[:, 1:, :2] = 4.0
+    x[0, 0, 0], x[0, 0, 1] = 0.0, 1.0                   # W x differs by 2^-14 at ~252
+    w, x = w.bfloat16(), x.bfloat16()
+    inv_n = 1.0 / torch.linalg.vector_norm(w.float(), dim=-1)
+    s = fallback.products(w[None], x[0], torch.float32).view(C, 1, N) * inv_n[:, None, None]
+    s[..., 1] = s[..., 0]                               # as if tied at the GEMMs' resolution
+    want = (w.double() @ x[0].double()).argmax(-1).view(C, 1)
+    assert (want == 1).all()
+    assert torch.equal(fallback.exact_first_max(s, x, w, inv_n), want)

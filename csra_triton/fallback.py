@@ -220,8 +220,8 @@ def exact_first_max(sk, x, w_rows, inv_n, rel=2.0 ** -15, block=4096):
     (Cc, B, N) from the two bf16 GEMMs (``products``); w_rows (Cc, D) and x (B, D, N) are their
     bf16 operands, inv_n (Cc,) the rows' scales.
 
-    Two GEMMs resolve ~2^-18 |w||x| (plus fp32 accumulation, ~2^-18.5 at d=2048, typically); a
-    max head's argmax flips on smaller gaps, and one flipped position moves lam * g * Wn of dx
+    Two GEMMs resolve ~2^-17 |w||x| (the rounding of lo, plus fp32 accumulation, ~2^-18.5 at
+    d=2048, typically); a max head's argmax flips on smaller gaps, and one flipped position moves lam * g * Wn of dx
     (one flip in 19,210 rows gave 7.8e-3 relative error in dx and dW at
     openimages-r101-448@B=2, against 1.7e-3). Positions within ``rel`` |w_c| sqrt(D)
     max|x| (>= |w_c||x_bj|) of the row's maximum are candidates; rows with several are

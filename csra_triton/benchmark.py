@@ -285,7 +285,11 @@ def measure(shape: Shape, pass_: str, impl: str, device: torch.device, reps: int
     fn = bench.step(pass_)
     ms = time_ms(fn, device, reps=reps)            # warm-up inside: compile/autotune happen first
     mem = peak_mem_mb(fn, device)
-    err = bench.max_rel_err(pass_)
+    return _row(shape, pass_, impl, device, ms, mem, bench.max_rel_err(pass_))
+
+
+def _row(shape: Shape, pass_: str, impl: str, device: torch.device, ms: float,
+         mem: float | None, err: float) -> dict:
     row = dict(shape.row_fields(), **{"pass": pass_, "impl": impl, "median_ms": ms,
                                       "peak_mem_mb": mem, "max_rel_err": err})
     if shape.dtype == "float32" and device.type == "cuda":
@@ -313,17 +317,9 @@ def measure_interleaved(shape: Shape, pass_: str, impls: list[str], device: torc
             t0 = time.perf_counter()
             fn()
             times[i].append((time.perf_counter() - t0) * 1e3)
-    rows = []
-    for i, b in benches.items():
-        row = dict(shape.row_fields(), **{"pass": pass_, "impl": i,
-                                          "median_ms": statistics.median(times[i]),
-                                          "peak_mem_mb": None,
-                                          "max_rel_err": b.max_rel_err(pass_),
-                                          "interleaved": list(impls)})
-        if i == "triton":
-            row["backend"] = "torch-fallback"
-        rows.append(row)
-    return rows
+    return [dict(_row(shape, pass_, i, device, statistics.median(times[i]), None,
+                      b.max_rel_err(pass_)), interleaved=list(impls))
+            for i, b in benches.items()]
 
 
 # --------------------------------------------------------------------------- results files

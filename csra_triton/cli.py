@@ -130,40 +130,31 @@ def _bench(args) -> int:
     t0 = time.monotonic()
     rows, skipped, failed = [], [], []
     # Every eager and triton row first, then the compile rows (their compilation and autotuning
-    # is what a time budget may cut), headline first.
-    runs = [(s, p, i) for s in shapes for p in passes for i in impls if i != "compile"]
-    runs += [(s, p, "compile") for s in shapes for p in passes if "compile" in impls]
-    # On CPU the non-compile implementations of a shape and pass are timed in alternation
-    # (benchmark.measure_interleaved), so that the host's drift does not bias their ratio.
-    paired = [i for i in impls if i != "compile"] if device.type != "cuda" else []
-    if len(paired) > 1:
-        for shape in shapes:
-            for pass_ in passes:
-                try:
-                    pair_rows = bm.measure_interleaved(shape, pass_, paired, device, args.reps)
-                except Exception as exc:  # one failed run must not lose the others' results
-                    failed.append(f"{shape.name} {pass_} {'+'.join(paired)}: "
-                                  f"{type(exc).__name__}: {exc}"[:500])
-                    print(f"  {shape.name:28s} {pass_:8s} FAILED {failed[-1]}", flush=True)
-                    continue
-                for row in pair_rows:
-                    rows.append(row)
-                    print(f"  {shape.name:28s} {pass_:8s} {row['impl']:8s} "
-                          f"{row['median_ms']:10.4f} ms  err {row['max_rel_err']:.1e}", flush=True)
-        runs = [r for r in runs if r[2] not in paired]
-    for shape, pass_, impl in runs:
-        if impl == "compile" and args.budget_s and time.monotonic() - t0 > args.budget_s:
+    # is what a time budget may cut), headline first. On CPU the non-compile implementations of
+    # a shape and pass are timed in alternation (benchmark.measure_interleaved), so that the
+    # host's drift does not bias their ratio.
+    plain = [i for i in impls if i != "compile"]
+    groups = [plain] if device.type != "cuda" and len(plain) > 1 else [[i] for i in plain]
+    runs = [(s, p, g) for s in shapes for p in passes for g in groups]
+    runs += [(s, p, ["compile"]) for s in shapes for p in passes if "compile" in impls]
+    for shape, pass_, group in runs:
+        if group == ["compile"] and args.budget_s and time.monotonic() - t0 > args.budget_s:
             skipped.append(f"{shape.name} {pass_} compile")
             continue
         try:
-            row = bm.measure(shape, pass_, impl, device, reps=args.reps)
+            new_rows = (bm.measure_interleaved(shape, pass_, group, device, args.reps)
+                        if len(group) > 1 else
+                        [bm.measure(shape, pass_, group[0], device, reps=args.reps)])
         except Exception as exc:  # one failed run must not lose the others' results
-            failed.append(f"{shape.name} {pass_} {impl}: {type(exc).__name__}: {exc}"[:500])
-            print(f"  {shape.name:28s} {pass_:8s} {impl:8s} FAILED {failed[-1]}", flush=True)
+            failed.append(f"{shape.name} {pass_} {'+'.join(group)}: "
+                          f"{type(exc).__name__}: {exc}"[:500])
+            print(f"  {shape.name:28s} {pass_:8s} {'+'.join(group):8s} FAILED {failed[-1]}",
+                  flush=True)
             continue
-        rows.append(row)
-        print(f"  {shape.name:28s} {pass_:8s} {impl:8s} {row['median_ms']:10.4f} ms  "
-              f"err {row['max_rel_err']:.1e}", flush=True)
+        for row in new_rows:
+            rows.append(row)
+            print(f"  {shape.name:28s} {pass_:8s} {row['impl']:8s} {row['median_ms']:10.4f} ms  "
+                  f"err {row['max_rel_err']:.1e}", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     e2e = []

@@ -188,7 +188,7 @@ def _softmax(s, t_fin):
     return zmax, l_c, p.div_(l_c)
 
 
-def fwd(x, weight, temps, lam, normalize, chunk, outs, refine=None, kept=None):
+def fwd(x, weight, temps, lam, normalize, chunk, outs, kept=None):
     """Fills and returns ``outs`` = (y (B, C), m, l, att (B, H, C), argmax (B, H, C) int32,
     inv_n (H, C)): the kernel's state, in base 2 (z = T log2(e) s, m = max_j z_j,
     l = sum_j 2^(z_j - m)). ``kept`` (H*C, B*N) in the GEMM dtype, if given, receives the
@@ -198,11 +198,10 @@ def fwd(x, weight, temps, lam, normalize, chunk, outs, refine=None, kept=None):
     acc = inv_n.dtype
     inv_norms(weight, normalize, acc, out=inv_n)
     operands = gemm_operands(x, weight)
-    refine = FWD_REFINE if refine is None else refine
     for c0 in range(0, C, chunk):
         c1 = min(C, c0 + chunk)
         keep = None if kept is None else kept.view(weight.shape[0], C, -1)[:, c0:c1]
-        s, is_max, t_fin = scores(x, weight, temps, inv_n, c0, c1, acc, refine, operands,
+        s, is_max, t_fin = scores(x, weight, temps, inv_n, c0, c1, acc, FWD_REFINE, operands,
                                   keep=keep)
         zmax, l_c, p = _softmax(s, t_fin)                           # (H, Cc, B, 1|N)
         best, best_j = s.max(dim=-1)
@@ -221,9 +220,9 @@ def exact_first_max(sk, x, w_rows, inv_n, rel=2.0 ** -15, block=4096):
     bf16 operands, inv_n (Cc,) the rows' scales.
 
     Two GEMMs resolve ~2^-17 |w||x| (the rounding of lo, plus fp32 accumulation, ~2^-18.5 at
-    d=2048, typically); a max head's argmax flips on smaller gaps, and one flipped position moves lam * g * Wn of dx
-    (one flip in 19,210 rows gave 7.8e-3 relative error in dx and dW at
-    openimages-r101-448@B=2, against 1.7e-3). Positions within ``rel`` |w_c| sqrt(D)
+    d=2048, typically); a max head's argmax flips on smaller gaps, and one flipped position
+    moves lam * g * Wn of dx (one flip in 19,210 rows gave 7.8e-3 relative error in dx and dW
+    at openimages-r101-448@B=2, against 1.7e-3). Positions within ``rel`` |w_c| sqrt(D)
     max|x| (>= |w_c||x_bj|) of the row's maximum are candidates; rows with several are
     settled in float64 on the candidates alone (products of bf16 are exact there), in blocks
     of ``block`` pairs."""
@@ -231,11 +230,11 @@ def exact_first_max(sk, x, w_rows, inv_n, rel=2.0 ** -15, block=4096):
     # |x_bj| <= sqrt(D) max|x|: one pass over bf16 x (aminmax: 47 us at 2x2048x196, against
     # 112 for abs().amax() and 2 ms for fp32 column norms)
     lo_x, hi_x = torch.aminmax(x)
-    x_max = torch.maximum(hi_x, -lo_x).float().expand(x.shape[0]) * math.sqrt(x.shape[1])
+    x_max = torch.maximum(hi_x, -lo_x).float() * math.sqrt(x.shape[1])
     # row norms of bf16 w in bf16 (converting the rows cost 2.3 ms a chunk at 9,605 classes),
     # with a margin for their rounding
     w_norm = torch.linalg.vector_norm(w_rows, dim=-1).float() * (1 + 2.0 ** -7)
-    slack = rel * (inv_n * w_norm)[:, None, None] * x_max[None, :, None]
+    slack = (rel * x_max) * (inv_n * w_norm)[:, None, None]
     cand = sk >= sk.amax(-1, keepdim=True) - slack                    # (Cc, B, N)
     rows = (cand.sum(-1) > 1).nonzero()                                # (r, 2): class, batch
     if rows.numel() == 0:
@@ -261,9 +260,10 @@ def ds_chunk(x, weight, temps, grad_y, inv_n, lam, c0, c1, out, operands=None, h
     bf16 path runs one GEMM (``lo``) instead of two, and the fp32 path none."""
     B, D, N = x.shape
     acc = inv_n.dtype
+    operands = operands or gemm_operands(x, weight)
+    x2, w_chunk = operands
     s, is_max, t_fin = scores(x, weight, temps, inv_n, c0, c1, acc, True, operands, hi)
     max_heads = [k for k, t in enumerate(temps.tolist()) if math.isinf(t)]
-    x2, w_chunk = operands or gemm_operands(x, weight)
     if x2.dtype == torch.bfloat16 and max_heads:
         w_rows = w_chunk(c0, c1)
         best_j = {k: exact_first_max(s[k], x, w_rows[k], inv_n[k, c0:c1]) for k in max_heads}

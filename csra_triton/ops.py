@@ -431,11 +431,7 @@ def _(x, weight, temperatures, lam, normalize):
     acc = acc_dtype(x.dtype)
     state = [x.new_empty((B, H, C), dtype=acc) for _ in range(3)]
     return (x.new_empty((B, C)), *state, x.new_empty((B, H, C), dtype=torch.int32),
-            x.new_empty((H, C), dtype=acc), _kept_scores(x, H, C, _fake_new))
-
-
-def _fake_new(shape, dtype, device):
-    return torch.empty(shape, dtype=dtype, device=device)
+            x.new_empty((H, C), dtype=acc), _kept_scores(x, H, C, empty))
 
 
 @torch.library.custom_op("csra_triton::csra_bwd", mutates_args=(), tags=_TAGS)

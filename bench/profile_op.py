@@ -14,7 +14,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from csra_triton import benchmark as bm
-from csra_triton import ops
+from csra_triton import common
+from csra_triton import triton_impl as ti
 
 
 def host_us(fn, n=200):
@@ -43,13 +44,13 @@ def main(spec: str) -> None:
         b = bm.Bench(shape, "triton", dev, n_sets=1)
         x3, w = b.xs[0].flatten(2), b.weight0
         H, C = shape.heads, shape.C
-        params = ops.params_tensor(bm.temperatures(H), 0.1, ops.acc_dtype(x3.dtype), dev)
-        outs = ops.fwd_outputs(x3, H, C, ops.empty)
-        w_op, inv_n = ops.prep_weight(x3, w, True, outs[5])
-        cfg = ops.fwd_config(x3, H, C, shape.d, shape.N)
+        params = ti.params_tensor(bm.temperatures(H), 0.1, common.acc_dtype(x3.dtype), dev)
+        outs = common.fwd_outputs(x3, H, C, common.empty)
+        w_op, inv_n = ti.prep_weight(x3, w, True, outs[5])
+        cfg = ti.fwd_config(x3, H, C, shape.d, shape.N)
         parts = {
-            "prep launch": lambda: ops.prep_weight(x3, w, True, outs[5]),
-            "fwd launch": lambda: ops._fwd_launch(x3, w_op, inv_n, params, outs, cfg, H),
+            "prep launch": lambda: ti.prep_weight(x3, w, True, outs[5]),
+            "fwd launch": lambda: ti.fwd_call(x3, w_op, inv_n, params, outs, cfg, H).run(),
             "op csra_fwd": lambda: torch.ops.csra_triton.csra_fwd(x3, w, bm.temperatures(H),
                                                                   0.1, True),
         }

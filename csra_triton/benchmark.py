@@ -27,113 +27,17 @@ from typing import Callable
 import torch
 
 from . import fallback, ops
+from .common import rel_err
 from .module import CSRATriton
-from .reference import MHA, OFFICIAL_TEMPERATURES, as_operand, csra_reference
+from .reference import MHA, as_operand, csra_reference
+from .shapes import (CEILINGS, CPU_DEFAULT, HEADLINE, SHAPES, TINY, Shape,  # noqa: F401 - re-exported
+                     gpu_tag, parse_shapes, temperatures)
 
-IMPLS = ("eager", "compile", "triton")
+#: The official head eager, compiled, compiled with CUDA graphs (``mode="reduce-overhead"``);
+#: CSRATriton eager and under the same two compile modes: every setting compares like with like.
+IMPLS = ("eager", "compile", "compile-cg", "triton", "triton-compile", "triton-compile-cg")
 PASSES = ("fwd", "fwd+bwd")
 COMPILE_MODE = os.environ.get("CSRA_BENCH_COMPILE_MODE", "max-autotune-no-cudagraphs")
-
-#: Measured ceilings (shared DESIGN.md §3): dense bf16/fp16 TFLOP/s (TF32 is half), copy TB/s.
-CEILINGS = {"h100": dict(tflops=798.0, tbps=3.0), "h200": dict(tflops=790.0, tbps=4.3)}
-
-
-@dataclasses.dataclass(frozen=True)
-class Shape:
-    name: str
-    B: int
-    d: int
-    h: int
-    w: int
-    C: int
-    heads: int
-    dtype: str = "bfloat16"
-
-    @property
-    def N(self) -> int:
-        return self.h * self.w
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.dtype)
-
-    def fwd_flops(self) -> float:
-        return 2.0 * self.B * self.heads * self.C * self.d * self.N
-
-    def fwd_bytes(self) -> float:
-        """x and the weight read once, y written once, all in the benchmark dtype."""
-        size = torch.empty((), dtype=self.torch_dtype).element_size()
-        return size * (self.B * self.d * self.N + self.heads * self.C * self.d + self.B * self.C)
-
-    def floor_ms(self, pass_: str, gpu: str) -> float | None:
-        """max(FLOPs / rate, bytes / bandwidth); fwd+bwd is four forward-sized GEMMs (DESIGN §3)."""
-        ceil = CEILINGS.get(gpu)
-        if ceil is None:
-            return None
-        rate = ceil["tflops"] * (0.5 if self.dtype == "float32" else 1.0) * 1e12
-        fwd = max(self.fwd_flops() / rate, self.fwd_bytes() / (ceil["tbps"] * 1e12)) * 1e3
-        return fwd if pass_ == "fwd" else 4.0 * fwd
-
-    def row_fields(self) -> dict:
-        return dict(shape=self.name, B=self.B, d=self.d, h=self.h, w=self.w, C=self.C,
-                    heads=self.heads, dtype=self.dtype)
-
-
-SHAPES = {s.name: s for s in [
-    Shape("coco-r101-448", 64, 2048, 14, 14, 80, 4),
-    Shape("voc-r101-448", 64, 2048, 14, 14, 20, 1),
-    Shape("coco-vitl16-448", 32, 1024, 28, 28, 80, 8),
-    Shape("openimages-r101-448", 32, 2048, 14, 14, 9605, 4),
-    Shape("latency-r101-224", 1, 2048, 7, 7, 80, 4),
-    Shape("coco-r101-448-fp32", 64, 2048, 14, 14, 80, 4, "float32"),
-]}
-HEADLINE = "coco-r101-448"
-#: What the CPU runs by default: the real latency shape and the headline at a small batch.
-CPU_DEFAULT = "latency-r101-224,coco-r101-448@B=2"
-#: CI smoke shapes: every code path at sizes the interpreter and a 2-core CPU finish quickly.
-TINY = "coco-r101-448@B=2@d=32@h=3@w=3@C=5,latency-r101-224@d=16@C=3"
-
-
-def parse_shapes(spec: str) -> list[Shape]:
-    """Comma-separated names, each optionally followed by ``@field=value`` overrides
-    (``coco-r101-448@B=8@C=9605``). ``all`` means every DESIGN shape."""
-    out = []
-    for item in (s.strip() for s in spec.split(",") if s.strip()):
-        if item == "all":
-            out.extend(SHAPES.values())
-            continue
-        name, *overrides = item.split("@")
-        if name not in SHAPES:
-            raise ValueError(f"--shapes: unknown shape {name!r}; known: {', '.join(SHAPES)}")
-        shape = SHAPES[name]
-        changes = {}
-        for ov in overrides:
-            key, _, val = ov.partition("=")
-            if key not in ("B", "d", "h", "w", "C", "heads", "dtype") or not val:
-                raise ValueError(f"--shapes: bad override {ov!r} in {item!r} "
-                                 f"(expected B=, d=, h=, w=, C=, heads= or dtype=)")
-            changes[key] = val if key == "dtype" else int(val)
-        if changes:
-            suffix = "@".join(f"{k}={v}" for k, v in changes.items())
-            shape = dataclasses.replace(shape, name=f"{name}@{suffix}", **changes)
-        out.append(shape)
-    return out
-
-
-def gpu_tag(device: torch.device) -> str:
-    """'h100', 'h200', another short card name, or 'cpu'."""
-    if device.type != "cuda":
-        return "cpu"
-    name = torch.cuda.get_device_name(device).lower()
-    for tag in ("h100", "h200", "a100", "l40s", "l4", "a10"):
-        if tag in name:
-            return tag
-    return "".join(ch for ch in name.split()[-1] if ch.isalnum()) or "gpu"
-
-
-def temperatures(heads: int) -> list[float]:
-    return [math.inf if t == 99 else float(t) for t in OFFICIAL_TEMPERATURES[heads]]
-
 
 # --------------------------------------------------------------------------- implementations
 
@@ -152,14 +56,20 @@ class Bench:
         # Weight rows like a trained head: kaiming-uniform scale, in the benchmark dtype.
         w = (torch.rand(shape.heads, shape.C, shape.d, generator=gen) * 2 - 1) / math.sqrt(shape.d)
         self.weight0 = w.to(device=device, dtype=dt)
-        if impl == "triton":
+        self.ours = impl.startswith("triton")
+        self.graphs = impl.endswith("-cg") and device.type == "cuda"
+        if self.ours:
             m = CSRATriton(shape.d, shape.C, shape.heads, lam, temps)
             m.weight.data = self.weight0.clone()
         else:
             m = MHA.from_weight(self.weight0.clone(), temps, lam)
         self.module = m.to(device)
-        self.fn_module = (torch.compile(self.module, mode=_compile_mode(device))
-                          if impl == "compile" else self.module)
+        if "compile" in impl:
+            mode = "reduce-overhead" if impl.endswith("-cg") else _compile_mode(device)
+            self.fn_module = torch.compile(self.module, mode=mode if device.type == "cuda"
+                                           else None)
+        else:
+            self.fn_module = self.module
         if n_sets is None:  # rotate so that L2 (50-60 MB on H100/H200) cannot hold the inputs
             x_bytes = shape.B * shape.d * shape.N * torch.empty((), dtype=dt).element_size()
             n_sets = 2 if device.type != "cuda" else max(2, min(4, math.ceil(150e6 / x_bytes)))
@@ -170,7 +80,7 @@ class Bench:
         self._i = 0
 
     def weight_grad(self) -> torch.Tensor:
-        if self.impl == "triton":
+        if self.ours:
             return self.module.weight.grad
         return torch.stack([h.head.weight.grad.view(self.shape.C, self.shape.d)
                             for h in self.module.multi_head])
@@ -187,9 +97,11 @@ class Bench:
         """The callable that is timed: one pass over the next input set."""
         xs, gs, f = self.xs, self.gs, self.fn_module
 
+        mark = torch.compiler.cudagraph_mark_step_begin if self.graphs else (lambda: None)
         if pass_ == "fwd":
             def run():
                 i = self._i = (self._i + 1) % len(xs)
+                mark()
                 with torch.no_grad(), self._backend():
                     f(xs[i])
         else:
@@ -198,6 +110,7 @@ class Bench:
 
             def run():
                 i = self._i = (self._i + 1) % len(xs)
+                mark()
                 with self._backend():
                     f(xs[i]).backward(gs[i])
                 xs[i].grad = None
@@ -229,15 +142,6 @@ class Bench:
 def _compile_mode(device: torch.device) -> str | None:
     # max-autotune's GEMM search needs a GPU; on CPU the default mode compiles in seconds.
     return COMPILE_MODE if device.type == "cuda" else None
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64; inf if out has a non-finite value."""
-    out, ref = out.detach().double(), ref.detach().double()
-    if not torch.isfinite(out).all():
-        return math.inf
-    den = ref.norm().item()
-    return (out - ref).norm().item() / den if den else (out - ref).norm().item()
 
 
 # --------------------------------------------------------------------------- measurement
@@ -279,23 +183,55 @@ def peak_mem_mb(fn: Callable[[], None], device: torch.device) -> float | None:
     return (torch.cuda.max_memory_allocated(device) - base) / 1e6
 
 
+def host_us(fn: Callable[[], None], device: torch.device, n: int = 20) -> float:
+    """CPU time of the issuing thread per call, ``n`` calls issued back to back with no
+    synchronisation inside the timed loop (one after it): what the host spends per call, which
+    bounds a step's wall time when the device work is shorter."""
+    sync(device)
+    t0 = time.thread_time_ns()
+    for _ in range(n):
+        fn()
+    t1 = time.thread_time_ns()
+    sync(device)
+    return (t1 - t0) / n / 1e3
+
+
+def device_us(fn: Callable[[], None], device: torch.device, n: int = 5) -> float | None:
+    """Sum of the device kernels' times per call (torch.profiler); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        sync(device)
+    total = sum(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+                for e in prof.key_averages())
+    return total / n
+
+
 def measure(shape: Shape, pass_: str, impl: str, device: torch.device, reps: int = 10) -> dict:
     """One results row (DESIGN §4), measured now."""
     bench = Bench(shape, impl, device)
     fn = bench.step(pass_)
     ms = time_ms(fn, device, reps=reps)            # warm-up inside: compile/autotune happen first
     mem = peak_mem_mb(fn, device)
-    return _row(shape, pass_, impl, device, ms, mem, bench.max_rel_err(pass_))
+    return _row(shape, pass_, impl, device, ms, mem, bench.max_rel_err(pass_),
+                host_us(fn, device), device_us(fn, device))
 
 
 def _row(shape: Shape, pass_: str, impl: str, device: torch.device, ms: float,
-         mem: float | None, err: float) -> dict:
+         mem: float | None, err: float, host: float | None = None,
+         dev: float | None = None) -> dict:
     row = dict(shape.row_fields(), **{"pass": pass_, "impl": impl, "median_ms": ms,
-                                      "peak_mem_mb": mem, "max_rel_err": err})
+                                      "peak_mem_mb": mem, "max_rel_err": err,
+                                      "host_us": host, "device_us": dev})
     if shape.dtype == "float32" and device.type == "cuda":
         row["tf32"] = dict(matmul=torch.backends.cuda.matmul.allow_tf32,
                            cudnn=torch.backends.cudnn.allow_tf32)
-    if device.type != "cuda" and impl == "triton":
+    if device.type != "cuda" and impl.startswith("triton"):
         row["backend"] = "torch-fallback"
     return row
 
@@ -318,7 +254,7 @@ def measure_interleaved(shape: Shape, pass_: str, impls: list[str], device: torc
             fn()
             times[i].append((time.perf_counter() - t0) * 1e3)
     return [dict(_row(shape, pass_, i, device, statistics.median(times[i]), None,
-                      b.max_rel_err(pass_)), interleaved=list(impls))
+                      b.max_rel_err(pass_), host_us(fns[i], device)), interleaved=list(impls))
             for i, b in benches.items()]
 
 
@@ -393,6 +329,26 @@ def summary_table(rows: list[dict], gpu: str) -> str:
         lines.append(f"| {name} | {pass_} | {ms('eager')} | {ms('compile')} | {ms('triton')} | "
                      f"{speed['eager']} | {speed['compile']} | {floor} | "
                      f"{mem('eager')} / {mem('compile')} / {mem('triton')} | {err} |")
+    return "\n".join(lines)
+
+
+def host_table(rows: list[dict]) -> str:
+    """Markdown: per shape, pass and impl, wall ms, host µs per call (issuing thread) and device
+    µs per call (kernel time), and for the compiled CSRATriton rows the ratio to the official
+    head under the same compile mode."""
+    by = {(r["shape"], r["pass"], r["impl"]): r for r in rows}
+    lines = ["| shape | pass | impl | ms | host µs | device µs | vs official, same mode |",
+             "|---|---|---|---|---|---|---|"]
+    for (name, pass_, impl), r in by.items():
+        base = {"triton": "eager", "triton-compile": "compile",
+                "triton-compile-cg": "compile-cg"}.get(impl)
+        b = by.get((name, pass_, base)) if base else None
+        ratio = f"{b['median_ms'] / r['median_ms']:.2f}×" if b else ""
+
+        def fmt(v):
+            return "—" if v is None else f"{v:.1f}"
+        lines.append(f"| {name} | {pass_} | {impl} | {r['median_ms']:.4f} | "
+                     f"{fmt(r.get('host_us'))} | {fmt(r.get('device_us'))} | {ratio} |")
     return "\n".join(lines)
 
 

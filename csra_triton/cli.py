@@ -108,6 +108,8 @@ def _verify(args) -> int:
 def _bench(args) -> int:
     from pathlib import Path
 
+    if args.host:
+        return _bench_host(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = bm.gpu_tag(device)
     shapes = bm.parse_shapes(args.shapes or ("all" if device.type == "cuda" else bm.CPU_DEFAULT))
@@ -133,13 +135,17 @@ def _bench(args) -> int:
     # is what a time budget may cut), headline first. On CPU the non-compile implementations of
     # a shape and pass are timed in alternation (benchmark.measure_interleaved), so that the
     # host's drift does not bias their ratio.
-    plain = [i for i in impls if i != "compile"]
+    for i in impls:
+        if i not in bm.IMPLS:
+            raise SystemExit(f"--impls: expected some of {', '.join(bm.IMPLS)}, got {i!r}")
+    plain = [i for i in impls if "compile" not in i]
+    compiled = [i for i in impls if "compile" in i]
     groups = [plain] if device.type != "cuda" and len(plain) > 1 else [[i] for i in plain]
     runs = [(s, p, g) for s in shapes for p in passes for g in groups]
-    runs += [(s, p, ["compile"]) for s in shapes for p in passes if "compile" in impls]
+    runs += [(s, p, [c]) for c in compiled for s in shapes for p in passes]
     for shape, pass_, group in runs:
-        if group == ["compile"] and args.budget_s and time.monotonic() - t0 > args.budget_s:
-            skipped.append(f"{shape.name} {pass_} compile")
+        if group[0] in compiled and args.budget_s and time.monotonic() - t0 > args.budget_s:
+            skipped.append(f"{shape.name} {pass_} {group[0]}")
             continue
         try:
             new_rows = (bm.measure_interleaved(shape, pass_, group, device, args.reps)
@@ -153,8 +159,12 @@ def _bench(args) -> int:
             continue
         for row in new_rows:
             rows.append(row)
-            print(f"  {shape.name:28s} {pass_:8s} {row['impl']:8s} {row['median_ms']:10.4f} ms  "
-                  f"err {row['max_rel_err']:.1e}", flush=True)
+            host = row.get("host_us")
+            dev = row.get("device_us")
+            print(f"  {shape.name:28s} {pass_:8s} {row['impl']:17s} {row['median_ms']:10.4f} ms  "
+                  f"host {host if host is None else round(host, 1)} µs  device "
+                  f"{dev if dev is None else round(dev, 1)} µs  err {row['max_rel_err']:.1e}",
+                  flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     e2e = []
@@ -185,6 +195,8 @@ def _bench(args) -> int:
           + f"{doc['device']}{' (' + doc['cpu'] + ')' if 'cpu' in doc else ''}, {doc['date']}, "
           f"commit {doc['commit'][:12]}")
     print(bm.summary_table(rows, gpu))
+    print()
+    print(bm.host_table(rows))
     if e2e:
         print(bm.e2e_table(e2e))
     if failed:
@@ -280,8 +292,25 @@ def _maps(args) -> int:
     return 0
 
 
+def _bench_host(args) -> int:
+    from . import hostpath
+
+    shapes = bm.parse_shapes(args.shapes or "coco-r101-448,latency-r101-224")
+    layouts = [v for v in args.layouts.split(",") if v]
+    for v in layouts:
+        if v not in ("nchw", "channels_last", "tokens"):
+            raise SystemExit(f"--layouts: expected some of nchw, channels_last, tokens, got {v!r}")
+    print("host path: the op's GPU path on small CPU tensors (real H, C, D; B=2, N=4) with "
+          "every Triton launch stubbed; launches = Triton + outermost ATen kernels; host µs = "
+          "median per call on this CPU (ATen's small CPU kernels included)")
+    print(hostpath.table(hostpath.report(shapes, layouts, reps=args.reps)))
+    return 0
+
+
 def _tune(args) -> int:
+    from . import triton_impl as ti
     from . import tuning
+    from .common import acc_dtype, empty, fwd_outputs
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes = bm.parse_shapes(args.shapes or "coco-r101-448,latency-r101-224")
@@ -305,21 +334,22 @@ def _tune(args) -> int:
         x3, w = b.xs[0].flatten(2), b.weight0
         H, C, D, N, B = shape.heads, shape.C, shape.d, shape.N, shape.B
         size = x3.element_size()
-        params = ops.params_tensor(bm.temperatures(H), 0.1, ops.acc_dtype(x3.dtype), device)
-        outs = ops.fwd_outputs(x3, H, C, ops.empty)
-        w_op, inv_n = ops.prep_weight(x3, w, True, outs[5])
+        params = ti.params_tensor(bm.temperatures(H), 0.1, acc_dtype(x3.dtype), device)
+        outs = fwd_outputs(x3, H, C, empty)
+        w_op, inv_n = ti.prep_weight(x3, w, True, outs[5])
         fwd_best = tuning.default_config(H, C, D, N, size, cc)
         for kernel in kernels:
             if kernel == "fwd":
                 space = tuning.config_space("fwd", H, C, D, N, size, cc=cc)
-                bench = ops.fwd_bench(x3, w, params, outs)
+                bench = ti.fwd_bench(x3, w, params, outs)
             else:
-                ops._fwd_launch(x3, w_op, inv_n, params, outs, fwd_best, H)
-                chunk = ops._chunk(H, C, B, N, fwd_best.BC)
+                ti.fwd_call(x3, w_op, inv_n, params, outs, fwd_best, H).run()
+                chunk = ti.ds_chunk_classes(H, C, B, N, fwd_best.BC)
                 ws = torch.empty(H * chunk * B * N, dtype=x3.dtype, device=device)
                 space = tuning.config_space("bwd", H, C, D, N, size, fwd_best.tiles(), cc)
-                bench = ops.ds_bench(x3, w_op, inv_n, params, b.gs[0], outs[1:5], chunk, ws)
-            space, known = tuning.drop_known_spills(space, kernel, shape, x3.dtype, cc)
+                bench = ti.ds_bench(x3, w_op, inv_n, params, b.gs[0], outs[1:5], chunk, ws)
+            space, known = tuning.drop_known_spills(space, kernel, shape, x3.dtype, cc,
+                                                    ti.kernel_source(kernel))
             rejected = [(c, "spills (compile report cache)") for c in known]
             results = tuning.sweep(space, bench, args.budget_s, rejected)
             default_ms = next((ms for c, ms in results if c == space[0]), float("nan"))
@@ -396,12 +426,19 @@ def main(argv=None) -> int:
                    help="comma-separated names, 'all', or name@B=8@C=9605 overrides "
                         "(default: all on CUDA, a CPU set on CPU)")
     b.add_argument("--pass", dest="passes", default="fwd,fwd+bwd")
-    b.add_argument("--impls", default=None, help="subset of eager,compile,triton")
+    b.add_argument("--impls", default=None,
+                   help="subset of " + ",".join(bm.IMPLS) + " (default: all on CUDA, "
+                        "eager,triton on CPU)")
     b.add_argument("--out", default="bench/results", help="folder for the results JSON")
     b.add_argument("--plot", action="store_true", help="also write PNG plots (matplotlib)")
     b.add_argument("--reps", type=int, default=10, help="timed repetitions on CPU")
     b.add_argument("--budget-s", type=float, default=None,
                    help="skip compile runs that would start after this many seconds")
+    b.add_argument("--host", action="store_true",
+                   help="the GPU path's host work without a GPU: launches (Triton + ATen) and "
+                        "host µs per call with launches stubbed (csra_triton.hostpath)")
+    b.add_argument("--layouts", default="nchw,tokens",
+                   help="with --host: comma list of nchw, channels_last, tokens")
     b.add_argument("--e2e", action="store_true",
                    help="also time one ResNet-101 training step (448, B=32, bf16 autocast) with "
                         "the official head and with CSRATriton, eager and compiled (CUDA and "
@@ -431,7 +468,8 @@ def main(argv=None) -> int:
     i.add_argument("--shapes", default="all", help="shape names as for bench (default: all)")
     i.add_argument("--dtypes", default=None,
                    help="comma list of fp16,bf16,fp32,fp64 (default: each shape's own)")
-    i.add_argument("--kernels", default="prep,fwd,ds", help="comma list of prep, fwd, ds")
+    i.add_argument("--kernels", default="prep,fwd,ds,proj",
+                   help="comma list of prep, fwd, ds, proj")
     i.add_argument("--all-configs", action="store_true",
                    help="the whole tuning space of each shape, not only its default config")
     i.add_argument("--json", default=None, help="also write the rows to this JSON file")

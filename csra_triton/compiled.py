@@ -1,7 +1,7 @@
 """Compile report: every kernel the package launches, compiled for a GPU that need not be here.
 
 ``python -m csra_triton inspect`` (and tests/test_compiled.py) build the exact launches of
-``ops.prep_call`` / ``ops.fwd_call`` / ``ops.ds_call`` for a DESIGN shape on CPU tensors, compile
+``triton_impl.prep_call`` / ``fwd_call`` / ``ds_call`` for a DESIGN shape on CPU tensors, compile
 them with Triton's own compiler for ``sm_90a`` (H100/H200) or ``sm_80`` (A100), and read back:
 
 * registers and spill (stack) bytes: ``cuobjdump -res-usage`` on the cubin (the tool ships in
@@ -28,11 +28,15 @@ from pathlib import Path
 
 import torch
 
-from . import ops, tuning
-from .benchmark import SHAPES, Shape
+from . import triton_impl, tuning
+from .common import acc_dtype, empty, fwd_outputs
+from .shapes import SHAPES, Shape, parse_shapes
+from .tuning import inspect_key as _key, load_inspect_cache as _load_cache, save_inspect_cache as _save_cache
 
 ARCHS = {"sm_90a": 90, "sm_80": 80}
-KERNELS = ("prep", "fwd", "ds")
+KERNELS = ("prep", "fwd", "ds", "proj")
+#: Kernels without a product (elementwise over weight rows): no MMA, one config.
+ROW_KERNELS = ("prep", "proj")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
           "fp64": torch.float64}
 
@@ -52,15 +56,13 @@ def _tool(name: str) -> str:
 
 
 def _triton_version() -> str:
-    import triton
-
-    return triton.__version__
+    return tuning.triton_version()
 
 
 # --------------------------------------------------------------------------- compiling
 
 
-def compile_call(call: ops.Call, arch: str) -> dict:
+def compile_call(call: triton_impl.Call, arch: str) -> dict:
     """Compiles one launch for ``arch``; returns regs, spill_bytes, smem_bytes, mma."""
     import triton
     from triton._C.libtriton import native_specialize_impl
@@ -115,20 +117,23 @@ def _calls(shape: Shape, dtype: torch.dtype, cfg: tuning.Config, kernels=KERNELS
     x = torch.empty(B, D, N, dtype=dtype)
     weight = torch.empty(H, C, D, dtype=torch.float32)
     w_op = torch.empty(H * C, D, dtype=dtype)
-    outs = ops.fwd_outputs(x, H, C, ops.empty)
+    outs = fwd_outputs(x, H, C, empty)
     inv_n = outs[5]
-    params = torch.empty(H + 2, dtype=ops.acc_dtype(dtype))
+    params = torch.empty(H + 2, dtype=acc_dtype(dtype))
     out = {}
     if "prep" in kernels:
-        out["prep"] = ops.prep_call(x, weight, True, w_op, inv_n, gpu=True)
+        out["prep"] = triton_impl.prep_call(x, weight, True, w_op, inv_n, on_gpu=True)
     if "fwd" in kernels:
-        out["fwd"] = ops.fwd_call(x, w_op, inv_n, params, outs, cfg, H, gpu=True)
+        out["fwd"] = triton_impl.fwd_call(x, w_op, inv_n, params, outs, cfg, H, on_gpu=True)
     if "ds" in kernels:
-        chunk = ops._chunk(H, C, B, N, cfg.BC)
+        chunk = triton_impl.ds_chunk_classes(H, C, B, N, cfg.BC)
         ws = torch.empty(H, chunk, B, N, dtype=dtype)
         g = torch.empty(B, C, dtype=dtype)
-        out["ds"] = ops.ds_call(x, w_op, inv_n, params, g, outs[1:5], 0, chunk, ws, cfg, H,
-                                gpu=True)
+        out["ds"] = triton_impl.ds_call(x, w_op, inv_n, params, g, outs[1:5], 0, chunk, ws, cfg,
+                                        H, on_gpu=True)
+    if "proj" in kernels:
+        G = torch.empty(H * C, D, dtype=dtype)
+        out["proj"] = triton_impl.proj_call(G, weight, inv_n, torch.empty_like(weight), True)
     return out
 
 
@@ -154,6 +159,9 @@ def model(kernel: str, shape: Shape, dtype: torch.dtype, cfg: tuning.Config) -> 
     if kernel == "prep":
         hbm = R * D * (4 + xs) + R * acc                    # fp32 weight in, w_op and inv_n out
         return _floor(0.0, hbm, hbm, dtype, cfg)
+    if kernel == "proj":            # G (x's dtype) and the fp32 weight read twice, dW written
+        hbm = R * D * (xs + 4 + 4) + R * acc
+        return _floor(0.0, hbm + R * D * (xs + 4), hbm, dtype, cfg)
     hp = tuning.pow2(H)
     rows_tile = hp * cfg.BC
     n_cb = -(-C // cfg.BC)
@@ -189,35 +197,6 @@ def _floor(flops, sm, hbm, dtype, cfg) -> dict:
 # --------------------------------------------------------------------------- the report
 
 
-def _cache_path() -> Path:
-    env = os.environ.get("CSRA_TRITON_INSPECT_CACHE")
-    return Path(env) if env else tuning.cache_path().with_name("inspect.json")
-
-
-def _key(kernel, arch, shape: Shape, dtype, cfg, source: str) -> str:
-    """Triton version, the kernel's source hash (its own and its callees'), target, problem."""
-    return "|".join([_triton_version(), source[:16], kernel, arch, tuning.make_key(
-        kernel, shape.heads, shape.C, shape.d, shape.N, dtype), f"B={shape.B}", cfg.label()])
-
-
-def _load_cache() -> dict:
-    try:
-        return json.loads(_cache_path().read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def _save_cache(cache: dict) -> None:
-    path = _cache_path()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cache, indent=0, sort_keys=True) + "\n")
-        tmp.replace(path)
-    except OSError:
-        pass   # a read-only home: the report still prints
-
-
 def report(shapes: list[Shape], archs=tuple(ARCHS), dtypes=None, all_configs=False,
            kernels=KERNELS, progress=None) -> list[dict]:
     """One row per (kernel, arch, shape, dtype, config): compiled resources and the model."""
@@ -233,7 +212,7 @@ def report(shapes: list[Shape], archs=tuple(ARCHS), dtypes=None, all_configs=Fal
                 configs = (tuning.config_space("fwd", H, C, D, N, size, cc=cc) if all_configs
                            else [default])
                 for cfg in configs:
-                    wanted = [k for k in kernels if k != "prep" or cfg == default]
+                    wanted = [k for k in kernels if k not in ROW_KERNELS or cfg == default]
                     for kernel, call in _calls(shape, dtype, cfg, wanted).items():
                         key = _key(kernel, arch, shape, dtype, cfg, call.kernel.cache_key)
                         if key not in cache:
@@ -241,8 +220,7 @@ def report(shapes: list[Shape], archs=tuple(ARCHS), dtypes=None, all_configs=Fal
                             _save_cache(cache)
                         row = dict(kernel=kernel, arch=arch, shape=shape.name,
                                    dtype=str(dtype).replace("torch.", ""),
-                                   config=cfg.label() if kernel != "prep" else
-                                   f"BR={ops.PREP_ROWS} warps={ops.PREP_WARPS}",
+                                   config=_label(kernel, cfg),
                                    default=cfg == default, **cache[key],
                                    model=model(kernel, shape, dtype, cfg))
                         rows.append(row)
@@ -251,18 +229,12 @@ def report(shapes: list[Shape], archs=tuple(ARCHS), dtypes=None, all_configs=Fal
     return rows
 
 
-def known_spills(kernel: str, arch: str, shape: Shape, dtype, configs) -> list:
-    """The configs that the cache says spill (configs never compiled are not among them):
-    tuning drops them without compiling them again. One read of the cache for all."""
-    from . import kernels as k
-
-    fn = {"prep": k.csra_prep_kernel, "fwd": k.csra_fwd_kernel, "ds": k.csra_bwd_ds_kernel}[kernel]
-    source = getattr(fn, "cache_key", None)
-    if source is None:     # interpreter functions: nothing is compiled, nothing to look up
-        return []
-    cache = _load_cache()
-    hits = ((cfg, cache.get(_key(kernel, arch, shape, dtype, cfg, source))) for cfg in configs)
-    return [cfg for cfg, hit in hits if hit is not None and hit["spill_bytes"] > 0]
+def _label(kernel: str, cfg: tuning.Config) -> str:
+    if kernel == "prep":
+        return f"BR={triton_impl.PREP_ROWS} warps={triton_impl.PREP_WARPS}"
+    if kernel == "proj":
+        return f"BR={triton_impl.PROJ_ROWS} warps={triton_impl.PROJ_WARPS}"
+    return cfg.label()
 
 
 def table(rows: list[dict]) -> str:
@@ -280,7 +252,5 @@ def table(rows: list[dict]) -> str:
 
 
 def shapes_from(spec: str | None) -> list[Shape]:
-    from .benchmark import parse_shapes
-
     return list(SHAPES.values()) if spec in (None, "", "all") else parse_shapes(spec)
 

@@ -21,7 +21,10 @@ from ``hi + lo`` (:func:`ds_chunk`), and settles a max head's near-tied maxima, 
 ``hi + lo`` resolves, in float64 (:func:`exact_first_max`): its gradients are those of the fp32
 sum (2.9e-3 vs float64 at the benchmark shapes, as the GPU kernels), where rounded scores flip
 maxima (the official eager head: 6.5e-2 to 1.2e-1). When the products have no more elements
-than x, the forward hands them to the backward (``ops.keeps_scores``), which then skips a GEMM.
+than x, the forward hands them to the backward (:func:`keeps_scores`), which then skips a GEMM.
+
+The op layer calls :func:`forward` and :class:`Backward`, the interface the Triton
+implementation (``triton_impl.py``) has too.
 """
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ import os
 import platform
 
 import torch
+
+from .common import acc_dtype, fwd_outputs, new, x_matrix
 
 LN2 = math.log(2.0)
 
@@ -118,18 +123,6 @@ def products(w3, x2, acc, refine=True, hi=None, keep=None):
         return hi.to(acc)
     lo = head_mm(w3, x2, new(), add=hi, beta=-1.0)     # W x - hi: -hi joins the fp32 sum
     return hi.to(acc).add_(lo)
-
-
-def x_matrix(x, dtype):
-    """x (B, D, N) as the (D, B*N) matrix of the GEMMs, in ``dtype``: one copy at most (none when
-    x is in ``dtype`` and B == 1 or its channels are innermost)."""
-    B, D, N = x.shape
-    xt = x.permute(1, 0, 2)
-    try:
-        return xt.view(D, B * N).to(dtype)    # B == 1, or channels innermost (tokens, NHWC)
-    except RuntimeError:                      # NCHW: one copy, converting on the way
-        out = torch.empty((D, B, N), dtype=dtype, device=x.device)
-        return out.copy_(xt).view(D, B * N)
 
 
 def gemm_operands(x, weight):
@@ -297,3 +290,112 @@ def forward_graph(x, weight, temps, lam, normalize):
             att = (torch.softmax(sk * t, dim=-1) * sk).sum(-1)
         heads.append(sk.mean(-1) + lam * att)
     return torch.stack(heads, 0).sum(0).to(x.dtype)
+
+
+# --------------------------------------------------------------------------- the op's interface
+
+
+def chunk_classes(H: int, C: int, B: int, N: int) -> int:
+    """Classes per chunk: about CHUNK_ELEMS scores (cache-sized; chunks the size of the
+    kernels' workspace made every elementwise pass over the scores memory-bound, 0.3 s of
+    1.7 s at openimages-r101-448@B=2)."""
+    return min(C, max(1, CHUNK_ELEMS // max(1, H * B * N)))
+
+
+def keeps_scores(x, H: int, C: int, keep: bool = True) -> bool:
+    """Whether the forward returns its score products (W x, before the row norms, in the GEMM
+    dtype) for the backward: on CPU, when a backward will run (``keep``) and they have no more
+    elements than x (H*C <= D), which autograd keeps anyway. The backward then skips a GEMM:
+    its bf16 path runs one (the ``lo`` correction) instead of two, its fp32 path none instead of
+    one. Never at 9,605 classes: the kept memory is bounded by x's, never by classes x
+    positions."""
+    return keep and x.device.type == "cpu" and H * C <= x.shape[1]
+
+
+def kept_output(x, weight, keep: bool, alloc=new):
+    """The forward's 7th output: (H*C, B*N) in the GEMM dtype if :func:`keeps_scores`, else
+    (0,) in x's dtype."""
+    B, _, N = x.shape
+    H, C, _ = weight.shape
+    if not keeps_scores(x, H, C, keep):
+        return alloc((0,), x.dtype, x.device)
+    return alloc((H * C, B * N), gemm_dtype(x.dtype, x.device), x.device)
+
+
+def forward(x, weight, temps, lam, normalize, keep):
+    """(y, m, l, att, argmax, inv_n, kept), as the Triton implementation returns them."""
+    B, D, N = x.shape
+    H, C, _ = weight.shape
+    acc = acc_dtype(x.dtype)
+    kept = kept_output(x, weight, keep)
+    outs = fwd_outputs(x, H, C)
+    fwd(x, weight, torch.tensor(temps, dtype=acc), lam, normalize, chunk_classes(H, C, B, N),
+        outs, kept=kept if kept.numel() else None)
+    if not keep:
+        outs = (*outs[:5], new((0,), acc, x.device))
+    return (*outs, kept)
+
+
+class Backward:
+    """The fallback's side of the op's backward loop (see ops.csra_bwd): dS' of a class chunk
+    recomputed from the scores, GEMMs in :func:`gemm_dtype`, the weight gradient projected per
+    chunk while its rows are in cache."""
+
+    def __init__(self, grad_y, x, weight, state, inv_n, kept, temps, lam, normalize):
+        B, D, N = x.shape
+        H, C, _ = weight.shape
+        self.acc = acc = acc_dtype(x.dtype)
+        if inv_n.numel() == 0:                  # the forward kept nothing (keep=False)
+            inv_n = inv_norms(weight, normalize, acc)
+        self.x, self.weight, self.grad_y, self.inv_n, self.kept = x, weight, grad_y, inv_n, kept
+        self.lam, self.normalize = lam, normalize
+        self.temps = torch.tensor(temps, dtype=acc)
+        self.gemm = gemm_dtype(x.dtype, x.device) if not x.is_cuda else x.dtype
+        self.chunk = chunk_classes(H, C, B, N)
+        self.w_gemm = w_gemm = weight.to(x.dtype).to(self.gemm)
+        self.x_dk = x_matrix(x, self.gemm)
+        # (the closure holds w_gemm, not self: no reference cycle keeps the workspace alive)
+        self.operands = (self.x_dk, lambda c0, c1: w_gemm[:, c0:c1])
+        # bf16 products are rounded once per chunk; over several chunks dx sums them in acc
+        self.dx_dtype = acc if (self.gemm != acc and self.chunk < C) else self.gemm
+        self.ws = new((H * self.chunk * B * N,), self.gemm, x.device)
+
+    def ds(self, c0, c1, out):
+        H, C, _ = self.weight.shape
+        kept = self.kept
+        hi = kept.view(H, C, -1)[:, c0:c1] if kept.numel() else None
+        ds_chunk(self.x, self.weight, self.temps, self.grad_y, self.inv_n, self.lam, c0, c1, out,
+                 self.operands, hi)
+
+    def chunk_done(self, G, dW, c0, c1):
+        """These classes' dW while their G is in cache (a pass over all of G and W afterwards
+        read both from memory again: ~0.1 s of a 1.3 s step at 9,605 classes on CPU)."""
+        weight_grad(G, self.weight, self.inv_n, self.normalize, self.acc, dW, c0, c1)
+
+    def new_weight_grad(self, G):
+        return G if G.dtype == self.weight.dtype else torch.empty_like(self.weight)
+
+    def finish(self, G, dW):
+        return dW
+
+
+def weight_grad(G, weight, inv_n, normalize, acc, out, c0, c1):
+    """dL/dW of classes [c0, c1) into ``out`` (H, C, D, weight's dtype; may be G itself) from
+    G = dS' x^T (H, C, D): through the row normalisation, G - W (W.G) inv_n^2, computed in
+    ``acc`` blocks of rows at a time. No weight-sized fp32 temporaries: at 9,605 classes the
+    three of them were ~1 GB of the GPU's peak, and ~0.3 s of page faults on CPU."""
+    H, C, D = weight.shape
+    if not normalize:
+        if out is not G:
+            out[:, c0:c1] = G[:, c0:c1]
+        return
+    step = max(1, ROW_BLOCK_ELEMS // (H * D))
+    for b0 in range(c0, c1, step):
+        b1 = min(c1, b0 + step)
+        g = G[:, b0:b1].to(acc)
+        w = weight[:, b0:b1].to(acc)
+        coef = torch.linalg.vecdot(w, g).mul_(inv_n[:, b0:b1].square())
+        # (a broadcast multiply and subtract was 18x slower than addcmul_ on CPU)
+        g.addcmul_(w, coef[..., None], value=-1.0)
+        if g.data_ptr() != out[:, b0:b1].data_ptr():      # else g is that block of out already
+            out[:, b0:b1] = g

@@ -1,7 +1,7 @@
 """Triton kernels for multi-head CSRA (stage 2 of reference -> kernels -> op -> module -> CLI).
 
 Notation (see bench/NOTES.md): B batch, D channels (in_ch), N = h*w positions, H heads, C classes.
-A "row" is one (head, class) pair. Three kernels:
+A "row" is one (head, class) pair. Four kernels:
 
 * ``csra_prep_kernel``: once per call, the weight (H, C, D) in any dtype and strides becomes
   ``w_op`` (H*C, D) contiguous in x's dtype (round to nearest even, as a 1x1 conv under autocast
@@ -18,6 +18,8 @@ A "row" is one (head, class) pair. Three kernels:
   128 x 256 tile free of register spills (one 128 x 256 accumulator spilled in that epilogue).
 * ``csra_bwd_ds_kernel``: the same tiles and the same main loop (:func:`_score_tiles`) recompute
   the scores bit for bit, and write dS' = inv_n * dy/ds for a chunk of classes.
+* ``csra_proj_kernel``: the weight gradient through the row normalisation from G = dS' x^T
+  (the two GEMMs between dS' and it are cuBLAS's, launched by the op layer).
 
 Launch order: programs are numbered so that the class blocks of one batch element are adjacent
 (``CB_MAJOR=False``: x[b] is read from HBM once and from L2 by its other class blocks) or, for
@@ -111,6 +113,42 @@ def csra_prep_kernel(
     else:
         inv = tl.full((BR,), 1.0, dtype=ACC)
     tl.store(invn_ptr + r, inv, mask=r_ok)
+
+
+@triton.jit
+def csra_proj_kernel(
+    g_ptr,                                       # G      (H*C, D) contiguous, GEMM dtype
+    w_ptr, stride_wh, stride_wc, stride_wd,      # weight (H, C, D), any strides, as stored
+    invn_ptr,                                    # inv_n  (H*C,) contiguous, ACC
+    out_ptr,                                     # dW     (H*C, D) contiguous out, weight dtype
+    R, C, D,
+    NORMALIZE: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr,
+):
+    """Grid (cdiv(R, BR),). The weight gradient from G = dS' x^T through the row normalisation,
+    dW = G - W (W . G) inv_n^2 (G itself without it), in ACC, written in the weight's dtype:
+    one launch where four elementwise passes and a copy ran before (issue 18)."""
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    r_ok = r < R
+    src = w_ptr + (r // C).to(tl.int64) * stride_wh + (r % C).to(tl.int64) * stride_wc
+    rows = r.to(tl.int64) * D
+    coef = tl.zeros((BR,), dtype=ACC)
+    if NORMALIZE:
+        for d0 in range(0, D, BD):
+            dd = d0 + tl.arange(0, BD)
+            ok = r_ok[:, None] & (dd < D)[None, :]
+            w = tl.load(src[:, None] + dd[None, :] * stride_wd, mask=ok, other=0.0).to(ACC)
+            g = tl.load(g_ptr + rows[:, None] + dd[None, :], mask=ok, other=0.0).to(ACC)
+            coef += tl.sum(w * g, axis=1)
+        inv = tl.load(invn_ptr + r, mask=r_ok, other=0.0).to(ACC)
+        coef = coef * inv * inv
+    for d0 in range(0, D, BD):
+        dd = d0 + tl.arange(0, BD)
+        ok = r_ok[:, None] & (dd < D)[None, :]
+        g = tl.load(g_ptr + rows[:, None] + dd[None, :], mask=ok, other=0.0).to(ACC)
+        if NORMALIZE:
+            w = tl.load(src[:, None] + dd[None, :] * stride_wd, mask=ok, other=0.0).to(ACC)
+            g = g - w * coef[:, None]
+        tl.store(out_ptr + rows[:, None] + dd[None, :], g.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit

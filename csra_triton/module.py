@@ -10,9 +10,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import interop, maps
-from . import fallback
-from .ops import kernel_temperatures, official_temperature, op_temperatures
+from . import fallback, interop, maps, ops
+from .common import kernel_temperatures, official_temperature, op_temperatures
 from .reference import OFFICIAL_TEMPERATURES
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -118,7 +117,10 @@ def _run(x3: Tensor, weight: Tensor, op_temps: list[float], lam: float, normaliz
     translation for a custom op; ``fallback.forward_graph``)."""
     if torch.onnx.is_in_onnx_export():
         return fallback.forward_graph(x3, weight, kernel_temperatures(op_temps), lam, normalize)
-    return torch.ops.csra_triton.csra_fwd(x3, weight, op_temps, lam, normalize)[0]
+    # keep=False when no gradient will be asked for (inference): the op then keeps nothing for
+    # a backward and may reuse the prepared weight (one launch instead of two on a GPU)
+    keep = torch.is_grad_enabled() and (x3.requires_grad or weight.requires_grad)
+    return ops.forward(x3, weight, op_temps, lam, normalize, keep)[0]
 
 
 class CSRATriton(nn.Module):

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from .common import pow2
+
 KERNELS = ("fwd", "bwd")
 
 
@@ -46,8 +48,6 @@ class Config:
                 f"stages={self.num_stages}")
 
 
-def pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def default_config(H: int, C: int, D: int, N: int, itemsize: int = 2, cc: int = 9) -> Config:
@@ -200,7 +200,7 @@ _loaded_for: dict | None = None
 
 
 def choose(kernel: str, H: int, C: int, D: int, N: int, x: torch.Tensor, bench=None,
-           tiles: tuple[int, int, int] | None = None) -> Config:
+           tiles: tuple[int, int, int] | None = None, source: str | None = None) -> Config:
     """The config to launch with. ``bench()`` makes the timer ``cfg -> ms``; it is called (and
     the timer per candidate) only when autotuning is on (CUDA, ``CSRA_TRITON_AUTOTUNE=1``, no
     interpreter), so that nothing is built on the common path."""
@@ -208,9 +208,10 @@ def choose(kernel: str, H: int, C: int, D: int, N: int, x: torch.Tensor, bench=N
     key = make_key(kernel, H, C, D, N, x.dtype)
     if key in _memory:
         return _memory[key]
-    cc = torch.cuda.get_device_capability(x.device)[0] if x.is_cuda else 9
+    gpu = x.is_cuda and torch.cuda.is_available()      # (fake CUDA tensors trace without one)
+    cc = torch.cuda.get_device_capability(x.device)[0] if gpu else 9
     fallback = base_config(kernel, H, C, D, N, x.element_size(), tiles, cc)
-    if not x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if not gpu or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         _memory[key] = fallback  # one valid config; nothing is benchmarked without a GPU
         return fallback
     env = environment(x.device)
@@ -222,12 +223,12 @@ def choose(kernel: str, H: int, C: int, D: int, N: int, x: torch.Tensor, bench=N
         return cfg
     cfg = fallback
     if bench is not None and os.environ.get("CSRA_TRITON_AUTOTUNE", "0") not in ("", "0"):
-        from .benchmark import Shape
+        from .shapes import Shape
 
         space, known = drop_known_spills(
             config_space(kernel, H, C, D, N, x.element_size(), tiles, cc), kernel,
             Shape("autotune", x.shape[0], D, 1, N, C, H, str(x.dtype).replace("torch.", "")),
-            x.dtype, cc)
+            x.dtype, cc, source)
         rejected = [(c, "spills (compile report cache)") for c in known]
         results = sweep(space, bench(), rejected=rejected)
         for bad, why in rejected:
@@ -238,21 +239,74 @@ def choose(kernel: str, H: int, C: int, D: int, N: int, x: torch.Tensor, bench=N
     return cfg
 
 
-def drop_known_spills(space: list[Config], kernel: str, shape, dtype: torch.dtype, cc: int):
+def drop_known_spills(space: list[Config], kernel: str, shape, dtype: torch.dtype, cc: int,
+                      source: str | None):
     """(space without the configs that the compile report's cache says spill on this arch,
-    those configs); the default config always stays (it is the reference of the sweep)."""
-    from . import compiled
-
+    those configs); the default config always stays (it is the reference of the sweep).
+    ``source``: the kernel's source hash (``JITFunction.cache_key``; None under the
+    interpreter, where nothing is compiled)."""
     arch = "sm_90a" if cc >= 9 else "sm_80"
-    known = compiled.known_spills("ds" if kernel == "bwd" else "fwd", arch, shape, dtype,
-                                  space[1:])
+    known = known_spills("ds" if kernel == "bwd" else "fwd", arch, shape, dtype, space[1:],
+                         source)
     return [c for c in space if c not in known], known
+
+
+def known_spills(kernel: str, arch: str, shape, dtype, configs, source: str | None) -> list:
+    """The configs that the compile report's cache says spill (configs never compiled are not
+    among them): tuning drops them without compiling them again. One read of the cache."""
+    if source is None:
+        return []
+    cache = load_inspect_cache()
+    hits = ((cfg, cache.get(inspect_key(kernel, arch, shape, dtype, cfg, source)))
+            for cfg in configs)
+    return [cfg for cfg, hit in hits if hit is not None and hit["spill_bytes"] > 0]
+
+
+# --------------------------------------------------------------------------- the compile report's cache
+# (written by compiled.py, read here: results per Triton version, arch, kernel, problem, config)
+
+
+def triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+def inspect_cache_path() -> Path:
+    env = os.environ.get("CSRA_TRITON_INSPECT_CACHE")
+    return Path(env) if env else cache_path().with_name("inspect.json")
+
+
+def inspect_key(kernel, arch, shape, dtype, cfg, source: str) -> str:
+    """Triton version, the kernel's source hash (its own and its callees'), target, problem."""
+    return "|".join([triton_version(), source[:16], kernel, arch, make_key(
+        kernel, shape.heads, shape.C, shape.d, shape.N, dtype), f"B={shape.B}", cfg.label()])
+
+
+def load_inspect_cache() -> dict:
+    try:
+        return json.loads(inspect_cache_path().read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def save_inspect_cache(cache: dict) -> None:
+    path = inspect_cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cache, indent=0, sort_keys=True) + "\n")
+        tmp.replace(path)
+    except OSError:
+        pass   # a read-only home: the report still prints
+
+
 
 
 def sweep(configs: list[Config], bench, budget_s: float | None = None,
           rejected: list | None = None) -> list[tuple]:
     """[(config, median ms)] fastest first. ``bench(cfg)`` launches a candidate once, checks
-    its output against float64 and its compiled form for register spills (``ops._checked``),
+    its output against float64 and its compiled form for register spills (``triton_impl._checked``),
     then times it; a candidate that fails any of this is dropped and, with ``rejected`` given,
     appended there as ``(config, reason)``: a fast config that computes something else never
     wins. With ``budget_s`` the sweep stops starting new configs once the budget is spent."""

@@ -14,6 +14,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+import csra_triton.common as common
 import csra_triton.fallback as fallback
 import csra_triton.ops as ops
 from helpers import WORST
@@ -28,7 +29,7 @@ settings.register_profile("gpu-check", max_examples=25, deadline=None, print_blo
                           suppress_health_check=[HealthCheck.too_slow])  # bench/gpu_check.sh
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-ops.POISON = True
+common.POISON = True
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # fp32 scores follow torch.backends.cudnn.allow_tf32 (TF32 by default, like the official conv);
 # the fp32 tolerances of the tests are IEEE fp32's, so the suite runs with the flag off and

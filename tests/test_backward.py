@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import csra_triton
-import csra_triton.ops as ops
+import csra_triton.fallback as fallback
+import csra_triton.triton_impl as triton_impl
 from csra_triton.reference import MHA, OFFICIAL_TEMPERATURES
 from helpers import INF, TOL, ref64, rel_err
 
@@ -55,7 +56,8 @@ def test_stride0_upstream(backend, device):
 @pytest.mark.parametrize("elems", [1, 200, 10**9], ids=["chunk1", "chunk-partial", "one-chunk"])
 def test_class_chunks(elems, backend, device, monkeypatch):
     """The backward's dS workspace is split into class chunks; every split gives the same grads."""
-    monkeypatch.setattr(ops, "DS_WORKSPACE_ELEMS", elems)
+    monkeypatch.setattr(triton_impl, "DS_WORKSPACE_ELEMS", elems)
+    monkeypatch.setattr(fallback, "CHUNK_ELEMS", elems)
     case = (2, 12, 2, 3, 9, [1, 3, INF], True)  # H*B*N = 36: 200 -> chunks of 5 classes (5 + 4)
     x, weight, g = _run(*case, torch.float32, device)
     _, dx, dw = ref64(x, weight, case[5], 0.3, True, grad=g)

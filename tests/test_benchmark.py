@@ -50,15 +50,17 @@ def test_bench_cli_writes_design_json(tmp_path, capsys):
     doc = json.loads(path.read_text())
     assert set(doc) >= {"device", "torch", "triton", "commit", "rows"}
     assert (doc["device"] == "cpu") != cuda
-    impls = ("eager", "compile", "triton") if cuda else ("eager", "triton")
+    impls = bm.IMPLS if cuda else ("eager", "triton")
     assert {(r["pass"], r["impl"]) for r in doc["rows"]} == {
         (p, i) for p in ("fwd", "fwd+bwd") for i in impls}
     for r in doc["rows"]:
         assert set(r) >= {"shape", "B", "d", "h", "w", "C", "heads", "dtype", "pass", "impl",
                           "median_ms", "peak_mem_mb", "max_rel_err"}
         assert r["median_ms"] > 0 and r["max_rel_err"] < 0.2
+        assert r["host_us"] > 0 and (r["device_us"] is None) != cuda
     table = out[out.index("| shape | pass"):]
-    assert table.count("\n| coco-r101-448@") == 2 and "×" in table
+    assert table.count("\n| coco-r101-448@") == 2 + 2 * len(impls) and "×" in table
+    assert "| host µs | device µs |" in table
     if not cuda:    # what the fallback followed, and eager/triton timed in alternation
         assert "capability" in doc["cpu"] and "native bf16" in doc["cpu"]
         assert doc["bf16_gemm"] in ("bfloat16", "float32") and "native bf16" in out

@@ -42,7 +42,7 @@ def test_edge_shapes_compile_for_every_dtype(tmp_path_factory):
     doc, _ = _inspect(tmp_path_factory, "--arch", "sm_90a", "--shapes", EDGES, "--dtypes",
                       "bf16,fp16,fp32,fp64")
     rows = doc["rows"]
-    assert len(rows) == 2 * 4 * 3
+    assert len(rows) == 2 * 4 * 4
     for r in rows:
         assert r["regs"] > 0
         if r["dtype"] != "float64":
@@ -56,7 +56,7 @@ def test_every_kernel_of_every_shape_is_reported(report):
     for arch in ("sm_90a", "sm_80"):
         for shape in SHAPES:
             got = {r["kernel"] for r in rows if r["arch"] == arch and r["shape"] == shape}
-            assert got == {"prep", "fwd", "ds"}, (arch, shape, got)
+            assert got == {"prep", "fwd", "ds", "proj"}, (arch, shape, got)
     for r in rows:
         assert r["default"] and r["regs"] > 0 and r["model"]["hbm_bytes"] > 0
 
@@ -66,13 +66,13 @@ def test_hopper_defaults_spill_free_on_wgmma(report):
         if r["arch"] != "sm_90a":
             continue
         assert r["spill_bytes"] == 0, r
-        if r["kernel"] != "prep":   # prep is elementwise: no product
+        if r["kernel"] not in ("prep", "proj"):   # elementwise over weight rows: no product
             assert r["mma"] == "wgmma", r
 
 
 def test_ampere_defaults_use_tensor_cores(report):
     for r in report[0]["rows"]:
-        if r["arch"] == "sm_80" and r["kernel"] != "prep":
+        if r["arch"] == "sm_80" and r["kernel"] not in ("prep", "proj"):
             assert r["mma"] == "mma", r
 
 

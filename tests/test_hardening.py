@@ -14,7 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import csra_triton
 import csra_triton.fallback as fallback
-import csra_triton.ops as ops
+import csra_triton.triton_impl as triton_impl
 from helpers import INF, TOL, ref64, rel_err
 
 TEMPS = [1.0, 2.0, 4.0, INF]
@@ -79,7 +79,7 @@ def test_forward_is_bitwise_repeatable(backend, device):
 def test_backward_deterministic_under_deterministic_algorithms(backend, device, monkeypatch):
     """No atomics anywhere (heads are summed in registers, GEMMs are cuBLAS/ATen): the backward is
     bitwise repeatable, also with several class chunks, and does not raise in deterministic mode."""
-    monkeypatch.setattr(ops, "DS_WORKSPACE_ELEMS", 600)
+    monkeypatch.setattr(triton_impl, "DS_WORKSPACE_ELEMS", 600)
     x = torch.randn(3, 24, 4, 4, device=device, requires_grad=True)
     weight = torch.randn(4, 17, 24, device=device, requires_grad=True)
     g = torch.randn(3, 17, device=device)
@@ -98,8 +98,9 @@ def test_backward_deterministic_under_deterministic_algorithms(backend, device, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("C", [7, 5])
 def test_saved_for_backward_is_x_weight_and_small_state(C, dtype, backend, device):
-    """x and the weight themselves, O(B*H*C) state, and the forward's score products only on the
-    CPU fallback and only when no larger than x (H*C <= d: 20 rows for C=5, d=20)."""
+    """x and the weight themselves, O(B*H*C) state, and what the implementation keeps: the
+    forward's score products only on the CPU fallback and only when no larger than x (H*C <= d:
+    20 rows for C=5, d=20); the prepared weight (H*C, d) in x's dtype on the Triton path."""
     B, d, h, w, H = 3, 20, 5, 5, 4
     x = torch.randn(B, d, h, w, device=device).to(dtype).requires_grad_()
     weight = torch.randn(H, C, d, device=device, requires_grad=True)
@@ -114,9 +115,12 @@ def test_saved_for_backward_is_x_weight_and_small_state(C, dtype, backend, devic
     assert all(t.numel() <= B * H * C for t in small), [tuple(t.shape) for t in small]
     assert all(t.dtype in (torch.float32, torch.int32) for t in small)
     assert len(saved) == 3 + len(small) and len(small) <= 5
-    keeps = backend == "torch" and device == "cpu" and H * C <= d
-    assert kept.shape == ((H * C, B * h * w) if keeps else (0,))
-    assert kept.numel() <= x.numel() and kept.element_size() <= 4
+    if backend == "torch":      # the fallback's products, on CPU and only if no larger than x
+        keeps = device == "cpu" and H * C <= d
+        assert kept.shape == ((H * C, B * h * w) if keeps else (0,))
+        assert kept.numel() <= x.numel() and kept.element_size() <= 4
+    else:                       # the kernels' prepared weight: the weight's size in x's dtype
+        assert kept.shape == (H * C, d) and kept.dtype == dtype
 
 
 def test_backward_workspace_is_bounded_by_the_chunk(backend, device, monkeypatch):
@@ -129,7 +133,7 @@ def test_backward_workspace_is_bounded_by_the_chunk(backend, device, monkeypatch
     take a minute. On CUDA it runs the kernels."""
     if backend == "triton" and device == "cpu":
         pytest.skip("9,605 classes in the Triton interpreter take ~1 min; the fallback covers it")
-    monkeypatch.setattr(ops, "DS_WORKSPACE_ELEMS", 1 << 14)
+    monkeypatch.setattr(triton_impl, "DS_WORKSPACE_ELEMS", 1 << 14)
     monkeypatch.setattr(fallback, "CHUNK_ELEMS", 1 << 14)      # the fallback's own chunk size
     B, d, h, w, H, C = 2, 4, 8, 8, 4, 9605
     x = torch.randn(B, d, h, w, device=device, requires_grad=True)

@@ -24,14 +24,19 @@ def test_opcheck_fwd(dtype, backend, device):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_opcheck_bwd(dtype, backend, device):
-    """On the CPU fallback the forward keeps its products (8 score rows <= 16 channels)."""
+    """What the forward keeps for the backward: on the CPU fallback its products (8 score rows
+    <= 16 channels), on the Triton path its prepared weight (rows in x's dtype)."""
     x3 = torch.randn(2, 16, 9, device=device).to(dtype)
     weight = torch.randn(4, 2, 16, device=device)
     _, *state = _state(x3, weight)
-    kept = backend == "torch" and device == "cpu"
-    assert state[-1].shape == ((8, 18) if kept else (0,))
-    if kept:
-        assert state[-1].dtype == fallback.gemm_dtype(dtype, x3.device)
+    if backend == "torch":
+        assert state[-1].shape == ((8, 18) if device == "cpu" else (0,))
+        if device == "cpu":
+            assert state[-1].dtype == fallback.gemm_dtype(dtype, x3.device)
+    else:
+        assert state[-1].shape == (8, 16) and state[-1].dtype == dtype
+        torch.testing.assert_close(state[-1].float(), weight.to(dtype).view(8, 16).float(),
+                                   rtol=0, atol=0)
     g = torch.randn(2, 2, device=device).to(dtype)
     torch.library.opcheck(torch.ops.csra_triton.csra_bwd.default,
                           (g, x3, weight, *state, TEMPS, 0.1, True))

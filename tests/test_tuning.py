@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import csra_triton
+import csra_triton.triton_impl
 from csra_triton import benchmark as bm
 from csra_triton import tuning
 from csra_triton.cli import main
@@ -81,7 +82,8 @@ def test_other_tiles_compute_the_same_function(cfg, device, monkeypatch):
     monkeypatch.setattr(tuning, "_memory", {})
     for kernel in ("fwd", "bwd"):
         tuning._memory[tuning.make_key(kernel, H, C, D, h * w, torch.float32)] = cfg
-    monkeypatch.setattr(csra_triton.ops, "DS_WORKSPACE_ELEMS", 900)    # several chunks too
+    monkeypatch.setattr(csra_triton.triton_impl, "DS_WORKSPACE_ELEMS", 900)  # several chunks
+    monkeypatch.setattr(csra_triton.triton_impl, "_plans", {})          # no plan from before
     x = torch.randn(2, D, h, w, device=device, requires_grad=True)
     weight = torch.randn(H, C, D, device=device, requires_grad=True)
     g = torch.randn(2, C, device=device)

@@ -1,0 +1,122 @@
+"""Plain helpers shared by the two implementations and the op layer (layer 1 of the data path:
+helpers -> implementations (Triton kernels, PyTorch fallback) -> op -> module -> tools).
+
+Nothing here launches a kernel or imports another module of the package: dtype rules, the
+temperature encodings, the error measure, the (optionally poisoned) allocator and the forward's
+output buffers.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor
+
+#: Tests set this: every output and workspace is filled with NaN (ints: -2**31 + 1) on
+#: allocation, so that an element a kernel forgets to write fails the comparison.
+POISON = os.environ.get("CSRA_TRITON_POISON", "0") not in ("", "0")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation / state dtype for inputs of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def empty(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``torch.empty`` with the allocator signature of :func:`new` (never poisoned)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def new(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``torch.empty``, filled with NaN (ints: -2**31 + 1) when :data:`POISON` is set."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if POISON:
+        t.fill_(-(2**31) + 1 if dtype == torch.int32 else math.nan)
+    return t
+
+
+def fwd_outputs(x: Tensor, H: int, C: int, alloc=new, keep: bool = True) -> tuple:
+    """The forward's outputs: y (B, C) in x's dtype; m, l, att (B, H, C) in the accumulation
+    dtype; argmax (B, H, C) int32; inv_norm (H, C) in the accumulation dtype, or (0,) when the
+    caller keeps nothing for a backward (``keep=False``: inference)."""
+    B, acc = x.shape[0], acc_dtype(x.dtype)
+    return (alloc((B, C), x.dtype, x.device), *(alloc((B, H, C), acc, x.device) for _ in range(3)),
+            alloc((B, H, C), torch.int32, x.device),
+            alloc((H, C) if keep else (0,), acc, x.device))
+
+
+def rel_err(out: Tensor, ref: Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; inf if out has a non-finite value."""
+    out, ref = out.detach().double(), ref.detach().double()
+    if not torch.isfinite(out).all():
+        return math.inf
+    den = ref.norm().item()
+    return (out - ref).norm().item() / den if den else (out - ref).norm().item()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def pow2(n: int) -> int:
+    """The next power of two of ``n`` (1 for n <= 1)."""
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def pow2_divisor(v: int, cap: int) -> int:
+    """The largest power of two dividing ``v``, at most ``cap`` (``cap`` for v == 0)."""
+    v = abs(int(v))
+    return cap if v == 0 else min(cap, v & -v)
+
+
+# --------------------------------------------------------------------------- temperatures
+
+
+def official_temperature(t: float) -> float:
+    """Maps the official flag value 99 to inf (a max-pooling head)."""
+    t = float(t)
+    return math.inf if t == 99 else t
+
+
+#: How a max head reaches the ops: temperature 0 (users' temperatures must be > 0). A finite
+#: flag, because exported programs serialise float lists as JSON numbers: an inf there made
+#: torch._inductor.aoti_load_package fail ("type must be number, but is string").
+MAX_HEAD = 0.0
+
+
+def op_temperatures(temps) -> list[float]:
+    """The ops' encoding of validated temperatures: inf (a max head) -> MAX_HEAD."""
+    return [MAX_HEAD if math.isinf(t) else t for t in temps]
+
+
+def kernel_temperatures(temps) -> list[float]:
+    """The kernels' encoding: a max head is inf (the ops accept inf or MAX_HEAD)."""
+    return [math.inf if (t <= MAX_HEAD or math.isinf(t)) else float(t) for t in temps]
+
+
+# --------------------------------------------------------------------------- backward layout
+
+
+def channels_inner(x: Tensor) -> bool:
+    """x (B, D, N) with channels innermost (channels_last, tokens): dx is computed (B*N, D)."""
+    return x.stride(1) == 1 and x.shape[1] > 1
+
+
+def dx_view(dx: Tensor, B: int, D: int, N: int, inner: bool) -> Tensor:
+    """The (B, D, N) view of the backward's dx buffer, (B*N, D) or (D, B*N) (no copy)."""
+    if inner:
+        return dx.view(B, N, D).transpose(1, 2)
+    return dx.view(D, B, N).permute(1, 0, 2)
+
+
+def x_matrix(x, dtype):
+    """x (B, D, N) as the (D, B*N) matrix of the GEMMs, in ``dtype``: one copy at most (none when
+    x is in ``dtype`` and B == 1 or its channels are innermost)."""
+    B, D, N = x.shape
+    xt = x.permute(1, 0, 2)
+    try:
+        return xt.view(D, B * N).to(dtype)    # B == 1, or channels innermost (tokens, NHWC)
+    except RuntimeError:                      # NCHW: one copy, converting on the way
+        out = torch.empty((D, B, N), dtype=dtype, device=x.device)
+        return out.copy_(xt).view(D, B * N)

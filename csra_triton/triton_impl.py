@@ -1,0 +1,526 @@
+"""The Triton implementation (layer 2, beside the PyTorch fallback in ``fallback.py``): launch
+plans for the kernels in ``kernels.py`` and the two entry points the op layer calls,
+:func:`forward` and :class:`Backward` (the fallback exposes the same two).
+
+Host path (issue 18). A training step of the head is, at coco-r101-448 in bf16, 2 launches
+forward (prep, fwd) and 5 backward (dS, x's NCHW copy for the GEMMs, the two GEMMs, the weight
+gradient's projection); inference with an unchanged weight is 1 (the prepared weight is reused,
+:func:`prepared`). What a call computes on the host is built once per problem (:class:`Plan`,
+keyed by shapes, strides, dtypes, device and the op's scalars) and looked up afterwards: the
+config, the grid, the constexprs, the scalar-parameter tensor. With
+``CSRA_TRITON_DIRECT_LAUNCH=1`` repeat launches also skip Triton's JIT dispatch (argument
+binding, cache key) and run the compiled kernel directly, keyed by the argument
+specialisation Triton would compute (:func:`_spec`); off by default until a GPU run has checked
+it (bench/gpu_check.sh runs both).
+
+Everything here also runs on CPU tensors under ``TRITON_INTERPRET=1`` (the tests), and
+builds the exact launches that the compile report (``compiled.py``) compiles for a GPU that is
+not there.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import weakref
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import tuning
+from .common import (acc_dtype, cdiv, empty, fwd_outputs, new, pow2, pow2_divisor, rel_err,
+                     x_matrix)
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+#: Launch compiled kernels directly on repeat calls (see the module docstring).
+DIRECT_LAUNCH = os.environ.get("CSRA_TRITON_DIRECT_LAUNCH", "0") not in ("", "0")
+
+#: Largest number of dS' elements alive at once in the backward (class chunking bound).
+DS_WORKSPACE_ELEMS = int(os.environ.get("CSRA_TRITON_DS_ELEMS", 1 << 25))
+#: The forward hands its prepared weight (w_op, x's dtype) to the backward up to this size
+#: (1.3 MB at coco-r101-448); beyond it (157 MB at 9,605 classes) the backward prepares again.
+KEEP_WEIGHT_BYTES = int(os.environ.get("CSRA_TRITON_KEEP_WEIGHT_BYTES", 32 << 20))
+#: Inference reuses the prepared weight of an unchanged weight tensor up to this size.
+CACHE_WEIGHT_BYTES = KEEP_WEIGHT_BYTES
+#: Weights (in the operand dtype) above this size are launched class-block-major, so that each
+#: weight block is read from HBM once and x stays in L2 (see kernels.py, "Launch order").
+CB_MAJOR_BYTES = 8 << 20
+
+PREP_ROWS = 8       # rows per prep program: 40 programs for 320 rows (10 took 22 µs on an H200)
+PREP_WARPS = 4
+PROJ_ROWS = 8       # rows per projection program
+PROJ_WARPS = 4
+
+
+def gpu(x: Tensor | None = None) -> bool:
+    """Whether launches compile for a GPU (False under the interpreter)."""
+    return not INTERPRET
+
+
+def tf32_enabled(x: Tensor, on_gpu: bool | None = None) -> bool:
+    """fp32 scores on TF32 tensor cores: as the official 1x1 conv (cuDNN) computes them, i.e.
+    when ``torch.backends.cudnn.allow_tf32`` is True (PyTorch's default); IEEE fp32 otherwise.
+    Never under the interpreter (which has no TF32)."""
+    on_gpu = x.is_cuda if on_gpu is None else on_gpu
+    return x.dtype == torch.float32 and on_gpu and bool(torch.backends.cudnn.allow_tf32)
+
+
+def _dtypes(x: Tensor, on_gpu: bool) -> dict:
+    """Dtype constexprs of the kernels for x; ``on_gpu`` False means the interpreter's choices."""
+    import triton.language as tl
+
+    acc = tl.float64 if x.dtype == torch.float64 else tl.float32
+    # The interpreter's tl.dot is wrong on bf16 operands: products go through fp32 there.
+    dot = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16 if on_gpu else tl.float32,
+           torch.float32: tl.float32, torch.float64: tl.float64}[x.dtype]
+    return dict(ACC=acc, DOT=dot, PRECISION="tf32" if tf32_enabled(x, on_gpu) else "ieee",
+                EMU_BF16=not on_gpu and x.dtype == torch.bfloat16)
+
+
+_params_cache: dict = {}
+
+
+def params_tensor(temps: list[float], lam: float, dtype: torch.dtype,
+                  device: torch.device) -> Tensor:
+    """The kernels' scalar parameters as one (H + 2,) tensor in the accumulation dtype:
+    the temperatures (inf = max head), lam and log2(e). Kernel float arguments would be fp32;
+    a tensor keeps them exact for fp64 inputs. Cached, so that replays (CUDA graphs) copy
+    nothing from the host."""
+    key = (tuple(temps), float(lam), dtype, str(device))
+    t = _params_cache.get(key)
+    if t is None:
+        t = _params_cache[key] = torch.tensor([*temps, lam, math.log2(math.e)], dtype=dtype,
+                                              device=device)
+    return t
+
+
+# --------------------------------------------------------------------------- launches
+
+def _jit_launch(kernel, grid, args, kw):
+    """Every launch goes through here (tests and ``bench --host`` replace it to stub launches
+    out). Under tracing (``torch.compile`` or ``torch.export`` through the ``triton_op``, fake
+    tensors) the launch is recorded with ``torch.library.wrap_triton``, so that Inductor's
+    generated code launches the kernel itself."""
+    if tracing(args[0]):
+        return torch.library.wrap_triton(kernel)[grid](*args, **kw)
+    return kernel[grid](*args, **kw)
+
+
+def tracing(x: Tensor) -> bool:
+    """Whether ``x`` is a fake tensor of a trace (nothing runs; no host cache may keep it)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(x)
+
+
+def _spec(v) -> object:
+    """What Triton specialises an argument on: a tensor's 16-byte alignment, an integer's
+    being 1, divisible by 16, or beyond int32 (the compiled kernel is valid for equal specs)."""
+    if isinstance(v, Tensor):
+        return v.data_ptr() % 16 == 0
+    if isinstance(v, bool) or not isinstance(v, int):
+        return v
+    return (v == 1, v % 16 == 0, -(2**31) <= v < 2**31)
+
+
+_compiled: dict = {}
+
+
+class Call(NamedTuple):
+    """One kernel launch: ``kernel[grid](*args, **constexprs, num_warps=.., num_stages=..)``.
+    The compile report (compiled.py) compiles exactly these for a GPU that is not there."""
+    kernel: object
+    grid: tuple
+    args: tuple
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+
+    def run(self):
+        """Launches (on CUDA with the config's warps and stages; the interpreter takes none)."""
+        x = self.args[0]
+        if not x.is_cuda:
+            return _jit_launch(self.kernel, self.grid, self.args, self.constexprs)
+        kw = dict(self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
+        if tracing(x):
+            return _jit_launch(self.kernel, self.grid, self.args, kw)
+        with torch.cuda.device(x.device):
+            if not DIRECT_LAUNCH:
+                return _jit_launch(self.kernel, self.grid, self.args, kw)
+            key = (self.kernel, x.device.index, self.num_warps, self.num_stages,
+                   tuple(self.constexprs.items()), tuple(_spec(a) for a in self.args))
+            ck = _compiled.get(key)
+            if ck is None:
+                ck = _compiled[key] = _jit_launch(self.kernel, self.grid, self.args, kw)
+                return ck
+            # the compiled kernel's launcher takes every parameter, constexprs included
+            ck[self.grid](*self.args, *self.constexprs.values())
+            return ck
+
+
+def _tile_kw(x: Tensor, cfg: tuning.Config, H: int, D: int, major: bool, on_gpu: bool) -> dict:
+    # Alignment (in elements, up to 16 bytes) of x's channel and position strides and of the
+    # dS' workspace rows (N): lets the kernels load x and store dS' in vectors (kernels._aligned).
+    vec = max(1, 16 // x.element_size())
+    return dict(HP=pow2(H), BC=cfg.BC, BN=cfg.BN, BD=cfg.BD,
+                CB_MAJOR=major, EVEN_D=D % cfg.BD == 0,
+                ONE_TILE=x.shape[2] <= cfg.BN, XA_D=pow2_divisor(x.stride(1), vec),
+                XA_N=pow2_divisor(x.stride(2), vec), XA_P=pow2_divisor(x.shape[2], vec),
+                **_dtypes(x, on_gpu))
+
+
+def cb_major(H: int, C: int, D: int, itemsize: int) -> bool:
+    """Class-block-major launch order for weights beyond ``CB_MAJOR_BYTES`` (see kernels.py)."""
+    return H * C * D * itemsize > CB_MAJOR_BYTES
+
+
+def _grid(B: int, n_cb: int, major: bool) -> tuple:
+    """(n_cb, B), or (B, n_cb) in class-block-major order (see kernels.py, "Launch order")."""
+    return (B, n_cb) if major else (n_cb, B)
+
+
+def _gpu(on_gpu: bool | None) -> bool:
+    return gpu() if on_gpu is None else on_gpu
+
+
+def prep_call(x: Tensor, weight: Tensor, normalize: bool, w_op: Tensor, inv_n: Tensor,
+              on_gpu: bool | None = None) -> Call:
+    from .kernels import csra_prep_kernel
+
+    H, C, D = weight.shape
+    R = H * C
+    d = _dtypes(x, _gpu(on_gpu))
+    return Call(csra_prep_kernel, (cdiv(R, PREP_ROWS),),
+                (weight, *weight.stride(), w_op, inv_n, R, C, D),
+                dict(NORMALIZE=bool(normalize), BR=PREP_ROWS, BD=min(256, pow2(max(D, 16))),
+                     ACC=d["ACC"], EMU_BF16=d["EMU_BF16"]), PREP_WARPS, 2)
+
+
+def fwd_call(x, w_op, inv_n, params, outs, cfg, H, on_gpu: bool | None = None) -> Call:
+    from .kernels import csra_fwd_kernel
+
+    B, D, N = x.shape
+    C = inv_n.shape[-1]
+    y, m, l, att, amax = outs[:5]
+    n_cb = cdiv(C, cfg.BC)
+    major = cb_major(H, C, D, x.element_size())
+    return Call(csra_fwd_kernel, _grid(B, n_cb, major),
+                (x, *x.stride(), w_op, inv_n, params, y, *y.stride(), m, l, att, amax,
+                 B, H, C, D, N, n_cb),
+                _tile_kw(x, cfg, H, D, major, _gpu(on_gpu)), cfg.num_warps, cfg.num_stages)
+
+
+def ds_call(x, w_op, inv_n, params, grad_y, state, c0, c1, out, cfg, H,
+            on_gpu: bool | None = None) -> Call:
+    from .kernels import csra_bwd_ds_kernel
+
+    B, D, N = x.shape
+    C = inv_n.shape[-1]
+    m, l, att, amax = state
+    n_cb = cdiv(c1 - c0, cfg.BC)
+    major = cb_major(H, C, D, x.element_size())
+    return Call(csra_bwd_ds_kernel, _grid(B, n_cb, major),
+                (x, *x.stride(), w_op, inv_n, params, grad_y, *grad_y.stride(),
+                 m, l, att, amax, out, B, H, C, D, N, c0, c1 - c0, n_cb),
+                _tile_kw(x, cfg, H, D, major, _gpu(on_gpu)), cfg.num_warps, cfg.num_stages)
+
+
+def proj_call(G: Tensor, weight: Tensor, inv_n: Tensor, out: Tensor, normalize: bool) -> Call:
+    """The weight gradient from G (H*C, D) into ``out`` (H*C, D) in the weight's dtype."""
+    from .kernels import csra_proj_kernel
+    import triton.language as tl
+
+    H, C, D = weight.shape
+    R = H * C
+    acc = tl.float64 if inv_n.dtype == torch.float64 else tl.float32
+    return Call(csra_proj_kernel, (cdiv(R, PROJ_ROWS),),
+                (G, weight, *weight.stride(), inv_n, out, R, C, D),
+                dict(NORMALIZE=bool(normalize), BR=PROJ_ROWS, BD=min(256, pow2(max(D, 16))),
+                     ACC=acc), PROJ_WARPS, 2)
+
+
+def ds_chunk_classes(H: int, C: int, B: int, N: int, bc: int) -> int:
+    """Classes per backward workspace chunk: about DS_WORKSPACE_ELEMS / (H*B*N), in whole class
+    tiles (``bc`` classes) of the kernels, so that the backward recomputes the forward's tiles."""
+    per_class = max(1, H * B * N)
+    return min(C, max(bc, DS_WORKSPACE_ELEMS // per_class // bc * bc))
+
+
+# --------------------------------------------------------------------------- the prepared weight
+
+
+def prep_weight(x: Tensor, weight: Tensor, normalize: bool, inv_n: Tensor | None = None,
+                alloc=new) -> tuple[Tensor, Tensor]:
+    """(w_op (H*C, D) in x's dtype, inv_n (H, C)): the weight rounded to the operand dtype and
+    its inverse row norms (one launch; ``inv_n`` is written in place if given)."""
+    H, C, D = weight.shape
+    w_op = alloc((H * C, D), x.dtype, x.device)
+    if inv_n is None:
+        inv_n = alloc((H, C), acc_dtype(x.dtype), x.device)
+    prep_call(x, weight, normalize, w_op, inv_n).run()
+    return w_op, inv_n
+
+
+_prepared: dict[int, tuple] = {}
+
+
+def clear_weight_cache() -> None:
+    """Forgets every prepared weight kept for inference."""
+    _prepared.clear()
+
+
+def _cacheable(x: Tensor, weight: Tensor) -> bool:
+    if tracing(x) or weight.is_inference() or not _weight_small(x, weight):
+        return False
+    # Never during CUDA-graph capture: a replay must re-prepare a weight updated in place.
+    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _weight_small(x: Tensor, weight: Tensor) -> bool:
+    return weight.numel() * x.element_size() <= CACHE_WEIGHT_BYTES
+
+
+def prepared(x: Tensor, weight: Tensor, normalize: bool, keep: bool) -> tuple[Tensor, Tensor, bool]:
+    """(w_op, inv_n, fresh) for the forward. Inference (``keep`` False) reuses the last
+    preparation of the same weight tensor while its version counter, storage, strides and the
+    operand dtype are unchanged, as PyTorch keys its own caches (an in-place update through
+    ``.data`` escapes the counter: call :func:`clear_weight_cache` after one). The cached
+    tensors are only ever read by kernels, never returned, so nothing downstream can write
+    into them."""
+    if keep or not _cacheable(x, weight):
+        w_op, inv_n = prep_weight(x, weight, normalize)
+        return w_op, inv_n, True
+    key = (weight._version, weight.data_ptr(), tuple(weight.shape), weight.stride(),
+           weight.dtype, x.dtype, x.device, bool(normalize))
+    hit = _prepared.get(id(weight))
+    if hit is not None and hit[0]() is weight and hit[1] == key:
+        return hit[2], hit[3], False
+    w_op, inv_n = prep_weight(x, weight, normalize)
+    wid = id(weight)
+    ref = weakref.ref(weight, lambda _r, wid=wid: _prepared.pop(wid, None))
+    _prepared[wid] = (ref, key, w_op, inv_n)
+    return w_op, inv_n, True
+
+
+def keeps_weight(x: Tensor, weight: Tensor) -> bool:
+    """Whether the forward hands its prepared weight to the backward (its 7th output)."""
+    return _weight_small(x, weight)
+
+
+# --------------------------------------------------------------------------- configs and tuning
+
+
+def _bench_ms(fn) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=5, rep=20, return_mode="median")
+
+
+#: A tuning candidate whose output is further than this from float64 is dropped (fp32 under
+#: TF32 and bf16 operands land near 1e-3; a wrong tile lands near 1).
+TUNE_TOL = {torch.float64: 1e-9, torch.float32: 1e-2, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+
+
+class ConfigRejected(RuntimeError):
+    """A tuning candidate that spills registers or computes something else (see tuning.sweep)."""
+
+
+def _checked(launch, check):
+    """Bench closure body: launch once, reject spills and wrong outputs, then time."""
+    def bench(cfg):
+        kernel = launch(cfg)
+        spills = getattr(kernel, "n_spills", 0) or 0
+        if spills:
+            raise ConfigRejected(f"spills {spills} registers")
+        err = check()
+        if err is not None:
+            raise ConfigRejected(f"output differs from float64 by {err:.1e}")
+        return _bench_ms(lambda: launch(cfg))
+    return bench
+
+
+def y64(x: Tensor, w_op: Tensor, inv_n: Tensor, params: Tensor) -> Tensor:
+    """float64 forward on the kernels' own operands, s = inv_n * (w_op . x) (tuning checks)."""
+    H = w_op.shape[0]
+    s = torch.einsum("hcd,bdn->bhcn", w_op.double(), x.double()) * inv_n.double()[..., None]
+    t = params[:H].double().view(1, -1, 1, 1)
+    lam = float(params[H])
+    is_max = torch.isinf(t)
+    soft = (torch.softmax(s * torch.where(is_max, 1.0, t), -1) * s).sum(-1)
+    att = torch.where(is_max[..., 0], s.amax(-1), soft)
+    return (s.mean(-1) + lam * att).sum(1)
+
+
+def fwd_bench(x: Tensor, weight: Tensor, params: Tensor, outs: tuple):
+    """cfg -> median ms of one forward launch with that config (for tuning), after checking its
+    output once against float64 and its compiled form for spills."""
+    H, C, _ = weight.shape
+    w_op, inv_n = prep_weight(x, weight, True, outs[5])
+    ref = y64(x, w_op.view(H, C, -1), inv_n, params)
+
+    def check():
+        err = rel_err(outs[0], ref)
+        return err if err > TUNE_TOL[x.dtype] else None
+
+    return _checked(lambda cfg: fwd_call(x, w_op, inv_n, params, outs, cfg, H).run(), check)
+
+
+def ds_bench(x, w_op, inv_n, params, grad_y, state, chunk: int, ws: Tensor):
+    """cfg -> median ms of the dS kernel on the first class chunk (for tuning), after checking
+    its output once against the default config's and its compiled form for spills."""
+    B, _, N = x.shape
+    H, C = inv_n.shape
+    c1 = min(C, chunk)
+    out = ws[: H * c1 * B * N].view(H, c1, B, N)
+    launch = lambda cfg: ds_call(x, w_op, inv_n, params, grad_y, state, 0, c1, out, cfg, H).run()
+    ref = None
+
+    def check():
+        nonlocal ref
+        if ref is None:   # the first candidate is the default config (config_space's order)
+            ref = out.double().clone()
+            return None
+        err = rel_err(out, ref)
+        return err if err > TUNE_TOL[x.dtype] else None
+
+    return _checked(launch, check)
+
+
+def fwd_config(x: Tensor, H: int, C: int, D: int, N: int) -> tuning.Config:
+    """The forward's launch config (tiles shared with the backward); tunes if asked to."""
+    def bench():
+        w = torch.randn(H, C, D, device=x.device)
+        params = params_tensor([1.0] * H, 0.1, acc_dtype(x.dtype), x.device)
+        return fwd_bench(x, w, params, fwd_outputs(x, H, C, empty))
+
+    return tuning.choose("fwd", H, C, D, N, x, bench, source=kernel_source("fwd"))
+
+
+def bwd_config(x: Tensor, H: int, C: int, D: int, N: int, fwd: tuning.Config,
+               bench=None) -> tuning.Config:
+    """The dS kernel's config: the forward's tiles; ``bench()`` makes the timer if tuning."""
+    return tuning.choose("bwd", H, C, D, N, x, bench, tiles=fwd.tiles(),
+                         source=kernel_source("bwd"))
+
+
+def kernel_source(kernel: str) -> str | None:
+    """The source hash of the kernel behind tuning's ``kernel`` ("fwd", "bwd"), which keys the
+    compile report's cache; None under the interpreter (nothing is compiled)."""
+    from . import kernels as k
+
+    fn = k.csra_bwd_ds_kernel if kernel in ("bwd", "ds") else k.csra_fwd_kernel
+    return getattr(fn, "cache_key", None)
+
+
+# --------------------------------------------------------------------------- plans
+
+
+class Plan(NamedTuple):
+    """What the host computes once per problem: the forward's config and parameters."""
+    cfg: tuning.Config
+    params: Tensor
+
+
+_plans: dict = {}
+
+
+def plan(x: Tensor, weight: Tensor, temps: list[float], lam: float) -> Plan:
+    """The plan for x (B, D, N) and weight (H, C, D) with these scalars (built once; under
+    tracing built anew and not kept: its parameter tensor becomes a constant of the graph)."""
+    if tracing(x):
+        B, D, N = x.shape
+        H, C, _ = weight.shape
+        return Plan(tuning.choose("fwd", H, C, D, N, x),
+                    torch.tensor([*temps, lam, math.log2(math.e)], dtype=acc_dtype(x.dtype),
+                                 device=x.device))
+    key = (tuple(x.shape), x.dtype, x.device, tuple(weight.shape), tuple(temps), lam,
+           tf32_enabled(x))
+    p = _plans.get(key)
+    if p is None:
+        B, D, N = x.shape
+        H, C, _ = weight.shape
+        p = _plans[key] = Plan(fwd_config(x, H, C, D, N),
+                               params_tensor(temps, lam, acc_dtype(x.dtype), x.device))
+    return p
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def forward(x: Tensor, weight: Tensor, temps: list[float], lam: float, normalize: bool,
+            keep: bool) -> tuple:
+    """(y, m, l, att, argmax, inv_n, kept): two launches (prep, fwd), one when inference
+    (``keep`` False) reuses a prepared weight. ``kept`` is the prepared weight when ``keep``
+    and it is small (:func:`keeps_weight`), else (0,)."""
+    H, C, _ = weight.shape
+    p = plan(x, weight, temps, lam)
+    outs = fwd_outputs(x, H, C, keep=False)          # inv_n: the prepared one, if kept
+    w_op, inv_n, _ = prepared(x, weight, normalize, keep)
+    fwd_call(x, w_op, inv_n, p.params, outs, p.cfg, H).run()
+    if keep:                      # fresh tensors (never the inference cache's): safe to return
+        outs = (*outs[:5], inv_n.view(H, C))
+    kept = w_op if keep and keeps_weight(x, weight) else new((0,), x.dtype, x.device)
+    return (*outs, kept)
+
+
+class Backward:
+    """The Triton side of the op's backward loop (see ops.csra_bwd): dS' of a class chunk from
+    the kernels, the GEMMs in x's dtype, the weight gradient in one projection launch."""
+
+    def __init__(self, grad_y, x, weight, state, inv_n, kept, temps, lam, normalize):
+        B, D, N = x.shape
+        H, C, _ = weight.shape
+        self.x, self.weight, self.state, self.grad_y = x, weight, state, grad_y
+        self.normalize, self.H = normalize, H
+        p = plan(x, weight, temps, lam)
+        self.params, fwd_cfg = p.params, p.cfg
+        self.gemm = self.dx_dtype = x.dtype
+        self.chunk = ds_chunk_classes(H, C, B, N, fwd_cfg.BC)
+        if kept.numel():                 # the forward's prepared weight, bit for bit
+            self.w_op, self.inv_n = kept, inv_n
+        else:
+            self.w_op, self.inv_n = prep_weight(x, weight, normalize)
+        self.w_gemm = self.w_op.view(H, C, D)
+        # x as the (D, B*N) matrix of the GEMMs: a view for channels-innermost x, one copy of
+        # contiguous position runs for NCHW
+        self.x_dk = x_matrix(x, self.gemm)
+        self.ws = new((H * self.chunk * B * N,), self.gemm, x.device)
+        w_op, inv_n, params, ws, chunk = self.w_op, self.inv_n, self.params, self.ws, self.chunk
+        self.cfg = bwd_config(x, H, C, D, N, fwd_cfg, None if tracing(x) else lambda: ds_bench(
+            x, w_op, inv_n, params, grad_y, state, chunk, ws))
+
+    def ds(self, c0: int, c1: int, out: Tensor) -> None:
+        ds_call(self.x, self.w_op, self.inv_n, self.params, self.grad_y, self.state, c0, c1,
+                out, self.cfg, self.H).run()
+
+    def new_weight_grad(self, G: Tensor) -> Tensor:
+        return new(self.weight.shape, self.weight.dtype, self.weight.device)
+
+    def chunk_done(self, G: Tensor, dW: Tensor, c0: int, c1: int) -> None:
+        pass
+
+    def finish(self, G: Tensor, dW: Tensor) -> Tensor:
+        """dW through the row normalisation in one launch over every class."""
+        proj_call(G.view(-1, G.shape[-1]), self.weight, self.inv_n, dW, self.normalize).run()
+        return dW
+
+
+@contextlib.contextmanager
+def stub_launches(counter: list | None = None):
+    """Inside the block no kernel runs: each launch appends (kernel name, grid) to ``counter``
+    instead (``bench --host`` and the launch-count tests: the GPU path's host work alone)."""
+    global _jit_launch
+    old = _jit_launch
+
+    def fake(kernel, grid, args, kw):
+        if counter is not None:
+            counter.append((getattr(kernel, "fn", kernel).__name__, grid))
+        return None
+
+    _jit_launch = fake
+    try:
+        yield counter
+    finally:
+        _jit_launch = old
+        clear_weight_cache()      # what was "prepared" inside holds no real values

@@ -1,0 +1,125 @@
+"""The host path (issue 18): how many kernels a GPU would see per call, counted on CPU with the
+Triton launches stubbed out (csra_triton.hostpath), and the inference weight cache.
+
+The counts are deterministic: these tests fail when a change adds a launch (a materialised zero
+gradient, a second prep, a copy, an unfused elementwise pass) at the headline's shapes."""
+import gc
+
+import pytest
+import torch
+
+import csra_triton
+from csra_triton import hostpath, shapes, triton_impl
+from helpers import INF, ref64, rel_err
+
+HEADLINE = ["coco-r101-448", "coco-r101-448-fp32"]       # bf16 and fp32
+#: What a forward+backward at the headline runs (besides the four Triton kernels prep, fwd, dS,
+#: projection): the GEMMs dx and G, and for NCHW x the copy of x into the GEMMs' (D, B*N)
+#: matrix plus the copy autograd makes when it stores a leaf's gradient in x's layout.
+ATEN_FWD_BWD = {"nchw": ["aten::copy_", "aten::mm", "aten::addmm_", "aten::copy_"],
+                "channels_last": ["aten::mm", "aten::addmm_"],
+                "tokens": ["aten::mm", "aten::addmm_"]}
+TRITON_FWD_BWD = ["csra_prep_kernel", "csra_fwd_kernel", "csra_bwd_ds_kernel", "csra_proj_kernel"]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "tokens"])
+@pytest.mark.parametrize("name", HEADLINE)
+def test_launches_at_the_headline(name, layout):
+    shape = shapes.SHAPES[name]
+    calls = hostpath.steps(shape, layout)
+    rec = {k: hostpath.record(fn) for k, fn in calls.items()}
+    # inference with an unchanged weight: the prepared weight is reused, one launch
+    assert rec["inference"] == dict(triton=["csra_fwd_kernel"], aten=[])
+    assert rec["fwd"] == dict(triton=["csra_prep_kernel", "csra_fwd_kernel"], aten=[])
+    fb = rec["fwd+bwd"]
+    assert fb["triton"] == TRITON_FWD_BWD              # no second prep: the forward's is kept
+    assert fb["aten"] == ATEN_FWD_BWD[layout]          # no zero-filled gradients, no projection passes
+    assert len(fb["triton"]) + len(fb["aten"]) <= 8
+
+
+def test_large_weights_are_prepared_again_not_kept():
+    """At 9,605 classes the prepared weight (157 MB in bf16) is not kept for the backward, nor
+    cached for inference: both prepare it again."""
+    shape = shapes.SHAPES["openimages-r101-448"]
+    rec = {k: hostpath.record(fn) for k, fn in hostpath.steps(shape, "tokens").items()}
+    assert rec["inference"]["triton"] == ["csra_prep_kernel", "csra_fwd_kernel"]
+    assert rec["fwd+bwd"]["triton"] == ["csra_prep_kernel", "csra_fwd_kernel", "csra_prep_kernel",
+                                        "csra_bwd_ds_kernel", "csra_proj_kernel"]
+
+
+def test_no_zero_gradients_for_the_state_outputs():
+    """Autograd would hand the backward zero-filled gradients for the six state outputs; the op
+    tells it not to (ctx.set_materialize_grads(False))."""
+    shape = shapes.parse_shapes("coco-r101-448@d=64@C=9")[0]
+    aten = hostpath.record(hostpath.steps(shape, "tokens")["fwd+bwd"])["aten"]
+    assert not [a for a in aten if a in ("aten::zeros", "aten::zero_", "aten::fill_")], aten
+
+
+def _head_and_input(device):
+    head = csra_triton.CSRATriton(24, 7, 4).to(device)
+    x = torch.randn(3, 24, 4, 5, device=device)
+    return head, x
+
+
+def test_inference_cache_follows_in_place_updates(device):
+    """A cached preparation is never used for a weight changed in place (its version counter
+    moves), and the values match float64 before and after."""
+    head, x = _head_and_input(device)
+    temps = head.temperatures
+    with csra_triton.use_backend("triton"), torch.no_grad():
+        y0 = head(x)
+        y1 = head(x)                                   # from the cache
+        assert torch.equal(y0, y1)
+        head.weight.mul_(-2.0).add_(0.1)               # an optimizer step, in place
+        y2 = head(x)
+    ref = ref64(x, head.weight.detach(), temps, head.lam)
+    assert rel_err(y2, ref) <= 1e-5
+    assert rel_err(y0, y2) > 0.1
+
+
+def test_inference_cache_counts_launches_and_forgets_dead_weights():
+    head, x = _head_and_input("cpu")
+    launched = []
+    with triton_impl.stub_launches(launched), csra_triton.use_backend("triton"), torch.no_grad():
+        head(x)
+        head(x)
+        head.weight.add_(1.0)
+        head(x)
+        names = [k for k, _ in launched]
+        assert names == ["csra_prep_kernel", "csra_fwd_kernel", "csra_fwd_kernel",
+                         "csra_prep_kernel", "csra_fwd_kernel"]
+        assert id(head.weight) in triton_impl._prepared
+        wid = id(head.weight)
+        del head
+        gc.collect()
+        assert wid not in triton_impl._prepared
+
+
+def test_inference_equals_training_forward(device):
+    """keep=False (inference) computes the same y, bit for bit, as the forward of a training
+    step; and a backward after an inference-style forward of the op still works (it prepares
+    the weight again)."""
+    head, x = _head_and_input(device)
+    with csra_triton.use_backend("triton"):
+        with torch.no_grad():
+            y_inf = head(x)
+        y_train = head(x.requires_grad_())
+    assert torch.equal(y_inf, y_train.detach())
+    x3 = x.detach().flatten(2).requires_grad_()
+    w = head.weight.detach().requires_grad_()
+    with csra_triton.use_backend("triton"):
+        y = torch.ops.csra_triton.csra_fwd(x3, w, [1.0, 2.0, 4.0, 0.0], 0.1, True, False,
+                                           "triton")[0]
+    assert y.requires_grad
+    g = torch.randn_like(y)
+    y.backward(g)
+    _, dx, dw = ref64(x.detach(), w.detach(), [1.0, 2.0, 4.0, INF], 0.1, grad=g)
+    assert rel_err(x3.grad.view_as(dx), dx) <= 1e-5 and rel_err(w.grad, dw) <= 1e-5
+
+
+def test_host_report_command(capsys):
+    from csra_triton.cli import main
+
+    assert main(["bench", "--host", "--shapes", "latency-r101-224@d=64@C=9", "--reps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "| latency-r101-224@d=64@C=9 | nchw | fwd | 2 | prep, fwd |" in out

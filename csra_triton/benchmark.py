@@ -359,15 +359,17 @@ E2E = dict(B=32, size=448, C=80, heads=4, lam=0.1)
 
 
 def e2e_rows(device: torch.device, budget_s: float | None = None, **over) -> list[dict]:
-    """One training step of a torchvision ResNet-101 trunk (random init) + a CSRA head at
-    448x448, batch 32, bf16 autocast: forward, BCE loss, backward, SGD step. Rows for the
-    official head (eager module math) and csra-triton, each with the model eager and with
-    ``torch.compile`` of the whole model (default mode; compiled rows are skipped once
-    ``budget_s`` is spent), and the head's own share: its fwd+bwd on the trunk's features.
+    """One training step of the official ResNet-101 CSRA model (``models.ResNetCSRA``: a
+    torchvision ResNet-101, random init) at 448x448, batch 32, bf16 autocast: forward, BCE loss,
+    backward, SGD step. Rows for the official head (its module math, as ``classifier``) and
+    CSRATriton, each with the model eager and with ``torch.compile`` of the whole model
+    (default mode; compiled rows are skipped once ``budget_s`` is spent), and the head's own
+    share: its fwd+bwd on the trunk's features. ``C=9605`` gives the OpenImages step.
     Returns [] where torchvision cannot be imported (the CPU CI)."""
     try:
-        import torchvision
-    except Exception:  # noqa: BLE001 - the registry's torchvision does not import with CPU torch
+        from .models import ResNetCSRA
+        ResNetCSRA(1, 0.1, 1, depth=18)
+    except ImportError:   # the registry's torchvision does not import with the CPU torch
         return []
     p = dict(E2E, **over)
     B, size, C, heads, lam = p["B"], p["size"], p["C"], p["heads"], p["lam"]
@@ -384,13 +386,13 @@ def e2e_rows(device: torch.device, budget_s: float | None = None, **over) -> lis
                 rows.append(dict(e2e=True, impl=impl, compiled=True, skipped="time budget"))
                 continue
             torch.manual_seed(0)
-            trunk = torch.nn.Sequential(*list(torchvision.models.resnet101().children())[:-2])
+            model = ResNetCSRA(heads, lam, C, depth=101, temperatures=temps)
             if impl == "triton":
-                head = CSRATriton(2048, C, heads, lam, temps)
-                head.weight.data = w0.clone()
+                model.classifier.weight.data = w0.clone()
             else:
-                head = MHA.from_weight(w0.clone(), temps, lam)
-            model = torch.nn.Sequential(trunk, head).to(device)
+                model.classifier = MHA.from_weight(w0.clone(), temps, lam)
+            model = model.to(device)
+            trunk, head = model.backbone, model.classifier
             opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
             fn = torch.compile(model) if compiled else model
 

@@ -115,8 +115,7 @@ def x_matrix(x, dtype):
     x is in ``dtype`` and B == 1 or its channels are innermost)."""
     B, D, N = x.shape
     xt = x.permute(1, 0, 2)
-    try:
-        return xt.view(D, B * N).to(dtype)    # B == 1, or channels innermost (tokens, NHWC)
-    except RuntimeError:                      # NCHW: one copy, converting on the way
-        out = torch.empty((D, B, N), dtype=dtype, device=x.device)
-        return out.copy_(xt).view(D, B * N)
+    if B == 1 or N == 1 or x.stride(0) == N * x.stride(2):   # batch and positions merge
+        return xt.reshape(D, B * N).to(dtype)     # a view: B == 1, or tokens / channels_last
+    out = torch.empty((D, B, N), dtype=dtype, device=x.device)   # NCHW: one copy
+    return out.copy_(xt).view(D, B * N)

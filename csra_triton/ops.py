@@ -130,6 +130,18 @@ def _backward_loop(grad_y, x, weight, m, l, att, amax, inv_n, kept, temperatures
     bw = implementation(x, backend).Backward(grad_y, x, weight, (m, l, att, amax), inv_n, kept,
                                     kernel_temperatures(temperatures), lam, normalize)
     chunk, x_dk, w_gemm = bw.chunk, bw.x_dk, bw.w_gemm
+    if chunk >= C:
+        # One chunk holds every class: one GEMM each over all heads, written functionally (no
+        # out= views), which is also what a traced graph (the CUDA triton_op) wants.
+        ds = bw.ws.view(H * C, B * N)             # the workspace is one chunk: every class
+        bw.ds(0, C, ds.view(H, C, B, N))
+        G = torch.mm(ds, x_dk.t()).view(H, C, D)
+        w2 = w_gemm.reshape(H * C, D)
+        dx = torch.mm(ds.t(), w2) if inner else torch.mm(w2.t(), ds)
+        dW = bw.new_weight_grad(G)
+        bw.chunk_done(G, dW, 0, C)
+        dW = bw.finish(G, dW)
+        return dx_view(dx.to(x.dtype), B, D, N, inner), dW
     G = new((H, C, D), bw.gemm, x.device)
     dW = bw.new_weight_grad(G)
     # dx accumulates over class chunks in the layout of x: (B*N, D) for channels-innermost x,

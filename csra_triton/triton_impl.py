@@ -431,9 +431,12 @@ def plan(x: Tensor, weight: Tensor, temps: list[float], lam: float) -> Plan:
     if tracing(x):
         B, D, N = x.shape
         H, C, _ = weight.shape
-        return Plan(tuning.choose("fwd", H, C, D, N, x),
-                    torch.tensor([*temps, lam, math.log2(math.e)], dtype=acc_dtype(x.dtype),
-                                 device=x.device))
+        # made on the device (a host tensor would be copied to it on every call, which also
+        # keeps CUDA graphs from capturing the graph)
+        vals = [*temps, lam, math.log2(math.e)]
+        params = torch.cat([torch.full((1,), v, dtype=acc_dtype(x.dtype), device=x.device)
+                            for v in vals])
+        return Plan(tuning.choose("fwd", H, C, D, N, x), params)
     key = (tuple(x.shape), x.dtype, x.device, tuple(weight.shape), tuple(temps), lam,
            tf32_enabled(x))
     p = _plans.get(key)

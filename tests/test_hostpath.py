@@ -16,9 +16,9 @@ HEADLINE = ["coco-r101-448", "coco-r101-448-fp32"]       # bf16 and fp32
 #: What a forward+backward at the headline runs (besides the four Triton kernels prep, fwd, dS,
 #: projection): the GEMMs dx and G, and for NCHW x the copy of x into the GEMMs' (D, B*N)
 #: matrix plus the copy autograd makes when it stores a leaf's gradient in x's layout.
-ATEN_FWD_BWD = {"nchw": ["aten::copy_", "aten::mm", "aten::addmm_", "aten::copy_"],
-                "channels_last": ["aten::mm", "aten::addmm_"],
-                "tokens": ["aten::mm", "aten::addmm_"]}
+ATEN_FWD_BWD = {"nchw": ["aten::copy_", "aten::mm", "aten::mm", "aten::copy_"],
+                "channels_last": ["aten::mm", "aten::mm"],
+                "tokens": ["aten::mm", "aten::mm"]}
 TRITON_FWD_BWD = ["csra_prep_kernel", "csra_fwd_kernel", "csra_bwd_ds_kernel", "csra_proj_kernel"]
 
 

@@ -1,0 +1,59 @@
+"""Traces the CUDA triton_ops with fake CUDA tensors, as AOTAutograd does under torch.compile,
+on a machine without a GPU (needs a torch build with CUDA; run without TRITON_INTERPRET).
+Prints one JSON line: for the inference forward and for the backward op, the Triton kernels
+the graph launches (in order) and its ATen calls."""
+import json
+import warnings
+
+import torch
+from functorch.compile import aot_function, make_boxed_func
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import csra_triton
+
+HOP = torch.ops.higher_order.triton_kernel_wrapper_functional
+
+
+def summary(gm):
+    kernels, aten = [], []
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        if n.target is HOP:
+            kernels.append(kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__)
+        elif str(n.target).startswith("aten."):
+            aten.append(str(n.target))
+    return dict(kernels=kernels, aten=aten)
+
+
+def trace(fn, *args):
+    graphs = []
+
+    def keep(gm, _inputs):
+        graphs.append(summary(gm))
+        return make_boxed_func(gm.forward)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        f = aot_function(fn, fw_compiler=keep, bw_compiler=keep)
+        with mode:
+            f(*args)
+    return graphs[0]
+
+
+mode = FakeTensorMode(allow_non_fake_inputs=True)
+with mode:
+    B, D, h, w, H, C = 2, 64, 3, 3, 4, 9
+    x = torch.randn(B, D, h, w, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(H, C, D, device="cuda")
+    g = torch.randn(B, C, device="cuda", dtype=torch.bfloat16)
+    state = (torch.empty(B, H, C, device="cuda"), torch.empty(B, H, C, device="cuda"),
+             torch.empty(B, H, C, device="cuda"),
+             torch.empty(B, H, C, device="cuda", dtype=torch.int32),
+             torch.empty(H, C, device="cuda"), torch.empty(H * C, D, device="cuda",
+                                                           dtype=torch.bfloat16))
+temps = [1.0, 2.0, 4.0, float("inf")]
+fwd = trace(lambda a, b: csra_triton.csra(a, b, temps, 0.1), x, weight)
+bwd = trace(lambda *a: torch.ops.csra_triton.csra_bwd_cuda(*a, [1.0, 2.0, 4.0, 0.0], 0.1, True),
+            g, x.flatten(2), weight, *state)
+print(json.dumps(dict(fwd=fwd, bwd=bwd)))

@@ -1,15 +1,18 @@
 """csra-triton: multi-head class-specific residual attention (CSRA, ICCV 2021) as Triton kernels.
 
-Data path: ``reference`` (eager, official structure) -> ``kernels`` (Triton) -> ``ops`` (custom
-ops + autograd, CPU fallback in ``fallback``) -> ``module`` (``csra``, ``CSRATriton``) -> CLI
-(``python -m csra_triton``).
+Data path, as layers (pyproject.toml's import-linter contract): helpers (``common``,
+``reference``, ``shapes``) -> kernels and configs (``kernels``, ``tuning``) -> the two
+implementations (``triton_impl``, ``fallback``) -> the op (``ops``: custom ops, triton_ops,
+autograd) -> ``module`` (``csra``, ``CSRATriton``), ``maps``, ``interop`` -> ``models`` (the
+official full models) -> tools (``benchmark``, ``compiled``, ``hostpath``, CLI).
 """
 from .interop import OfficialCheckpointError
 from .module import CSRATriton, csra, load_official
 from .ops import CSRAFunction, use_backend
+from .triton_impl import clear_weight_cache
 from .reference import OFFICIAL_TEMPERATURES, csra_reference
 from . import reference
 
 __all__ = ["CSRATriton", "csra", "CSRAFunction", "use_backend", "reference", "csra_reference",
-           "OFFICIAL_TEMPERATURES", "load_official", "OfficialCheckpointError"]
+           "OFFICIAL_TEMPERATURES", "load_official", "OfficialCheckpointError", "clear_weight_cache"]
 __version__ = "0.1.0"

@@ -174,7 +174,8 @@ def _bench(args) -> int:
         else:
             left = (None if args.budget_s is None
                     else max(0.0, args.budget_s - (time.monotonic() - t0)))
-            e2e = bm.e2e_rows(device, budget_s=left)
+            for c in (int(v) for v in args.e2e_classes.split(",") if v):
+                e2e += bm.e2e_rows(device, budget_s=left, C=c)
             if not e2e:
                 print("--e2e: torchvision cannot be imported here; skipped")
     doc = bm.results_doc(rows, device)
@@ -434,6 +435,8 @@ def main(argv=None) -> int:
     b.add_argument("--reps", type=int, default=10, help="timed repetitions on CPU")
     b.add_argument("--budget-s", type=float, default=None,
                    help="skip compile runs that would start after this many seconds")
+    b.add_argument("--e2e-classes", default="80",
+                   help="with --e2e: comma list of class counts (80 COCO, 9605 OpenImages)")
     b.add_argument("--host", action="store_true",
                    help="the GPU path's host work without a GPU: launches (Triton + ATen) and "
                         "host µs per call with launches stubbed (csra_triton.hostpath)")

@@ -45,7 +45,8 @@ KEEP_WEIGHT_BYTES = int(os.environ.get("CSRA_TRITON_KEEP_WEIGHT_BYTES", 32 << 20
 CACHE_WEIGHT_BYTES = KEEP_WEIGHT_BYTES
 #: Weights (in the operand dtype) above this size are launched class-block-major, so that each
 #: weight block is read from HBM once and x stays in L2 (see kernels.py, "Launch order").
-CB_MAJOR_BYTES = 8 << 20
+#: ``CSRA_TRITON_CB_MAJOR_BYTES`` overrides it (the tests force the order at small shapes).
+CB_MAJOR_BYTES = int(os.environ.get("CSRA_TRITON_CB_MAJOR_BYTES", 8 << 20))
 
 PREP_ROWS = 8       # rows per prep program: 40 programs for 320 rows (10 took 22 µs on an H200)
 PREP_WARPS = 4
@@ -108,7 +109,10 @@ def _jit_launch(kernel, grid, args, kw):
 
 
 def tracing(x: Tensor) -> bool:
-    """Whether ``x`` is a fake tensor of a trace (nothing runs; no host cache may keep it)."""
+    """Whether ``x`` is a fake tensor of a trace (nothing runs; no host cache may keep it).
+    A plain eager tensor is answered without the (slower) subclass inspection."""
+    if type(x) is Tensor:
+        return False
     from torch._subclasses.fake_tensor import is_fake
 
     return is_fake(x)
@@ -125,6 +129,16 @@ def _spec(v) -> object:
 
 
 _compiled: dict = {}
+
+
+def _constexpr_names(kernel) -> tuple:
+    """The kernel's constexpr parameters in order (they follow the others in every kernel here)."""
+    names = getattr(kernel, "_csra_constexprs", None)
+    if names is None:
+        flags = [p.is_constexpr for p in kernel.params]
+        assert flags == sorted(flags), "constexpr parameters must come last"
+        names = kernel._csra_constexprs = tuple(p.name for p in kernel.params if p.is_constexpr)
+    return names
 
 
 class Call(NamedTuple):
@@ -154,8 +168,9 @@ class Call(NamedTuple):
             if ck is None:
                 ck = _compiled[key] = _jit_launch(self.kernel, self.grid, self.args, kw)
                 return ck
-            # the compiled kernel's launcher takes every parameter, constexprs included
-            ck[self.grid](*self.args, *self.constexprs.values())
+            # the compiled kernel's launcher takes every parameter, constexprs included, in
+            # the kernel's order
+            ck[self.grid](*self.args, *(self.constexprs[n] for n in _constexpr_names(self.kernel)))
             return ck
 
 
@@ -197,7 +212,9 @@ def prep_call(x: Tensor, weight: Tensor, normalize: bool, w_op: Tensor, inv_n: T
                      ACC=d["ACC"], EMU_BF16=d["EMU_BF16"]), PREP_WARPS, 2)
 
 
-def fwd_call(x, w_op, inv_n, params, outs, cfg, H, on_gpu: bool | None = None) -> Call:
+def fwd_call(x, w_op, inv_n, params, outs, cfg, H, on_gpu: bool | None = None,
+             kw: dict | None = None) -> Call:
+    """The forward launch; ``kw``: its constexprs if already known (a :class:`Plan`'s)."""
     from .kernels import csra_fwd_kernel
 
     B, D, N = x.shape
@@ -205,14 +222,16 @@ def fwd_call(x, w_op, inv_n, params, outs, cfg, H, on_gpu: bool | None = None) -
     y, m, l, att, amax = outs[:5]
     n_cb = cdiv(C, cfg.BC)
     major = cb_major(H, C, D, x.element_size())
+    if kw is None:
+        kw = _tile_kw(x, cfg, H, D, major, _gpu(on_gpu))
     return Call(csra_fwd_kernel, _grid(B, n_cb, major),
                 (x, *x.stride(), w_op, inv_n, params, y, *y.stride(), m, l, att, amax,
-                 B, H, C, D, N, n_cb),
-                _tile_kw(x, cfg, H, D, major, _gpu(on_gpu)), cfg.num_warps, cfg.num_stages)
+                 B, H, C, D, N, n_cb), kw, cfg.num_warps, cfg.num_stages)
 
 
 def ds_call(x, w_op, inv_n, params, grad_y, state, c0, c1, out, cfg, H,
-            on_gpu: bool | None = None) -> Call:
+            on_gpu: bool | None = None, kw: dict | None = None) -> Call:
+    """The dS launch for classes [c0, c1); ``kw`` as for :func:`fwd_call` (the same tiles)."""
     from .kernels import csra_bwd_ds_kernel
 
     B, D, N = x.shape
@@ -220,10 +239,12 @@ def ds_call(x, w_op, inv_n, params, grad_y, state, c0, c1, out, cfg, H,
     m, l, att, amax = state
     n_cb = cdiv(c1 - c0, cfg.BC)
     major = cb_major(H, C, D, x.element_size())
+    if kw is None:
+        kw = _tile_kw(x, cfg, H, D, major, _gpu(on_gpu))
     return Call(csra_bwd_ds_kernel, _grid(B, n_cb, major),
                 (x, *x.stride(), w_op, inv_n, params, grad_y, *grad_y.stride(),
                  m, l, att, amax, out, B, H, C, D, N, c0, c1 - c0, n_cb),
-                _tile_kw(x, cfg, H, D, major, _gpu(on_gpu)), cfg.num_warps, cfg.num_stages)
+                kw, cfg.num_warps, cfg.num_stages)
 
 
 def proj_call(G: Tensor, weight: Tensor, inv_n: Tensor, out: Tensor, normalize: bool) -> Call:
@@ -417,9 +438,11 @@ def kernel_source(kernel: str) -> str | None:
 
 
 class Plan(NamedTuple):
-    """What the host computes once per problem: the forward's config and parameters."""
+    """What the host computes once per problem: the forward's config, the kernels' scalar
+    parameters and the main kernels' constexprs (tiles, dtypes, alignment, launch order)."""
     cfg: tuning.Config
     params: Tensor
+    kw: dict
 
 
 _plans: dict = {}
@@ -428,23 +451,25 @@ _plans: dict = {}
 def plan(x: Tensor, weight: Tensor, temps: list[float], lam: float) -> Plan:
     """The plan for x (B, D, N) and weight (H, C, D) with these scalars (built once; under
     tracing built anew and not kept: its parameter tensor becomes a constant of the graph)."""
+    B, D, N = x.shape
+    H, C, _ = weight.shape
     if tracing(x):
-        B, D, N = x.shape
-        H, C, _ = weight.shape
         # made on the device (a host tensor would be copied to it on every call, which also
         # keeps CUDA graphs from capturing the graph)
         vals = [*temps, lam, math.log2(math.e)]
         params = torch.cat([torch.full((1,), v, dtype=acc_dtype(x.dtype), device=x.device)
                             for v in vals])
-        return Plan(tuning.choose("fwd", H, C, D, N, x), params)
-    key = (tuple(x.shape), x.dtype, x.device, tuple(weight.shape), tuple(temps), lam,
-           tf32_enabled(x))
+        cfg = tuning.choose("fwd", H, C, D, N, x)
+        return Plan(cfg, params, _tile_kw(x, cfg, H, D, cb_major(H, C, D, x.element_size()),
+                                          gpu()))
+    key = (tuple(x.shape), x.stride(), x.dtype, x.device, tuple(weight.shape), tuple(temps),
+           lam, tf32_enabled(x))
     p = _plans.get(key)
     if p is None:
-        B, D, N = x.shape
-        H, C, _ = weight.shape
-        p = _plans[key] = Plan(fwd_config(x, H, C, D, N),
-                               params_tensor(temps, lam, acc_dtype(x.dtype), x.device))
+        cfg = fwd_config(x, H, C, D, N)
+        p = _plans[key] = Plan(cfg, params_tensor(temps, lam, acc_dtype(x.dtype), x.device),
+                               _tile_kw(x, cfg, H, D, cb_major(H, C, D, x.element_size()),
+                                        gpu()))
     return p
 
 
@@ -460,7 +485,7 @@ def forward(x: Tensor, weight: Tensor, temps: list[float], lam: float, normalize
     p = plan(x, weight, temps, lam)
     outs = fwd_outputs(x, H, C, keep=False)          # inv_n: the prepared one, if kept
     w_op, inv_n, _ = prepared(x, weight, normalize, keep)
-    fwd_call(x, w_op, inv_n, p.params, outs, p.cfg, H).run()
+    fwd_call(x, w_op, inv_n, p.params, outs, p.cfg, H, kw=p.kw).run()
     if keep:                      # fresh tensors (never the inference cache's): safe to return
         outs = (*outs[:5], inv_n.view(H, C))
     kept = w_op if keep and keeps_weight(x, weight) else new((0,), x.dtype, x.device)
@@ -477,7 +502,7 @@ class Backward:
         self.x, self.weight, self.state, self.grad_y = x, weight, state, grad_y
         self.normalize, self.H = normalize, H
         p = plan(x, weight, temps, lam)
-        self.params, fwd_cfg = p.params, p.cfg
+        self.params, fwd_cfg, self.kw = p.params, p.cfg, p.kw
         self.gemm = self.dx_dtype = x.dtype
         self.chunk = ds_chunk_classes(H, C, B, N, fwd_cfg.BC)
         if kept.numel():                 # the forward's prepared weight, bit for bit
@@ -495,7 +520,7 @@ class Backward:
 
     def ds(self, c0: int, c1: int, out: Tensor) -> None:
         ds_call(self.x, self.w_op, self.inv_n, self.params, self.grad_y, self.state, c0, c1,
-                out, self.cfg, self.H).run()
+                out, self.cfg, self.H, kw=self.kw).run()
 
     def new_weight_grad(self, G: Tensor) -> Tensor:
         return new(self.weight.shape, self.weight.dtype, self.weight.device)

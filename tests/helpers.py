@@ -5,7 +5,13 @@ import torch
 
 from csra_triton.reference import as_operand, csra_reference
 
-TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2, torch.float64: 1e-10}
+#: Tolerances from the rounding analysis: the operands and the outputs are rounded once to the
+#: input dtype (unit roundoff u = 2^-8 bf16, 2^-11 fp16, 2^-24 fp32), sums run in fp32.
+#: Measured at the test shapes: bf16 1.8e-3 (y) / 3.1e-3 (grads) = 0.5u / 0.8u; fp16 2e-4 /
+#: 4e-4, the same multiples of its u. bf16's tolerance is 5u (2e-2, ~6x the measured
+#: gradients); fp16's is 2u (1e-3, ~2.5x): a bug that rounded fp16 operands or the workspace
+#: to bf16 (1.8e-3 / 3e-3) fails it. fp32 1e-5 (~170u: T * |s| amplification included).
+TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 2e-2, torch.float64: 1e-10}
 INF = math.inf
 #: dtype -> [examples, worst fwd, worst dx, worst dW] relative errors of the property tests.
 WORST: dict = {}

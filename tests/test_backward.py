@@ -5,6 +5,7 @@ import torch
 import csra_triton
 import csra_triton.fallback as fallback
 import csra_triton.triton_impl as triton_impl
+from csra_triton import tuning
 from csra_triton.reference import MHA, OFFICIAL_TEMPERATURES
 from helpers import INF, TOL, ref64, rel_err
 
@@ -64,6 +65,35 @@ def test_class_chunks(elems, backend, device, monkeypatch):
     assert rel_err(x.grad, dx) <= 1e-5 and rel_err(weight.grad, dw) <= 1e-5
 
 
+def test_class_block_major_launch_order(device, monkeypatch):
+    """The launch order used for weights > 8 MB (9,605 classes), forced at a small shape: grids
+    (B, class blocks), forward and dS kernels, over several class chunks; values as float64's."""
+    monkeypatch.setattr(triton_impl, "CB_MAJOR_BYTES", 0)
+    monkeypatch.setattr(triton_impl, "DS_WORKSPACE_ELEMS", 2 * 4 * 6 * 16)   # chunks of 16 classes
+    monkeypatch.setattr(triton_impl, "_plans", {})
+    grids = []
+    launch = triton_impl._jit_launch
+
+    def spy(kernel, grid, args, kw):
+        grids.append((getattr(kernel, "fn", kernel).__name__, tuple(grid), kw.get("CB_MAJOR")))
+        return launch(kernel, grid, args, kw)
+    monkeypatch.setattr(triton_impl, "_jit_launch", spy)
+    x = torch.randn(2, 24, 2, 3, device=device, requires_grad=True)
+    weight = torch.randn(4, 37, 24, device=device, requires_grad=True)
+    g = torch.randn(2, 37, device=device)
+    temps = [1.0, 2.0, 4.0, INF]
+    with csra_triton.use_backend("triton"):
+        y = csra_triton.csra(x, weight, temps, 0.2)
+        y.backward(g)
+    ref, dx, dw = ref64(x, weight, temps, 0.2, grad=g)
+    assert rel_err(y, ref) <= TOL[torch.float32]
+    assert rel_err(x.grad, dx) <= TOL[torch.float32] and rel_err(weight.grad, dw) <= TOL[torch.float32]
+    main = [gr for gr in grids if gr[0] in ("csra_fwd_kernel", "csra_bwd_ds_kernel")]
+    bc = tuning.default_config(4, 37, 24, 6).BC
+    assert main[0] == ("csra_fwd_kernel", (2, -(-37 // bc)), True)
+    assert len(main) >= 3 and all(m[2] is True and m[1][0] == 2 for m in main)
+
+
 def test_max_head_ties_follow_torch_max(backend, device):
     """With tied maxima the gradient goes where torch.max(dim) sends it: the first index."""
     x = torch.randn(2, 8, 1, 3, device=device, dtype=torch.float64)
@@ -86,14 +116,17 @@ def test_gradcheck(normalize, backend, device):
 
 
 def test_weight_only_and_x_only(backend, device):
+    """Only the gradients asked for, each equal to float64's."""
     x = torch.randn(2, 10, 3, 3, device=device)
     weight = torch.randn(2, 3, 10, device=device, requires_grad=True)
-    csra_triton.csra(x, weight, [1, INF], 0.1).sum().backward()
-    assert x.grad is None and weight.grad is not None
+    g = torch.randn(2, 3, device=device)
+    _, dx, dw = ref64(x, weight, [1, INF], 0.1, grad=g)
+    csra_triton.csra(x, weight, [1, INF], 0.1).backward(g)
+    assert x.grad is None and rel_err(weight.grad, dw) <= TOL[torch.float32]
     x.requires_grad_()
     weight2 = weight.detach()
-    csra_triton.csra(x, weight2, [1, INF], 0.1).sum().backward()
-    assert x.grad is not None and weight2.grad is None
+    csra_triton.csra(x, weight2, [1, INF], 0.1).backward(g)
+    assert weight2.grad is None and rel_err(x.grad, dx) <= TOL[torch.float32]
 
 
 def test_large_temperature_grads(backend, device):

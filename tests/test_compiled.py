@@ -16,9 +16,10 @@ import pytest
 from csra_triton.benchmark import HEADLINE, SHAPES
 
 
-def _inspect(tmp_path_factory, *args):
+def _inspect(tmp_path_factory, *args, **env_over):
     tmp = tmp_path_factory.mktemp("inspect")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(env_over)
     env["CSRA_TRITON_INSPECT_CACHE"] = str(tmp / "cache.json")
     path = tmp / "report.json"
     proc = subprocess.run([sys.executable, "-m", "csra_triton", "inspect", *args, "--json",
@@ -47,6 +48,18 @@ def test_edge_shapes_compile_for_every_dtype(tmp_path_factory):
         assert r["regs"] > 0
         if r["dtype"] != "float64":
             assert r["spill_bytes"] == 0, r
+
+
+def test_class_block_major_order_compiles_spill_free(tmp_path_factory):
+    """The launch order of weights > 8 MB (9,605 classes), forced at the headline and at the
+    edge shapes: the same spill-free tensor-core kernels."""
+    doc, _ = _inspect(tmp_path_factory, "--arch", "sm_90a", "--shapes", f"{HEADLINE},{EDGES}",
+                      "--kernels", "fwd,ds", CSRA_TRITON_CB_MAJOR_BYTES="0")
+    assert len(doc["rows"]) == 3 * 2
+    for r in doc["rows"]:
+        assert r["spill_bytes"] == 0, r
+        if r["shape"] == HEADLINE:
+            assert r["mma"] == "wgmma", r
 
 
 def test_every_kernel_of_every_shape_is_reported(report):

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import csra_triton
+from csra_triton import common, triton_impl, tuning
 from csra_triton.reference import MHA, OFFICIAL_TEMPERATURES
 from helpers import INF, TOL, ref64, rel_err
 
@@ -114,4 +115,24 @@ def test_tf32_follows_cudnn_flag(device):
     if device == "cuda":
         assert 1e-5 < errs[True] <= 5e-3, errs
     else:
-        assert errs[True] == errs[False]
+        assert errs[True] == errs[False]      # the interpreter has no TF32
+    # What a GPU launch carries (the compile report compiles exactly these): TF32 products
+    # exactly when the flag is on and x is fp32.
+    x3 = x.flatten(2)
+    H, C, D = weight.shape
+    outs = common.fwd_outputs(x3, H, C, common.empty)
+    cfg = tuning.default_config(H, C, D, x3.shape[2], 4)
+    try:
+        for flag in (False, True):
+            torch.backends.cudnn.allow_tf32 = flag
+            for xx in (x3, x3.to(torch.bfloat16)):
+                w_op = torch.empty(H * C, D, dtype=xx.dtype)
+                calls = [triton_impl.fwd_call(xx, w_op, outs[5], torch.empty(H + 2), outs, cfg, H,
+                                              on_gpu=True),
+                         triton_impl.ds_call(xx, w_op, outs[5], torch.empty(H + 2),
+                                             torch.empty(4, C), outs[1:5], 0, C,
+                                             torch.empty(H, C, 4, 49), cfg, H, on_gpu=True)]
+                want = "tf32" if flag and xx.dtype == torch.float32 else "ieee"
+                assert [c.constexprs["PRECISION"] for c in calls] == [want, want]
+    finally:
+        torch.backends.cudnn.allow_tf32 = old

@@ -1,6 +1,7 @@
 """The head inside models: torch.compile (no graph breaks, dynamic batch, CUDA graphs),
 torch.export, autocast, copy-free layouts, DDP."""
 import os
+import socket
 import tempfile
 
 import pytest
@@ -173,8 +174,13 @@ def test_ddp_matches_single_process():
     process training on the whole batch."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "w.pt")
-        torch.multiprocessing.spawn(ddp_worker.worker, args=(2, os.path.join(tmp, "init"), out),
-                                    nprocs=2, join=True)
+        # A TCP store on loopback (a free port): the file store's shared file was one more
+        # thing the two ranks' teardowns raced on.
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        torch.multiprocessing.spawn(ddp_worker.worker,
+                                    args=(2, f"tcp://127.0.0.1:{port}", out), nprocs=2, join=True)
         w_ddp = torch.load(out)
     model, x, y = ddp_worker.make_model_and_data()
     ddp_worker.train(model, x, y)

@@ -90,7 +90,7 @@ def test_compile_autograd_function(device):
     f = torch.compile(lambda a, w: csra_triton.CSRAFunction.apply(a.flatten(2), w, [1.0, INF],
                                                                   0.2, True), fullgraph=True)
     f(x, weight).sum().backward()
-    gx = x.grad.clone()
-    x.grad = None
+    gx, gw = x.grad.clone(), weight.grad.clone()
+    x.grad = weight.grad = None
     csra_triton.csra(x, weight, [1.0, INF], 0.2).sum().backward()
-    assert rel_err(gx, x.grad) <= 1e-6
+    assert rel_err(gx, x.grad) <= 1e-6 and rel_err(gw, weight.grad) <= 1e-6

@@ -329,7 +329,9 @@ def _tune(args) -> int:
     env = tuning.environment(device)
     print(f"tuning on {env['gpu']}, torch {env['torch']}, triton {env['triton']}; cache "
           f"{tuning.cache_path()}")
-    cc = torch.cuda.get_device_capability(device)[0]
+    from .archs import device_arch
+
+    cc = device_arch(device)
     for shape in shapes:
         b = bm.Bench(shape, "triton", device, n_sets=1)
         x3, w = b.xs[0].flatten(2), b.weight0
@@ -341,7 +343,7 @@ def _tune(args) -> int:
         fwd_best = tuning.default_config(H, C, D, N, size, cc)
         for kernel in kernels:
             if kernel == "fwd":
-                space = tuning.config_space("fwd", H, C, D, N, size, cc=cc)
+                space = tuning.config_space("fwd", H, C, D, N, size, arch=cc)
                 bench = ti.fwd_bench(x3, w, params, outs)
             else:
                 ti.fwd_call(x3, w_op, inv_n, params, outs, fwd_best, H).run()
@@ -383,9 +385,17 @@ def _inspect(args) -> int:
     from . import compiled
 
     archs = [a for a in args.arch.split(",") if a]
+    if archs == ["all"]:
+        archs = list(compiled.ARCHS)
     for a in archs:
         if a not in compiled.ARCHS:
-            raise SystemExit(f"--arch: expected some of {', '.join(compiled.ARCHS)}, got {a!r}")
+            raise SystemExit(f"--arch: expected 'all' or some of {', '.join(compiled.ARCHS)}, "
+                             f"got {a!r}")
+    layouts = [v for v in args.layouts.split(",") if v]
+    for v in layouts:
+        if v not in compiled.LAYOUTS:
+            raise SystemExit(f"--layouts: expected some of {', '.join(compiled.LAYOUTS)}, "
+                             f"got {v!r}")
     dtypes = None
     if args.dtypes:
         try:
@@ -402,10 +412,16 @@ def _inspect(args) -> int:
     print(f"compile report: triton {compiled._triton_version()}, targets {', '.join(archs)} "
           f"(compiled here, no GPU needed); model rates (H100): "
           + ", ".join(f"{k} {v / 1e12:g}T" for k, v in compiled.RATES.items()), flush=True)
-    rows = compiled.report(shapes, archs, dtypes, args.all_configs, kernels)
+    rows = compiled.report(shapes, archs, dtypes, args.all_configs, kernels, layouts=layouts)
     print(compiled.table(rows))
+    bad = compiled.check([r for r in rows if r["default"]])
+    print(f"\ndefault configs: {len(bad)} rule(s) broken (0 spills, shared memory within the "
+          f"arch's limit, every product on the arch's tensor cores)")
+    for b in bad:
+        print("  " + b)
     if args.json:
-        doc = {"triton": compiled._triton_version(), "rates": compiled.RATES, "rows": rows}
+        doc = {"triton": compiled._triton_version(), "rates": compiled.RATES, "rows": rows,
+               "broken": bad}
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1)
         print(f"wrote {args.json}")
@@ -467,7 +483,11 @@ def main(argv=None) -> int:
                    help="per shape and kernel: stop starting new configs after this many seconds")
     i = sub.add_parser("inspect", help="compile every kernel for sm_90a/sm_80 here (no GPU): "
                                        "registers, spills, shared memory, MMA kind, traffic model")
-    i.add_argument("--arch", default="sm_90a,sm_80", help="comma list of sm_90a, sm_80")
+    i.add_argument("--arch", default="sm_90a,sm_80",
+                   help="'all' or a comma list of sm_75, sm_80, sm_86, sm_89, sm_90a, sm_100a, "
+                        "sm_120, gfx90a, gfx942, gfx950")
+    i.add_argument("--layouts", default="nchw",
+                   help="comma list of nchw, channels_last, tokens (x's layout)")
     i.add_argument("--shapes", default="all", help="shape names as for bench (default: all)")
     i.add_argument("--dtypes", default=None,
                    help="comma list of fp16,bf16,fp32,fp64 (default: each shape's own)")

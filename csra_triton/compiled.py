@@ -1,14 +1,19 @@
 """Compile report: every kernel the package launches, compiled for a GPU that need not be here.
 
 ``python -m csra_triton inspect`` (and tests/test_compiled.py) build the exact launches of
-``triton_impl.prep_call`` / ``fwd_call`` / ``ds_call`` for a DESIGN shape on CPU tensors, compile
-them with Triton's own compiler for ``sm_90a`` (H100/H200) or ``sm_80`` (A100), and read back:
+``triton_impl.prep_call`` / ``fwd_call`` / ``ds_call`` / ``proj_call`` for a DESIGN shape and a
+layout of x (NCHW, channels_last, tokens) on CPU tensors, compile them with Triton's own
+compiler for any arch of ``archs.ARCHS`` (sm_75 ... sm_120, AMD gfx90a, gfx942, gfx950), and read
+back:
 
-* registers and spill (stack) bytes: ``cuobjdump -res-usage`` on the cubin (the tool ships in
-  Triton's wheel, ``triton/backends/nvidia/bin``);
-* shared memory: the compiled kernel's metadata;
-* the MMA instruction: ``wgmma`` (Hopper warpgroup MMA), ``mma`` (``mma.sync``) or ``none``,
-  from the PTX;
+* registers and spill bytes: ``cuobjdump -res-usage`` on the cubin for CUDA (the tool ships in
+  Triton's wheel, ``triton/backends/nvidia/bin``); ``NumVgprs`` and ``ScratchSize`` from the AMD
+  assembly;
+* shared memory (LDS on AMD): the compiled kernel's metadata, against the arch's per-block limit;
+* the MMA instruction of every product (``tl.dot`` site, after Triton's pipelining: each
+  ``warp_group_dot``, ``tc_gen5_mma`` or ``tt.dot`` of the TTGIR) by family: ``wgmma``
+  (Hopper), ``tcgen05`` (Blackwell), ``mma`` (mma.sync), ``mfma`` (AMD) or ``none`` (FMA); the
+  row's ``mma`` names the family when every site has the same one, else ``mixed``;
 
 next to a traffic model of the launch (see :func:`model`). Specialisation (which integer
 arguments are 1 or multiples of 16, pointer alignment) is Triton's own
@@ -29,11 +34,13 @@ from pathlib import Path
 import torch
 
 from . import triton_impl, tuning
+from .archs import ARCHS as ARCH_INFO
 from .common import acc_dtype, empty, fwd_outputs
 from .shapes import SHAPES, Shape, parse_shapes
 from .tuning import inspect_key as _key, load_inspect_cache as _load_cache, save_inspect_cache as _save_cache
 
-ARCHS = {"sm_90a": 90, "sm_80": 80}
+ARCHS = tuple(ARCH_INFO)
+LAYOUTS = ("nchw", "channels_last", "tokens")
 KERNELS = ("prep", "fwd", "ds", "proj")
 #: Kernels without a product (elementwise over weight rows): no MMA, one config.
 ROW_KERNELS = ("prep", "proj")
@@ -62,8 +69,32 @@ def _triton_version() -> str:
 # --------------------------------------------------------------------------- compiling
 
 
+def _dot_sites(ttgir: str) -> dict:
+    """{family: count} over the products of a kernel's TTGIR (after pipelining, which may
+    repeat a source-level ``tl.dot`` in its prologue and epilogue)."""
+    layouts = dict(re.findall(r"^#(\w+) = #ttg\.(\w+)<", ttgir, flags=re.M))
+    sites: dict = {}
+    for line in ttgir.splitlines():
+        if "ttng.warp_group_dot " in line:
+            fam = "wgmma"
+        elif "ttng.tc_gen5_mma " in line:
+            fam = "tcgen05"
+        elif re.search(r"= tt\.dot ", line):
+            m = re.search(r"parent = #(\w+)", line)
+            kind = layouts.get(m.group(1), "") if m else ""
+            fam = ("mfma" if kind.startswith("amd_mfma") else
+                   "wmma" if kind.startswith("amd_wmma") else
+                   "mma" if kind == "nvidia_mma" else "none")
+        else:
+            continue
+        sites[fam] = sites.get(fam, 0) + 1
+    return sites
+
+
 def compile_call(call: triton_impl.Call, arch: str) -> dict:
-    """Compiles one launch for ``arch``; returns regs, spill_bytes, smem_bytes, mma."""
+    """Compiles one launch for ``arch`` (a name of ``archs.ARCHS``); returns regs, spill_bytes,
+    smem_bytes, mma (the family of every product, ``mixed`` if they differ, ``none`` without
+    products or on FMA units) and mma_sites ({family: products})."""
     import triton
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import BaseBackend, GPUTarget
@@ -73,7 +104,8 @@ def compile_call(call: triton_impl.Call, arch: str) -> dict:
     if not hasattr(fn, "params"):
         raise RuntimeError("the kernels were loaded under TRITON_INTERPRET=1: the compile report "
                            "needs Triton's compiler (run it without TRITON_INTERPRET)")
-    target = GPUTarget("cuda", ARCHS[arch], 32)
+    info = ARCH_INFO[arch]
+    target = GPUTarget(info.backend, info.target, info.warp_size)
     backend = triton.compiler.make_backend(target)
     values = dict(zip([p.name for p in fn.params], call.args))
     values.update(call.constexprs)
@@ -91,30 +123,61 @@ def compile_call(call: triton_impl.Call, arch: str) -> dict:
             attrs[(i,)] = backend.parse_attr(spec)
     kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
                             options=dict(num_warps=call.num_warps, num_stages=call.num_stages))
-    ptx = kernel.asm["ptx"]
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True,
-                               text=True, check=True).stdout
-    regs = re.search(r"REG:(\d+)", usage)
-    stack = re.search(r"STACK:(\d+)", usage)
-    if regs is None or stack is None:
-        raise RuntimeError(f"unexpected cuobjdump output: {usage[:300]!r}")
-    mma = ("wgmma" if "wgmma.mma_async" in ptx else
-           "mma" if re.search(r"\bmma\.sync\.", ptx) else "none")
-    return dict(regs=int(regs.group(1)), spill_bytes=int(stack.group(1)),
-                smem_bytes=int(kernel.metadata.shared), mma=mma)
+    sites = _dot_sites(kernel.asm["ttgir"])
+    if info.backend == "hip":
+        amd = kernel.asm["amdgcn"]
+        regs = re.search(r"NumVgprs:\s*(\d+)", amd)
+        scratch = re.search(r"ScratchSize:\s*(\d+)", amd)
+        if regs is None or scratch is None:
+            raise RuntimeError("no NumVgprs/ScratchSize in the AMD assembly")
+        regs, spill = int(regs.group(1)), int(scratch.group(1))
+        if sites and "v_mfma" not in amd:
+            sites = {"none": sum(sites.values())}
+    else:
+        ptx = kernel.asm["ptx"]
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(kernel.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name],
+                                   capture_output=True, text=True, check=True).stdout
+        m_regs = re.search(r"REG:(\d+)", usage)
+        m_stack = re.search(r"STACK:(\d+)", usage)
+        if m_regs is None or m_stack is None:
+            raise RuntimeError(f"unexpected cuobjdump output: {usage[:300]!r}")
+        regs, spill = int(m_regs.group(1)), int(m_stack.group(1))
+        instr = {"wgmma": "wgmma.mma_async", "tcgen05": "tcgen05.mma", "mma": "mma.sync."}
+        for fam in list(sites):        # a site counts only if its instruction made it to PTX
+            if fam in instr and instr[fam] not in ptx:
+                sites["none"] = sites.get("none", 0) + sites.pop(fam)
+    fams = set(sites)
+    mma = "none" if not fams else fams.pop() if len(fams) == 1 else "mixed"
+    return dict(regs=regs, spill_bytes=spill, smem_bytes=int(kernel.metadata.shared), mma=mma,
+                mma_sites=sites)
 
 
 # --------------------------------------------------------------------------- launches
 
 
-def _calls(shape: Shape, dtype: torch.dtype, cfg: tuning.Config, kernels=KERNELS) -> dict:
+def x_like(shape: Shape, dtype: torch.dtype, layout: str = "nchw") -> torch.Tensor:
+    """x (B, D, N) as the op sees it for features in ``layout`` (never touched: only its
+    dtype, strides and alignment matter)."""
+    B, D, N = shape.B, shape.d, shape.N
+    if layout == "nchw":
+        return torch.empty(B, D, N, dtype=dtype)
+    if layout == "channels_last":
+        return torch.empty(B, D, shape.h, shape.w, dtype=dtype,
+                           memory_format=torch.channels_last).flatten(2)
+    if layout == "tokens":
+        return torch.empty(B, N, D, dtype=dtype).transpose(1, 2)
+    raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+
+
+def _calls(shape: Shape, dtype: torch.dtype, cfg: tuning.Config, kernels=KERNELS,
+           layout: str = "nchw") -> dict:
     """The launches the op makes for ``shape`` (CPU tensors of the real sizes, never touched:
     only their dtypes, strides and alignment matter), keyed by kernel name."""
     B, D, N, H, C = shape.B, shape.d, shape.N, shape.heads, shape.C
-    x = torch.empty(B, D, N, dtype=dtype)
+    x = x_like(shape, dtype, layout)
     weight = torch.empty(H, C, D, dtype=torch.float32)
     w_op = torch.empty(H * C, D, dtype=dtype)
     outs = fwd_outputs(x, H, C, empty)
@@ -197,36 +260,88 @@ def _floor(flops, sm, hbm, dtype, cfg) -> dict:
 # --------------------------------------------------------------------------- the report
 
 
-def report(shapes: list[Shape], archs=tuple(ARCHS), dtypes=None, all_configs=False,
-           kernels=KERNELS, progress=None) -> list[dict]:
-    """One row per (kernel, arch, shape, dtype, config): compiled resources and the model."""
+def report(shapes: list[Shape], archs=("sm_90a", "sm_80"), dtypes=None, all_configs=False,
+           kernels=KERNELS, progress=None, layouts=("nchw",)) -> list[dict]:
+    """One row per (kernel, arch, shape, layout, dtype, config): compiled resources and the
+    model. ``dtypes`` None: the shape's own dtype, or fp16 where the arch has no bf16 (sm_75);
+    dtypes an arch does not run are skipped."""
     cache = _load_cache()
     rows = []
     for shape in shapes:
         H, C, D, N = shape.heads, shape.C, shape.d, shape.N
-        for dtype in (dtypes or [shape.torch_dtype]):
-            size = torch.empty((), dtype=dtype).element_size()
-            for arch in archs:
-                cc = ARCHS[arch] // 10
-                default = tuning.default_config(H, C, D, N, size, cc)
-                configs = (tuning.config_space("fwd", H, C, D, N, size, cc=cc) if all_configs
-                           else [default])
-                for cfg in configs:
-                    wanted = [k for k in kernels if k not in ROW_KERNELS or cfg == default]
-                    for kernel, call in _calls(shape, dtype, cfg, wanted).items():
-                        key = _key(kernel, arch, shape, dtype, cfg, call.kernel.cache_key)
-                        if key not in cache:
-                            cache[key] = compile_call(call, arch)
-                            _save_cache(cache)
-                        row = dict(kernel=kernel, arch=arch, shape=shape.name,
-                                   dtype=str(dtype).replace("torch.", ""),
-                                   config=_label(kernel, cfg),
-                                   default=cfg == default, **cache[key],
-                                   model=model(kernel, shape, dtype, cfg))
-                        rows.append(row)
-                        if progress:
-                            progress(row)
+        for arch in archs:
+            info = ARCH_INFO[arch]
+            for dtype in (dtypes or [_own_dtype(shape, arch)]):
+                if dtype != torch.float64 and _short(dtype) not in info.dtypes:
+                    continue
+                size = torch.empty((), dtype=dtype).element_size()
+                default = tuning.default_config(H, C, D, N, size, arch)
+                configs = (tuning.config_space("fwd", H, C, D, N, size, arch=arch)
+                           if all_configs else [default])
+                for layout in layouts:
+                    for cfg in configs:
+                        wanted = [k for k in kernels if k not in ROW_KERNELS or cfg == default]
+                        triton_impl._target = arch        # TF32 where the arch has it
+                        try:
+                            calls = _calls(shape, dtype, cfg, wanted, layout)
+                        finally:
+                            triton_impl._target = None
+                        for kernel, call in calls.items():
+                            if kernel in ROW_KERNELS and layout != layouts[0]:
+                                continue       # the weight's kernels do not see x's layout
+                            key = _key(kernel, arch, shape, dtype, cfg, call.kernel.cache_key)
+                            precision = call.constexprs.get("PRECISION", "ieee")
+                            key += f"|{layout}|{precision}"
+                            if key not in cache:
+                                cache[key] = compile_call(call, arch)
+                                _save_cache(cache)
+                            row = dict(kernel=kernel, arch=arch, shape=shape.name, layout=layout,
+                                       dtype=str(dtype).replace("torch.", ""),
+                                       config=_label(kernel, cfg),
+                                       default=cfg == default, **cache[key],
+                                       smem_limit_kb=info.smem_kb, mma_expected=info.mma,
+                                       precision=precision,
+                                       model=model(kernel, shape, dtype, cfg))
+                            rows.append(row)
+                            if progress:
+                                progress(row)
     return rows
+
+
+def _short(dtype: torch.dtype) -> str:
+    return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
+            torch.float64: "fp64"}[dtype]
+
+
+def _own_dtype(shape: Shape, arch: str) -> torch.dtype:
+    """The shape's dtype, or fp16 for bf16 shapes on an arch without bf16 (sm_75)."""
+    dt = shape.torch_dtype
+    if dt == torch.bfloat16 and "bf16" not in ARCH_INFO[arch].dtypes:
+        return torch.float16
+    return dt
+
+
+def check(rows: list[dict]) -> list[str]:
+    """What breaks the arch matrix's rules (issue 19) in ``rows``: spills (fp64 excepted: a
+    gradcheck-only path), shared memory beyond the arch's per-block limit, a product off the
+    arch's tensor-core instruction (16-bit and TF32 products; sm_75 has none in Triton: FMA)."""
+    bad = []
+    for r in rows:
+        where = f"{r['kernel']} {r['arch']} {r['shape']} {r.get('layout', 'nchw')} {r['dtype']}"
+        if r["dtype"] != "float64" and r["spill_bytes"]:
+            bad.append(f"{where}: spills {r['spill_bytes']} B")
+        if r["smem_bytes"] > r["smem_limit_kb"] * 1024:
+            bad.append(f"{where}: shared memory {r['smem_bytes'] / 1024:.0f} KB > "
+                       f"{r['smem_limit_kb']} KB")
+        if r["kernel"] in ROW_KERNELS or r["dtype"] == "float64":
+            continue
+        expected = r["mma_expected"]
+        if r["dtype"] == "float32" and r.get("precision") == "ieee" and r["arch"].startswith("sm_"):
+            expected = "none"       # IEEE fp32 products run on FMA units on NVIDIA GPUs
+        if r["mma"] != expected:
+            bad.append(f"{where}: products on {r['mma']} {r.get('mma_sites')}, expected "
+                       f"{expected}")
+    return bad
 
 
 def _label(kernel: str, cfg: tuning.Config) -> str:
@@ -237,17 +352,41 @@ def _label(kernel: str, cfg: tuning.Config) -> str:
     return cfg.label()
 
 
+def gpus_table(rows: list[dict], shape: str = "coco-r101-448") -> str:
+    """Markdown, one row per arch: its GPUs, dtypes, MMA, the default tiles and the forward /
+    dS kernels' registers, spills and shared memory at ``shape`` in NCHW (README "GPUs")."""
+    from .archs import ARCHS as info
+
+    lines = ["| arch | GPUs | dtypes | MMA | default tiles (fwd, dS) | regs fwd / dS | spill B | "
+             "smem KB (limit) | checked |", "|---|---|---|---|---|---|---|---|---|"]
+    for arch, a in info.items():
+        got = {r["kernel"]: r for r in rows if r["arch"] == arch and r["shape"] == shape
+               and r.get("layout", "nchw") == "nchw" and r["kernel"] in ("fwd", "ds")
+               and r["default"] and r["dtype"] in ("bfloat16", "float16")}
+        if set(got) != {"fwd", "ds"}:
+            continue
+        f, d = got["fwd"], got["ds"]
+        measured = "measured (H200)" if arch == "sm_90a" else "compile-checked"
+        lines.append(f"| {arch} | {a.gpus} | {', '.join(a.dtypes)} | {f['mma']} | "
+                     f"{f['config']} | {f['regs']} / {d['regs']} | "
+                     f"{f['spill_bytes']} / {d['spill_bytes']} | "
+                     f"{f['smem_bytes'] // 1024} ({a.smem_kb}) | {measured} |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| kernel | arch | shape | dtype | config | default | regs | spill B | smem KB | "
-             "MMA | GFLOP | SM GB | HBM MB | model µs (H100) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | arch | shape | layout | dtype | config | default | regs | spill B | "
+             "smem KB (limit) | MMA (sites) | GFLOP | SM GB | HBM MB | model µs (H100) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m = r["model"]
+        sites = ", ".join(f"{k} {v}" for k, v in r.get("mma_sites", {}).items()) or "-"
         lines.append(
-            f"| {r['kernel']} | {r['arch']} | {r['shape']} | {r['dtype']} | {r['config']} | "
-            f"{'yes' if r['default'] else ''} | {r['regs']} | {r['spill_bytes']} | "
-            f"{r['smem_bytes'] / 1024:.0f} | {r['mma']} | {m['flops'] / 1e9:.1f} | "
-            f"{m['sm_bytes'] / 1e9:.3f} | {m['hbm_bytes'] / 1e6:.1f} | {m['floor_us']:.1f} |")
+            f"| {r['kernel']} | {r['arch']} | {r['shape']} | {r.get('layout', 'nchw')} | "
+            f"{r['dtype']} | {r['config']} | {'yes' if r['default'] else ''} | {r['regs']} | "
+            f"{r['spill_bytes']} | {r['smem_bytes'] / 1024:.0f} ({r.get('smem_limit_kb', '?')}) | "
+            f"{r['mma']} ({sites}) | {m['flops'] / 1e9:.1f} | {m['sm_bytes'] / 1e9:.3f} | "
+            f"{m['hbm_bytes'] / 1e6:.1f} | {m['floor_us']:.1f} |")
     return "\n".join(lines)
 
 

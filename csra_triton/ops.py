@@ -36,12 +36,14 @@ inv_norm^2`` (the gradient through the row normalisation).
 from __future__ import annotations
 
 import contextlib
+import functools
+import warnings
 from typing import Iterator
 
 import torch
 from torch import Tensor
 
-from . import fallback, triton_impl
+from . import archs, fallback, triton_impl
 from .common import (channels_inner, dx_view, empty, fwd_outputs, kernel_temperatures, new,
                      op_temperatures)
 
@@ -62,11 +64,28 @@ def use_backend(name: str) -> Iterator[None]:
         _backend = old
 
 
-def backend_for(device: torch.device) -> str:
-    """Which implementation runs for tensors on ``device``: 'triton' or 'torch'."""
+def backend_for(device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """Which implementation runs for tensors on ``device``: 'triton' or 'torch'. bf16 on a GPU
+    without bf16 tensor cores (Turing, sm_75: Triton cannot multiply bf16 there) runs the
+    PyTorch fallback on the GPU, with a warning once."""
     if _backend != "auto":
         return _backend
-    return "triton" if device.type == "cuda" or triton_impl.INTERPRET else "torch"
+    if device.type == "cuda":
+        if dtype == torch.bfloat16 and not triton_impl.INTERPRET and torch.cuda.is_available():
+            arch = archs.device_arch(device)
+            if not archs.bf16_supported(arch):
+                _warn_bf16(device, arch)
+                return "torch"
+        return "triton"
+    return "triton" if triton_impl.INTERPRET else "torch"
+
+
+@functools.cache
+def _warn_bf16(device, arch):
+    warnings.warn(f"csra_triton: {archs.device_name(device)} ({arch}) has no bf16 tensor cores "
+                  f"and Triton cannot multiply bf16 there; bf16 inputs run the PyTorch fallback "
+                  f"on the GPU (cuBLAS). fp16 (autocast dtype=torch.float16) or fp32 run the "
+                  f"Triton kernels.", stacklevel=4)
 
 
 def implementation(x: Tensor, backend: str = "auto"):
@@ -74,7 +93,7 @@ def implementation(x: Tensor, backend: str = "auto"):
     ops' argument: "triton", "torch", or "auto" (:func:`backend_for` decides)."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    name = backend_for(x.device) if backend == "auto" else backend
+    name = backend_for(x.device, x.dtype) if backend == "auto" else backend
     return triton_impl if name == "triton" else fallback
 
 
@@ -217,7 +236,7 @@ def use_cuda_ops(x: Tensor, backend: str) -> bool:
 def forward(x: Tensor, weight: Tensor, op_temps: list[float], lam: float, normalize: bool,
             keep: bool, backend: str = "auto") -> tuple:
     """The forward op for this call (resolved once, when the module calls or traces it)."""
-    backend = backend_for(x.device) if backend == "auto" else backend
+    backend = backend_for(x.device, x.dtype) if backend == "auto" else backend
     if use_cuda_ops(x, backend):
         return torch.ops.csra_triton.csra_fwd_cuda(x, weight, op_temps, lam, normalize, keep)
     return torch.ops.csra_triton.csra_fwd(x, weight, op_temps, lam, normalize, keep, backend)
@@ -269,7 +288,7 @@ class CSRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, temperatures, lam, normalize=True):
         temps, lam, normalize = op_temperatures(temperatures), float(lam), bool(normalize)
-        backend = backend_for(x.device)
+        backend = backend_for(x.device, x.dtype)
         y, *state = forward(x, weight, temps, lam, normalize, True, backend)
         ctx.save_for_backward(x, weight, *state)
         ctx.temperatures, ctx.lam, ctx.normalize = temps, lam, normalize

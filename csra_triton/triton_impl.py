@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import tuning
+from . import archs, tuning
 from .common import (acc_dtype, cdiv, empty, fwd_outputs, new, pow2, pow2_divisor, rel_err,
                      x_matrix)
 
@@ -62,9 +62,22 @@ def gpu(x: Tensor | None = None) -> bool:
 def tf32_enabled(x: Tensor, on_gpu: bool | None = None) -> bool:
     """fp32 scores on TF32 tensor cores: as the official 1x1 conv (cuDNN) computes them, i.e.
     when ``torch.backends.cudnn.allow_tf32`` is True (PyTorch's default); IEEE fp32 otherwise.
-    Never under the interpreter (which has no TF32)."""
+    Never under the interpreter (which has no TF32), nor on ROCm (fp32 MFMA, IEEE)."""
     on_gpu = x.is_cuda if on_gpu is None else on_gpu
-    return x.dtype == torch.float32 and on_gpu and bool(torch.backends.cudnn.allow_tf32)
+    if not (x.dtype == torch.float32 and on_gpu and torch.backends.cudnn.allow_tf32):
+        return False
+    if _target is not None:
+        return archs.ARCHS[_target].mma not in ("none", "mfma")
+    if archs.is_rocm():
+        return False
+    # TF32 needs Ampere or newer (a T4 has none: IEEE fp32 there)
+    return not (x.is_cuda and torch.cuda.is_available()
+                and archs.ARCHS[archs.device_arch(x.device)].mma == "none")
+
+
+#: Set by the compile report while it builds launches for another arch than the device's
+#: (no TF32 on AMD or Turing).
+_target: str | None = None
 
 
 def _dtypes(x: Tensor, on_gpu: bool) -> dict:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from . import archs
 from .common import pow2
 
 KERNELS = ("fwd", "bwd")
@@ -50,9 +51,21 @@ class Config:
 
 
 
-def default_config(H: int, C: int, D: int, N: int, itemsize: int = 2, cc: int = 9) -> Config:
-    """The untuned choice; each DESIGN shape's is spill-free on its arch (see the ``inspect``
-    command and tests/test_compiled.py). ``cc``: the GPU's compute capability major (9: Hopper).
+def arch_name(arch: str | int) -> str:
+    """An arch of ``archs.ARCHS`` from its name, or from a CUDA capability major (9: Hopper)."""
+    if isinstance(arch, str):
+        if arch not in archs.ARCHS:
+            raise ValueError(f"arch: expected one of {', '.join(archs.ARCHS)}, got {arch!r}")
+        return arch
+    return archs.from_capability(int(arch))
+
+
+def default_config(H: int, C: int, D: int, N: int, itemsize: int = 2,
+                   arch: str | int = archs.DEFAULT) -> Config:
+    """The untuned choice; each DESIGN shape's is spill-free on every arch of ``archs.ARCHS``,
+    within its shared memory and on its tensor cores (the ``inspect`` command and
+    tests/test_compiled.py check it). ``arch``: a name of ``archs.ARCHS`` (or a CUDA capability
+    major).
 
     * rows (HP*BC, all heads of BC classes): on Hopper 128 when the heads' classes fill more
       than 64 rows, else 64 (the smallest wgmma tile, so H=1 with 20 classes still runs on
@@ -61,24 +74,47 @@ def default_config(H: int, C: int, D: int, N: int, itemsize: int = 2, cc: int = 
       least 32) up to 256, so that the softmax is a single exact pass; beyond 256, tiles of 128
       with an online softmax (256-position tiles spill in its loop);
     * channels per step: 64 for 16-bit operands, 32 for fp32 (TF32; shared memory), 16 for fp64;
-    * 8 warps (two warpgroups) for tiles of 64 x 128 and more, else 4; 3 pipeline stages.
+    * 8 warps (two warpgroups) for tiles of 64 x 128 and more, else 4; 3 pipeline stages (2
+      where shared memory is 64 KB: AMD CDNA2/3);
+    * Turing (sm_75, no tensor cores in Triton): 32 x 64 tiles, 32 channels, 8 warps, 2 stages.
 
     fp64 (gradcheck only) uses small tiles: 16 rows, 32 positions, 16 channels."""
+    info = archs.ARCHS[arch_name(arch)]
     hp = pow2(H)
     if itemsize >= 8:
         return Config(max(1, 16 // hp), 32, 16, 4, 1)
-    rows = 128 if hp * C > 64 and cc >= 9 else 64
+    if info.mma == "none":
+        # Turing: Triton's products run on FMA units, with the accumulators and both operands
+        # in registers: 32 rows x 64 positions x 16 channels, 8 warps is spill-free (96-112
+        # registers; 64-row, 256-position tiles spilled 2-4 KB, 32 channels 8 B at N=49).
+        bc = max(1, 32 // hp)
+        bn = max(32, pow2(N)) if N <= 64 else 64
+        return Config(bc, bn, 16, 8, 2)
+    rows = 128 if hp * C > 64 and info.big_tiles else 64
+    if info.mma == "tcgen05" and N > 256:
+        # Blackwell with the online softmax (N > 256): 128-row tiles fail Triton's lowering
+        # (ConvertTritonGPUToLLVM: "PassManager::run failed", triton 3.9, coco-vitl16-448);
+        # 64-row tiles compile spill-free on tcgen05.
+        rows = 64
     bc = max(1, rows // hp)
     bn = max(32, pow2(N)) if N <= 256 else 128
     bd = min(64 if itemsize <= 2 else 32, max(16, pow2(D)))
-    return Config(bc, bn, bd, default_warps(hp * bc, bn), 3)
+    if info.mma == "mma":
+        # mma.sync archs (A100, A10/L4/L40S, RTX 30-50): 64-channel steps spilled 16-40 B at
+        # coco-vitl16-448 (forward) and openimages-r101-448 (dS); 32 are spill-free. fp32
+        # (TF32) takes 16: 32 spilled 8 B in the dS kernel for channels-last x (triton 3.6)
+        bd = min(bd, 32 if itemsize <= 2 else 16)
+    # 64 KB of LDS (MI250X, MI300X): two stages of 64-channel operand tiles (40 KB), not three
+    stages = 2 if info.smem_kb <= 64 else 3
+    return Config(bc, bn, bd, default_warps(hp * bc, bn), stages)
 
 
 def default_warps(rows: int, bn: int) -> int:
     return 8 if rows * bn >= 64 * 128 else 4
 
 
-def is_valid(cfg: Config, H: int, C: int, D: int, N: int, itemsize: int = 2) -> bool:
+def is_valid(cfg: Config, H: int, C: int, D: int, N: int, itemsize: int = 2,
+             arch: str | int = archs.DEFAULT) -> bool:
     """The pruning rules: tl.dot needs >= 16 rows, channels and positions per half-tile (BN/2);
     no tile dimension much larger than the problem needs; register and shared-memory budgets of
     a Hopper SM. (Spilling configs are dropped on top of this by the compile report's cache and
@@ -94,19 +130,22 @@ def is_valid(cfg: Config, H: int, C: int, D: int, N: int, itemsize: int = 2) -> 
         cfg.BN <= 256,
         cfg.BD <= max(16, pow2(D)),
         rows * cfg.BN <= 128 * 256,                       # fp32 accumulators in registers
-        (rows + cfg.BN) * cfg.BD * itemsize * cfg.num_stages <= 200 * 1024,   # shared memory
+        # operand tiles in shared memory, within the arch's per-block limit
+        (rows + cfg.BN) * cfg.BD * itemsize * cfg.num_stages
+        <= archs.ARCHS[arch_name(arch)].smem_kb * 1024 * 0.9,
         cfg.num_warps in (4, 8) and cfg.num_stages in (1, 2, 3, 4),
     ]
     return all(checks)
 
 
 def config_space(kernel: str, H: int, C: int, D: int, N: int, itemsize: int = 2,
-                 tiles: tuple[int, int, int] | None = None, cc: int = 9) -> list[Config]:
-    """Every valid config for the shape, the default (for compute capability ``cc``) first.
+                 tiles: tuple[int, int, int] | None = None,
+                 arch: str | int = archs.DEFAULT) -> list[Config]:
+    """Every valid config for the shape, the default (for ``arch``) first.
     For ``bwd`` the tiles are fixed (``tiles``: the forward's) and only warps and stages vary."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    default = default_config(H, C, D, N, itemsize, cc)
+    default = default_config(H, C, D, N, itemsize, arch)
     hp = pow2(H)
     if kernel == "bwd":
         bc, bn, bd = tiles or default.tiles()
@@ -117,17 +156,18 @@ def config_space(kernel: str, H: int, C: int, D: int, N: int, itemsize: int = 2,
     out = [Config(*g) for g in grid]
     # Largest tiles first: a sweep cut short by its time budget has then timed the candidates
     # that move the fewest bytes (on the H200, 25 small-tile configs came first and all lost).
-    out = sorted((c for c in out if is_valid(c, H, C, D, N, itemsize)),
+    out = sorted((c for c in out if is_valid(c, H, C, D, N, itemsize, arch)),
                  key=lambda c: -(hp * c.BC * c.BN))
-    base = base_config(kernel, H, C, D, N, itemsize, tiles, cc)
+    base = base_config(kernel, H, C, D, N, itemsize, tiles, arch)
     return [base] + [c for c in out if c != base]
 
 
 def base_config(kernel: str, H: int, C: int, D: int, N: int, itemsize: int = 2,
-                tiles: tuple[int, int, int] | None = None, cc: int = 9) -> Config:
+                tiles: tuple[int, int, int] | None = None,
+                arch: str | int = archs.DEFAULT) -> Config:
     """The untuned config of ``kernel``: the default, or for ``bwd`` the forward's ``tiles``
     with the default warps (by tile size) and stages."""
-    default = default_config(H, C, D, N, itemsize, cc)
+    default = default_config(H, C, D, N, itemsize, arch)
     if kernel == "fwd" or tiles is None:
         return default
     bc, bn, bd = tiles
@@ -146,12 +186,14 @@ def cache_path() -> Path:
 
 
 def environment(device: torch.device | None = None) -> dict:
-    """What a cached choice is valid for: the GPU's name and the torch and triton versions."""
+    """What a cached choice is valid for: the GPU's name and arch, the torch and triton
+    versions."""
     import triton
 
-    gpu = (torch.cuda.get_device_name(device) if device is not None and device.type == "cuda"
-           else "cpu")
-    return {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__}
+    cuda = device is not None and device.type == "cuda"
+    gpu = torch.cuda.get_device_name(device) if cuda else "cpu"
+    arch = archs.device_arch(device) if cuda else "cpu"
+    return {"gpu": gpu, "arch": arch, "torch": torch.__version__, "triton": triton.__version__}
 
 
 def make_key(kernel: str, H: int, C: int, D: int, N: int, dtype: torch.dtype) -> str:
@@ -209,8 +251,8 @@ def choose(kernel: str, H: int, C: int, D: int, N: int, x: torch.Tensor, bench=N
     if key in _memory:
         return _memory[key]
     gpu = x.is_cuda and torch.cuda.is_available()      # (fake CUDA tensors trace without one)
-    cc = torch.cuda.get_device_capability(x.device)[0] if gpu else 9
-    fallback = base_config(kernel, H, C, D, N, x.element_size(), tiles, cc)
+    arch = archs.device_arch(x.device) if gpu else archs.DEFAULT
+    fallback = base_config(kernel, H, C, D, N, x.element_size(), tiles, arch)
     if not gpu or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         _memory[key] = fallback  # one valid config; nothing is benchmarked without a GPU
         return fallback
@@ -226,9 +268,9 @@ def choose(kernel: str, H: int, C: int, D: int, N: int, x: torch.Tensor, bench=N
         from .shapes import Shape
 
         space, known = drop_known_spills(
-            config_space(kernel, H, C, D, N, x.element_size(), tiles, cc), kernel,
+            config_space(kernel, H, C, D, N, x.element_size(), tiles, arch), kernel,
             Shape("autotune", x.shape[0], D, 1, N, C, H, str(x.dtype).replace("torch.", "")),
-            x.dtype, cc, source)
+            x.dtype, arch, source)
         rejected = [(c, "spills (compile report cache)") for c in known]
         results = sweep(space, bench(), rejected=rejected)
         for bad, why in rejected:
@@ -239,13 +281,13 @@ def choose(kernel: str, H: int, C: int, D: int, N: int, x: torch.Tensor, bench=N
     return cfg
 
 
-def drop_known_spills(space: list[Config], kernel: str, shape, dtype: torch.dtype, cc: int,
-                      source: str | None):
+def drop_known_spills(space: list[Config], kernel: str, shape, dtype: torch.dtype,
+                      arch: str | int, source: str | None):
     """(space without the configs that the compile report's cache says spill on this arch,
     those configs); the default config always stays (it is the reference of the sweep).
     ``source``: the kernel's source hash (``JITFunction.cache_key``; None under the
     interpreter, where nothing is compiled)."""
-    arch = "sm_90a" if cc >= 9 else "sm_80"
+    arch = arch_name(arch)
     known = known_spills("ds" if kernel == "bwd" else "fwd", arch, shape, dtype, space[1:],
                          source)
     return [c for c in space if c not in known], known

@@ -257,6 +257,99 @@ def _floor(flops, sm, hbm, dtype, cfg) -> dict:
     return dict(flops=flops, sm_bytes=sm, hbm_bytes=hbm, floor_us=t * 1e6)
 
 
+# --------------------------------------------------------------------------- time model v2
+
+#: Rates of model v2 for the H200 (132 SMs at ~1.98 GHz), each with its source. Per SM:
+#: bf16/fp16 MMA 790 TFLOP/s / 132 (DESIGN §3's dense rate); TF32 half of that; L2 -> SM
+#: 4.66 TB/s / 132 (the committed L2 copy probe, bench/results/2026-11-27-h200.json: bytes
+#: read + written from a resident 12 MiB buffer); HBM 2.76 TB/s in all (the HBM copy probe);
+#: a dependent global load round trip 0.8 µs (public H100 pointer-chase figures, 0.5-0.9 µs,
+#: an assumption: it sets the time of loops without pipelined loads); a launch's device-side
+#: start and drain 2 µs (an assumption). Per-SM limits: 65,536 registers, 228 KB shared
+#: memory, 64 warps, 32 CTAs (the Hopper datasheet). H100 SXM: the same SM count and limits,
+#: HBM 3.0 TB/s (this project's H100 measurement), L2 and MMA as H200 (same clocks): scaled, not
+#: measured.
+RATES_V2 = {
+    "h200": dict(sms=132, mma16_sm=790e12 / 132, tf32_sm=395e12 / 132, fma32_sm=67e12 / 132,
+                 l2_sm=4.66e12 / 132, hbm=2.76e12, latency_s=0.8e-6, launch_s=2e-6,
+                 regs_sm=65536, smem_sm=228 * 1024, warps_sm=64, ctas_sm=32),
+    "h100": dict(sms=132, mma16_sm=798e12 / 132, tf32_sm=399e12 / 132, fma32_sm=67e12 / 132,
+                 l2_sm=4.66e12 / 132, hbm=3.0e12, latency_s=0.8e-6, launch_s=2e-6,
+                 regs_sm=65536, smem_sm=228 * 1024, warps_sm=64, ctas_sm=32),
+}
+#: What model v2 is calibrated on: the H200 v1 kernels at coco-r101-448 (bench/NOTES.md: ncu and
+#: profiler device times, µs) and the openimages-r101-448 forward (the op's device time minus
+#: its prep, which the model gives).
+MEASURED_H200 = {("fwd", "coco-r101-448"): 81.0, ("ds", "coco-r101-448"): 75.5,
+                 ("prep", "coco-r101-448"): 10.4}
+
+
+def model_v2(kernel: str, shape: Shape, dtype: torch.dtype, cfg: tuning.Config, regs: int,
+             smem: int, gpu: str = "h200") -> dict:
+    """Time of one kernel's launches from its compiled resources and its tiles (issue 20).
+
+    * CTAs per SM: the fewest the registers (regs x threads), shared memory, warps and the CTA
+      cap allow; the grid then runs in ``waves`` of ``SMs x CTAs per SM`` programs, a partial
+      last wave costing a full one (its CTAs run as long);
+    * per CTA: its MMA work with tile padding (rows of absent heads and classes, positions up to
+      BN) at the SM's MMA rate (shared by its resident CTAs), and the bytes it pulls into the SM
+      (x[b] once, its weight rows once per position tile, its outputs) at the SM's share of L2
+      bandwidth; the main kernels pipeline their loads (cp.async stages), so the two overlap and
+      the larger counts; the row kernels (prep, proj) walk d in dependent steps without
+      pipelining: one load round trip a step, plus their bytes;
+    * the launch: waves x per-CTA time / CTAs per SM (co-resident CTAs share the SM), at least
+      the HBM floor, plus the launch's start and drain.
+    """
+    R = RATES_V2[gpu]
+    B, D, N, H, C = shape.B, shape.d, shape.N, shape.heads, shape.C
+    xs = torch.empty((), dtype=dtype).element_size()
+    acc = 8 if dtype == torch.float64 else 4
+    v1 = model(kernel, shape, dtype, cfg)
+    if kernel in ("prep", "proj"):
+        rows_per = triton_impl.PREP_ROWS if kernel == "prep" else triton_impl.PROJ_ROWS
+        warps = triton_impl.PREP_WARPS if kernel == "prep" else triton_impl.PROJ_WARPS
+        programs = -(-H * C // rows_per)
+        steps = -(-D // min(256, tuning.pow2(max(D, 16)))) * (2 if kernel == "proj" else 1)
+        cta_bytes = v1["hbm_bytes"] / programs
+        per_cta = steps * R["latency_s"] + cta_bytes / R["l2_sm"]
+        pipelined = False
+        mma_s = 0.0
+    else:
+        warps = cfg.num_warps
+        hp = tuning.pow2(H)
+        rows = hp * cfg.BC
+        n_tiles = -(-N // cfg.BN)
+        cb = -(-C // cfg.BC)
+        if kernel == "ds":
+            chunk = triton_impl.ds_chunk_classes(H, C, B, N, cfg.BC)
+            cb = sum(-(-(min(C, c0 + chunk) - c0) // cfg.BC) for c0 in range(0, C, chunk))
+        programs = B * cb
+        flops = 2.0 * rows * n_tiles * cfg.BN * D
+        rate = (R["mma16_sm"] if xs == 2 else
+                (R["tf32_sm"] if torch.backends.cudnn.allow_tf32 and xs == 4 else R["fma32_sm"]))
+        mma_s = flops / rate
+        cta_bytes = v1["sm_bytes"] / programs
+        pipelined = cfg.num_stages >= 2
+        bytes_s = cta_bytes / R["l2_sm"]
+        per_cta = max(mma_s, bytes_s) if pipelined else mma_s + bytes_s
+    threads = 32 * warps
+    per_sm = min(R["regs_sm"] // max(1, regs * threads), R["smem_sm"] // max(1, smem),
+                 R["warps_sm"] // warps, R["ctas_sm"])
+    per_sm = max(1, per_sm)
+    waves = -(-programs // (R["sms"] * per_sm))
+    if pipelined:
+        # throughput-bound CTAs: co-resident ones share the SM's MMA and L2 rates, so the
+        # busiest SM's time is its share of programs times one CTA's time alone
+        busy = -(-programs // R["sms"]) * per_cta
+    else:
+        # latency-bound CTAs: co-resident ones overlap their round trips
+        busy = waves * per_cta
+    t = max(busy, v1["hbm_bytes"] / R["hbm"]) + R["launch_s"]
+    return dict(gpu=gpu, programs=programs, ctas_per_sm=per_sm, waves=waves,
+                tail=programs / (R["sms"] * per_sm) - (waves - 1), per_cta_us=per_cta * 1e6,
+                mma_us=mma_s * 1e6, pipelined=pipelined, time_us=t * 1e6)
+
+
 # --------------------------------------------------------------------------- the report
 
 
@@ -302,6 +395,8 @@ def report(shapes: list[Shape], archs=("sm_90a", "sm_80"), dtypes=None, all_conf
                                        smem_limit_kb=info.smem_kb, mma_expected=info.mma,
                                        precision=precision,
                                        model=model(kernel, shape, dtype, cfg))
+                            row["model_v2"] = model_v2(kernel, shape, dtype, cfg, row["regs"],
+                                                       row["smem_bytes"])
                             rows.append(row)
                             if progress:
                                 progress(row)
@@ -376,8 +471,9 @@ def gpus_table(rows: list[dict], shape: str = "coco-r101-448") -> str:
 
 def table(rows: list[dict]) -> str:
     lines = ["| kernel | arch | shape | layout | dtype | config | default | regs | spill B | "
-             "smem KB (limit) | MMA (sites) | GFLOP | SM GB | HBM MB | model µs (H100) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "smem KB (limit) | MMA (sites) | GFLOP | SM GB | HBM MB | model µs (H100) | "
+             "model v2 µs (H200) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m = r["model"]
         sites = ", ".join(f"{k} {v}" for k, v in r.get("mma_sites", {}).items()) or "-"
@@ -386,7 +482,8 @@ def table(rows: list[dict]) -> str:
             f"{r['dtype']} | {r['config']} | {'yes' if r['default'] else ''} | {r['regs']} | "
             f"{r['spill_bytes']} | {r['smem_bytes'] / 1024:.0f} ({r.get('smem_limit_kb', '?')}) | "
             f"{r['mma']} ({sites}) | {m['flops'] / 1e9:.1f} | {m['sm_bytes'] / 1e9:.3f} | "
-            f"{m['hbm_bytes'] / 1e6:.1f} | {m['floor_us']:.1f} |")
+            f"{m['hbm_bytes'] / 1e6:.1f} | {m['floor_us']:.1f} | "
+            f"{r['model_v2']['time_us']:.1f} |")
     return "\n".join(lines)
 
 

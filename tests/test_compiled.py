@@ -136,3 +136,18 @@ def test_headline_traffic_model(report):
         assert rows[kernel]["model"]["sm_bytes"] <= 0.3e9, rows[kernel]
     # The floor the model gives is at least the DESIGN floor (16.4 GFLOP, 51 MB of x).
     assert rows["fwd"]["model"]["floor_us"] >= 16.4e9 / 798e12 * 1e6
+
+
+def test_model_v2_is_calibrated_on_the_h200(report):
+    """Model v2 (CTAs per SM, waves, per-SM rates, pipelined or serial loads) against the H200
+    measurements of the v1 kernels (unchanged since): each headline kernel within +-25%, and the
+    other measured rows (kernel sums: openimages forward 2.90 ms, vitl16 forward 0.21 ms)."""
+    from csra_triton.compiled import MEASURED_H200
+
+    rows = {(r["kernel"], r["shape"]): r["model_v2"]["time_us"] for r in report[0]["rows"]
+            if r["arch"] == "sm_90a"}
+    for key, measured in MEASURED_H200.items():
+        assert abs(rows[key] / measured - 1) <= 0.25, (key, rows[key], measured)
+    for shape, measured in (("openimages-r101-448", 2900.0), ("coco-vitl16-448", 210.0)):
+        modelled = rows[("prep", shape)] + rows[("fwd", shape)]
+        assert abs(modelled / measured - 1) <= 0.25, (shape, modelled, measured)

@@ -52,22 +52,15 @@ ARCHS = {a.name: a for a in [
 DEFAULT = "sm_90a"
 
 
+#: CUDA capability (10 x major + minor) at which each CUDA arch starts, newest first.
+_CUDA_FROM = [(120, "sm_120"), (100, "sm_100a"), (90, "sm_90a"), (89, "sm_89"), (86, "sm_86"),
+              (80, "sm_80")]
+
+
 def from_capability(major: int, minor: int = 0) -> str:
     """The CUDA arch name for a compute capability (the nearest one checked at or below it)."""
     cc = 10 * major + minor
-    if cc >= 120:
-        return "sm_120"
-    if cc >= 100:
-        return "sm_100a"
-    if cc >= 90:
-        return "sm_90a"
-    if cc >= 89:
-        return "sm_89"
-    if cc >= 86:
-        return "sm_86"
-    if cc >= 80:
-        return "sm_80"
-    return "sm_75"
+    return next((name for start, name in _CUDA_FROM if cc >= start), "sm_75")
 
 
 def from_gcn(name: str) -> str:

@@ -8,8 +8,8 @@ for every arch, every benchmark shape in NCHW in its own dtype (fp16 where the a
 bf16) and the headline in every layout (NCHW, channels_last, tokens) and dtype (bf16, fp16,
 fp32 TF32): 0 spill bytes, shared memory within the arch's per-block limit, every product on
 the arch's tensor-core instruction (wgmma, tcgen05, mma.sync, mfma; FMA on sm_75, where
-Triton has none). About 280 compilations, a few minutes a Triton version; the full matrix
-(every shape x dtype x layout) is run by hand and recorded in bench/NOTES.md. Also the Hopper
+Triton has none). About 280 compilations, a few minutes a Triton version (Triton's own
+compile cache makes repeat runs on one machine take seconds). Also the Hopper
 traffic targets of bench/NOTES.md: at most 0.3 GB moved into the SMs by the headline forward
 and backward score kernels."""
 import json

@@ -1,7 +1,7 @@
 """csra-triton: multi-head class-specific residual attention (CSRA, ICCV 2021) as Triton kernels.
 
 Data path, as layers (pyproject.toml's import-linter contract): helpers (``common``,
-``reference``, ``shapes``) -> kernels and configs (``kernels``, ``tuning``) -> the two
+``reference``, ``archs``, ``shapes``) -> kernels and configs (``kernels``, ``tuning``) -> the two
 implementations (``triton_impl``, ``fallback``) -> the op (``ops``: custom ops, triton_ops,
 autograd) -> ``module`` (``csra``, ``CSRATriton``), ``maps``, ``interop`` -> ``models`` (the
 official full models) -> tools (``benchmark``, ``compiled``, ``hostpath``, CLI).

@@ -14,7 +14,8 @@
 #            classes, official head vs CSRATriton (compiled rows with E2E_COMPILE_BUDGET_S);
 #   tests:   the suite on CUDA (real kernels);
 #   extras:  compute-sanitizer memcheck, racecheck and initcheck of a small forward+backward,
-#            a bounded tuning sweep of the headline, an ncu readout of the headline forward.
+#            a bounded tuning sweep of the headline, the headline's fwd+bwd with and without
+#            the kept scores (CSRA_TRITON_KEEP_SCORES), an ncu readout of the headline forward.
 # Logs: $1/{machine,host,bench,e2e,tests,extras}.log; results JSON: $1/*.json.
 # GPU_CHECK_DRY=1 runs the flow on a CPU machine (tiny shapes, CUDA-only steps skipped).
 # Usage: bash bench/gpu_check.sh [OUT_DIR]
@@ -126,6 +127,11 @@ EOF
   for tool in memcheck racecheck initcheck; do
     echo "-- compute-sanitizer $tool"
     timeout 40 compute-sanitizer --tool "$tool" --print-limit 20 "$py" "$out/small_step.py"
+  done
+  echo "-- kept scores vs recomputed dS' (headline fwd+bwd; device µs per call, issue 20)"
+  for keep in 1 0; do
+    CSRA_TRITON_KEEP_SCORES=$keep timeout 45 "$py" -m csra_triton bench --shapes coco-r101-448 \
+        --pass fwd+bwd --impls triton --budget-s 0 --out "$out/keep-scores-$keep" 2>&1 | tail -n 3
   done
   echo "-- ncu (headline forward)"
   timeout 45 ncu --clock-control none -k regex:csra_fwd_kernel -c 1 --section SpeedOfLight \

@@ -491,8 +491,9 @@ def main(argv=None) -> int:
     i.add_argument("--shapes", default="all", help="shape names as for bench (default: all)")
     i.add_argument("--dtypes", default=None,
                    help="comma list of fp16,bf16,fp32,fp64 (default: each shape's own)")
-    i.add_argument("--kernels", default="prep,fwd,ds,proj",
-                   help="comma list of prep, fwd, ds, proj")
+    i.add_argument("--kernels", default="prep,fwd,fwd_keep,ds,ds_kept,proj",
+                   help="comma list of prep, fwd, fwd_keep (the training forward that keeps "
+                        "its scores), ds, ds_kept (dS' from kept scores), proj")
     i.add_argument("--all-configs", action="store_true",
                    help="the whole tuning space of each shape, not only its default config")
     i.add_argument("--json", default=None, help="also write the rows to this JSON file")

@@ -24,6 +24,7 @@ to drop spilling configs without compiling them again.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -41,9 +42,13 @@ from .tuning import inspect_key as _key, load_inspect_cache as _load_cache, save
 
 ARCHS = tuple(ARCH_INFO)
 LAYOUTS = ("nchw", "channels_last", "tokens")
-KERNELS = ("prep", "fwd", "ds", "proj")
-#: Kernels without a product (elementwise over weight rows): no MMA, one config.
-ROW_KERNELS = ("prep", "proj")
+#: "fwd_keep" is the training forward where it writes its raw scores (``SAVE_A``), "ds_kept" the
+#: elementwise dS' from them; both only for shapes whose scores are kept (H*C <= d).
+KERNELS = ("prep", "fwd", "fwd_keep", "ds", "ds_kept", "proj")
+#: Kernels without a product (elementwise over weight rows or scores): no MMA, one config.
+ROW_KERNELS = ("prep", "proj", "ds_kept")
+#: Kernels that read x (their compiled form depends on its layout).
+X_KERNELS = ("fwd", "fwd_keep", "ds")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
           "fp64": torch.float64}
 
@@ -188,12 +193,23 @@ def _calls(shape: Shape, dtype: torch.dtype, cfg: tuning.Config, kernels=KERNELS
         out["prep"] = triton_impl.prep_call(x, weight, True, w_op, inv_n, on_gpu=True)
     if "fwd" in kernels:
         out["fwd"] = triton_impl.fwd_call(x, w_op, inv_n, params, outs, cfg, H, on_gpu=True)
+    keeps = triton_impl.keeps_scores(x, H, C)
+    scores = torch.empty(H, C, B, N, dtype=acc_dtype(dtype))
+    if "fwd_keep" in kernels and keeps:
+        out["fwd_keep"] = triton_impl.fwd_call(x, w_op, inv_n, params, outs, cfg, H,
+                                               on_gpu=True, scores=scores)
     if "ds" in kernels:
         chunk = triton_impl.ds_chunk_classes(H, C, B, N, cfg.BC)
         ws = torch.empty(H, chunk, B, N, dtype=dtype)
         g = torch.empty(B, C, dtype=dtype)
         out["ds"] = triton_impl.ds_call(x, w_op, inv_n, params, g, outs[1:5], 0, chunk, ws, cfg,
                                         H, on_gpu=True)
+    if "ds_kept" in kernels and keeps:
+        chunk = triton_impl.ds_chunk_classes(H, C, B, N, cfg.BC)
+        ws = torch.empty(H, chunk, B, N, dtype=dtype)
+        g = torch.empty(B, C, dtype=dtype)
+        out["ds_kept"] = triton_impl.ds_kept_call(scores, inv_n, params, g, outs[1:5], 0, chunk,
+                                                  ws, H, on_gpu=True)
     if "proj" in kernels:
         G = torch.empty(H * C, D, dtype=dtype)
         out["proj"] = triton_impl.proj_call(G, weight, inv_n, torch.empty_like(weight), True)
@@ -222,9 +238,15 @@ def model(kernel: str, shape: Shape, dtype: torch.dtype, cfg: tuning.Config) -> 
     if kernel == "prep":
         hbm = R * D * (4 + xs) + R * acc                    # fp32 weight in, w_op and inv_n out
         return _floor(0.0, hbm, hbm, dtype, cfg)
-    if kernel == "proj":            # G (x's dtype) and the fp32 weight read twice, dW written
-        hbm = R * D * (xs + 4 + 4) + R * acc
-        return _floor(0.0, hbm + R * D * (xs + 4), hbm, dtype, cfg)
+    if kernel == "proj":            # G (x's dtype) and the fp32 weight read, dW written; both
+        hbm = R * D * (xs + 4 + 4) + R * acc     # read again by a second pass for long rows
+        again = R * D * (xs + 4) if D > triton_impl.row_tiles(D)[1] else 0
+        return _floor(0.0, hbm + again, hbm, dtype, cfg)
+    state = B * R * (3 * acc + 4)                         # m, l, att, argmax
+    scores = B * R * N * acc
+    if kernel == "ds_kept":         # the scores and the state read, dS' (x's dtype) written
+        hbm = scores + state + B * C * xs + R * acc + B * R * N * xs
+        return _floor(0.0, hbm, hbm, dtype, cfg)
     hp = tuning.pow2(H)
     rows_tile = hp * cfg.BC
     n_cb = -(-C // cfg.BC)
@@ -233,10 +255,9 @@ def model(kernel: str, shape: Shape, dtype: torch.dtype, cfg: tuning.Config) -> 
     flops = 2.0 * programs * rows_tile * n_tiles * cfg.BN * D
     x_reads = programs * D * N * xs                       # x[b] once per class block
     w_reads = B * R * D * xs * n_tiles                    # real rows only (masked rows not read)
-    state = B * R * (3 * acc + 4)                         # m, l, att, argmax
     x_bytes, w_bytes = B * D * N * xs, R * D * xs
-    if kernel == "fwd":
-        out_bytes = state + B * C * xs + 0.0
+    if kernel in ("fwd", "fwd_keep"):
+        out_bytes = state + B * C * xs + (scores if kernel == "fwd_keep" else 0.0)
         hbm = x_bytes + w_bytes + R * acc + out_bytes
         sm = x_reads + w_reads + R * acc * B + out_bytes
     else:  # ds: reads the state and grad_y, writes dS' (H*C, B, N) in x's dtype
@@ -285,7 +306,7 @@ MEASURED_H200 = {("fwd", "coco-r101-448"): 81.0, ("ds", "coco-r101-448"): 75.5,
 
 
 def model_v2(kernel: str, shape: Shape, dtype: torch.dtype, cfg: tuning.Config, regs: int,
-             smem: int, gpu: str = "h200") -> dict:
+             smem: int, gpu: str = "h200", row_tiles: tuple | None = None) -> dict:
     """Time of one kernel's launches from its compiled resources and its tiles (issue 20).
 
     * CTAs per SM: the fewest the registers (regs x threads), shared memory, warps and the CTA
@@ -299,17 +320,31 @@ def model_v2(kernel: str, shape: Shape, dtype: torch.dtype, cfg: tuning.Config, 
       pipelining: one load round trip a step, plus their bytes;
     * the launch: waves x per-CTA time / CTAs per SM (co-resident CTAs share the SM), at least
       the HBM floor, plus the launch's start and drain.
+
+    ``row_tiles``: (rows, channels) per program of the row kernels, if not today's
+    (:func:`triton_impl.row_tiles`; v1's were (8, 256), which the calibration uses).
     """
     R = RATES_V2[gpu]
     B, D, N, H, C = shape.B, shape.d, shape.N, shape.heads, shape.C
     xs = torch.empty((), dtype=dtype).element_size()
     acc = 8 if dtype == torch.float64 else 4
     v1 = model(kernel, shape, dtype, cfg)
-    if kernel in ("prep", "proj"):
-        rows_per = triton_impl.PREP_ROWS if kernel == "prep" else triton_impl.PROJ_ROWS
-        warps = triton_impl.PREP_WARPS if kernel == "prep" else triton_impl.PROJ_WARPS
+    if kernel == "ds_kept":
+        # elementwise streaming: many small CTAs, loads in flight across them (pipelined)
+        warps = triton_impl.DS_KEPT_WARPS
+        rows = H * min(C, triton_impl.ds_chunk_classes(H, C, B, N, cfg.BC))
+        bn = min(triton_impl.DS_KEPT_COLS, tuning.pow2(max(N, 16)))
+        br = min(tuning.pow2(rows), max(1, triton_impl.DS_KEPT_ELEMS // bn))
+        programs = -(-rows // br) * B * -(-C // max(1, rows // H))
+        mma_s = 0.0
+        pipelined = True
+        per_cta = v1["sm_bytes"] / programs / R["l2_sm"]
+    elif kernel in ("prep", "proj"):
+        rows_per, bd = row_tiles or triton_impl.row_tiles(D)
+        warps = triton_impl.ROW_WARPS
         programs = -(-H * C // rows_per)
-        steps = -(-D // min(256, tuning.pow2(max(D, 16)))) * (2 if kernel == "proj" else 1)
+        passes = 2 if kernel == "proj" and D > bd else 1     # proj: one pass over whole rows
+        steps = -(-D // bd) * passes
         cta_bytes = v1["hbm_bytes"] / programs
         per_cta = steps * R["latency_s"] + cta_bytes / R["l2_sm"]
         pipelined = False
@@ -380,23 +415,30 @@ def report(shapes: list[Shape], archs=("sm_90a", "sm_80"), dtypes=None, all_conf
                         finally:
                             triton_impl._target = None
                         for kernel, call in calls.items():
-                            if kernel in ROW_KERNELS and layout != layouts[0]:
-                                continue       # the weight's kernels do not see x's layout
+                            if kernel not in X_KERNELS and layout != layouts[0]:
+                                continue       # the other kernels do not see x's layout
                             key = _key(kernel, arch, shape, dtype, cfg, call.kernel.cache_key)
                             precision = call.constexprs.get("PRECISION", "ieee")
-                            key += f"|{layout}|{precision}"
+                            # the launch itself: constexprs (row kernels' tiles), warps, stages
+                            key += (f"|{layout}|{precision}|{sorted(call.constexprs.items())}"
+                                    f"|{call.num_warps}|{call.num_stages}")
                             if key not in cache:
                                 cache[key] = compile_call(call, arch)
                                 _save_cache(cache)
+                            # a launch may run other warps than its config (fwd_keep on
+                            # Hopper: 16); the row and the model take the launch's
+                            launched = (cfg if kernel in ROW_KERNELS or
+                                        call.num_warps == cfg.num_warps else
+                                        dataclasses.replace(cfg, num_warps=call.num_warps))
                             row = dict(kernel=kernel, arch=arch, shape=shape.name, layout=layout,
                                        dtype=str(dtype).replace("torch.", ""),
-                                       config=_label(kernel, cfg),
+                                       config=_label(kernel, launched),
                                        default=cfg == default, **cache[key],
                                        smem_limit_kb=info.smem_kb, mma_expected=info.mma,
                                        precision=precision,
                                        model=model(kernel, shape, dtype, cfg))
-                            row["model_v2"] = model_v2(kernel, shape, dtype, cfg, row["regs"],
-                                                       row["smem_bytes"])
+                            row["model_v2"] = model_v2(kernel, shape, dtype, launched,
+                                                       row["regs"], row["smem_bytes"])
                             rows.append(row)
                             if progress:
                                 progress(row)
@@ -440,10 +482,10 @@ def check(rows: list[dict]) -> list[str]:
 
 
 def _label(kernel: str, cfg: tuning.Config) -> str:
-    if kernel == "prep":
-        return f"BR={triton_impl.PREP_ROWS} warps={triton_impl.PREP_WARPS}"
-    if kernel == "proj":
-        return f"BR={triton_impl.PROJ_ROWS} warps={triton_impl.PROJ_WARPS}"
+    if kernel in ("prep", "proj"):
+        return f"BR x BD = {triton_impl.ROW_ELEMS} warps={triton_impl.ROW_WARPS}"
+    if kernel == "ds_kept":
+        return f"BR x BN = {triton_impl.DS_KEPT_ELEMS} warps={triton_impl.DS_KEPT_WARPS}"
     return cfg.label()
 
 

@@ -323,7 +323,8 @@ def kept_output(x, weight, keep: bool, alloc=new):
 
 
 def forward(x, weight, temps, lam, normalize, keep):
-    """(y, m, l, att, argmax, inv_n, kept), as the Triton implementation returns them."""
+    """(y, m, l, att, argmax, inv_n, kept, scores), as the Triton implementation returns them
+    (``scores`` always empty: ``kept`` holds the products this implementation keeps)."""
     B, D, N = x.shape
     H, C, _ = weight.shape
     acc = acc_dtype(x.dtype)
@@ -333,7 +334,7 @@ def forward(x, weight, temps, lam, normalize, keep):
         outs, kept=kept if kept.numel() else None)
     if not keep:
         outs = (*outs[:5], new((0,), acc, x.device))
-    return (*outs, kept)
+    return (*outs, kept, new((0,), acc, x.device))
 
 
 class Backward:
@@ -341,7 +342,8 @@ class Backward:
     recomputed from the scores, GEMMs in :func:`gemm_dtype`, the weight gradient projected per
     chunk while its rows are in cache."""
 
-    def __init__(self, grad_y, x, weight, state, inv_n, kept, temps, lam, normalize):
+    def __init__(self, grad_y, x, weight, state, inv_n, kept, temps, lam, normalize,
+                 scores=None):
         B, D, N = x.shape
         H, C, _ = weight.shape
         self.acc = acc = acc_dtype(x.dtype)

@@ -1,7 +1,7 @@
 """Triton kernels for multi-head CSRA (stage 2 of reference -> kernels -> op -> module -> CLI).
 
 Notation (see bench/NOTES.md): B batch, D channels (in_ch), N = h*w positions, H heads, C classes.
-A "row" is one (head, class) pair. Four kernels:
+A "row" is one (head, class) pair. Five kernels:
 
 * ``csra_prep_kernel``: once per call, the weight (H, C, D) in any dtype and strides becomes
   ``w_op`` (H*C, D) contiguous in x's dtype (round to nearest even, as a 1x1 conv under autocast
@@ -18,6 +18,10 @@ A "row" is one (head, class) pair. Four kernels:
   128 x 256 tile free of register spills (one 128 x 256 accumulator spilled in that epilogue).
 * ``csra_bwd_ds_kernel``: the same tiles and the same main loop (:func:`_score_tiles`) recompute
   the scores bit for bit, and write dS' = inv_n * dy/ds for a chunk of classes.
+* ``csra_bwd_ds_kept_kernel``: the same dS' from the raw scores the forward wrote (``SAVE_A``,
+  training, when the scores (H*C, B, N) in fp32 have no more elements than x: 16 MB at the
+  coco headline, never at 9,605 classes; not on Blackwell yet): an elementwise pass instead of
+  a recomputed GEMM. The storing forward runs 16 warps on Hopper (its stores spilled at 8).
 * ``csra_proj_kernel``: the weight gradient through the row normalisation from G = dS' x^T
   (the two GEMMs between dS' and it are cuBLAS's, launched by the op layer).
 
@@ -122,33 +126,46 @@ def csra_proj_kernel(
     invn_ptr,                                    # inv_n  (H*C,) contiguous, ACC
     out_ptr,                                     # dW     (H*C, D) contiguous out, weight dtype
     R, C, D,
-    NORMALIZE: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr,
+    NORMALIZE: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr, ONE_PASS: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """Grid (cdiv(R, BR),). The weight gradient from G = dS' x^T through the row normalisation,
     dW = G - W (W . G) inv_n^2 (G itself without it), in ACC, written in the weight's dtype:
-    one launch where four elementwise passes and a copy ran before (issue 18)."""
+    one launch where four elementwise passes and a copy ran before (issue 18). ONE_PASS
+    (D <= BD): whole rows loaded once; else two passes over d in steps of BD."""
     r = tl.program_id(0) * BR + tl.arange(0, BR)
     r_ok = r < R
     src = w_ptr + (r // C).to(tl.int64) * stride_wh + (r % C).to(tl.int64) * stride_wc
     rows = r.to(tl.int64) * D
-    coef = tl.zeros((BR,), dtype=ACC)
-    if NORMALIZE:
-        for d0 in range(0, D, BD):
-            dd = d0 + tl.arange(0, BD)
-            ok = r_ok[:, None] & (dd < D)[None, :]
-            w = tl.load(src[:, None] + dd[None, :] * stride_wd, mask=ok, other=0.0).to(ACC)
-            g = tl.load(g_ptr + rows[:, None] + dd[None, :], mask=ok, other=0.0).to(ACC)
-            coef += tl.sum(w * g, axis=1)
-        inv = tl.load(invn_ptr + r, mask=r_ok, other=0.0).to(ACC)
-        coef = coef * inv * inv
-    for d0 in range(0, D, BD):
-        dd = d0 + tl.arange(0, BD)
+    if ONE_PASS:
+        dd = tl.arange(0, BD)
         ok = r_ok[:, None] & (dd < D)[None, :]
         g = tl.load(g_ptr + rows[:, None] + dd[None, :], mask=ok, other=0.0).to(ACC)
         if NORMALIZE:
             w = tl.load(src[:, None] + dd[None, :] * stride_wd, mask=ok, other=0.0).to(ACC)
-            g = g - w * coef[:, None]
+            inv = tl.load(invn_ptr + r, mask=r_ok, other=0.0).to(ACC)
+            g = g - w * (tl.sum(w * g, axis=1) * inv * inv)[:, None]
         tl.store(out_ptr + rows[:, None] + dd[None, :], g.to(out_ptr.dtype.element_ty), mask=ok)
+    else:
+        coef = tl.zeros((BR,), dtype=ACC)
+        if NORMALIZE:
+            for d0 in range(0, D, BD):
+                dd = d0 + tl.arange(0, BD)
+                ok = r_ok[:, None] & (dd < D)[None, :]
+                w = tl.load(src[:, None] + dd[None, :] * stride_wd, mask=ok, other=0.0).to(ACC)
+                g = tl.load(g_ptr + rows[:, None] + dd[None, :], mask=ok, other=0.0).to(ACC)
+                coef += tl.sum(w * g, axis=1)
+            inv = tl.load(invn_ptr + r, mask=r_ok, other=0.0).to(ACC)
+            coef = coef * inv * inv
+        for d0 in range(0, D, BD):
+            dd = d0 + tl.arange(0, BD)
+            ok = r_ok[:, None] & (dd < D)[None, :]
+            g = tl.load(g_ptr + rows[:, None] + dd[None, :], mask=ok, other=0.0).to(ACC)
+            if NORMALIZE:
+                w = tl.load(src[:, None] + dd[None, :] * stride_wd, mask=ok, other=0.0).to(ACC)
+                g = g - w * coef[:, None]
+            tl.store(out_ptr + rows[:, None] + dd[None, :], g.to(out_ptr.dtype.element_ty),
+                     mask=ok)
 
 
 @triton.jit
@@ -228,6 +245,15 @@ def _half_stats(a, nn, N, cz):
 
 
 @triton.jit
+def _save_half(a, nn, N, a_ptr, a_rows, row_ok):
+    """Stores one (rows, HALF) half of raw scores into its rows of the (H*C, B, N) scores;
+    ``a_rows``: the rows' offsets, int32 (the host keeps fewer than 2^31 scores; 64-bit
+    pointers per element spilled 40 B at the headline on sm_90a)."""
+    tl.store(a_ptr + (a_rows[:, None] + nn[None, :]), a,
+             mask=row_ok[:, None] & (nn < N)[None, :])
+
+
+@triton.jit
 def _merge(s_sum, best, best_j, m, l, pa, s2, b2, j2, m2, l2, pa2):
     """Online merge of two sets of row statistics (from _half_stats or earlier tiles)."""
     m_new = tl.maximum(m, m2)
@@ -251,14 +277,18 @@ def csra_fwd_kernel(
                                                  #   temperatures (inf = max head), lam, log2(e)
     y_ptr, stride_yb, stride_yc,                 # y      (B, C) out, x.dtype
     m_ptr, l_ptr, att_ptr, amax_ptr,             # state  (B, H, C) contiguous: ACC x3, int32
+    a_ptr,                                       # scores (H*C, B, N) contiguous out, ACC
+                                                 #   (SAVE_A only; any tensor otherwise)
     B, H, C, D, N, n_cb,                         # n_cb = cdiv(C, BC) class blocks
     HP: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     CB_MAJOR: tl.constexpr, EVEN_D: tl.constexpr, ONE_TILE: tl.constexpr,
     XA_D: tl.constexpr, XA_N: tl.constexpr, XA_P: tl.constexpr, EMU_BF16: tl.constexpr,
+    SAVE_A: tl.constexpr,
 ):
     """Grid (n_cb, B), or (B, n_cb) with CB_MAJOR (see "Launch order"). One pass over positions;
-    per row: sum, max/argmax, online softmax."""
+    per row: sum, max/argmax, online softmax. SAVE_A (training, when the scores have no more
+    elements than x): the raw scores a are also written, for :func:`csra_bwd_ds_kept_kernel`."""
     HALF: tl.constexpr = BN // 2
     (b, cb, c, row_ok, hc, is_max, t_fin, inv, lam, cz, inv_N, x_b, w_rows, stride_xd, stride_xn,
      N) = _program_setup(p_ptr, invn_ptr, x_ptr, stride_xb, stride_xd, stride_xn, wo_ptr, H, C, D,
@@ -270,10 +300,14 @@ def csra_fwd_kernel(
     m = tl.full((HP * BC,), float("-inf"), dtype=ACC)
     l = tl.zeros((HP * BC,), dtype=ACC)
     pa = tl.zeros((HP * BC,), dtype=ACC)
+    a_rows = (hc * B + b.to(tl.int32)) * N
     if ONE_TILE:  # N <= BN: a single exact pass, no loop-carried state
         a0, a1 = _score_tiles(x_b, stride_xd, stride_xn, w_rows, row_ok, 0, D, N,
                               HP * BC, HALF, BD, ACC, DOT, PRECISION, EVEN_D)
         nn = tl.arange(0, HALF)
+        if SAVE_A:
+            _save_half(a0, nn, N, a_ptr, a_rows, row_ok)
+            _save_half(a1, nn + HALF, N, a_ptr, a_rows, row_ok)
         s_sum, best, best_j, m, l, pa = _half_stats(a0, nn, N, cz)
         s1, b1, j1, m1, l1, p1 = _half_stats(a1, nn + HALF, N, cz)
         s_sum, best, best_j, m, l, pa = _merge(s_sum, best, best_j, m, l, pa,
@@ -283,6 +317,9 @@ def csra_fwd_kernel(
             a0, a1 = _score_tiles(x_b, stride_xd, stride_xn, w_rows, row_ok, n0, D, N,
                                   HP * BC, HALF, BD, ACC, DOT, PRECISION, EVEN_D)
             nn = n0 + tl.arange(0, HALF)
+            if SAVE_A:
+                _save_half(a0, nn, N, a_ptr, a_rows, row_ok)
+                _save_half(a1, nn + HALF, N, a_ptr, a_rows, row_ok)
             s0, b0, j0, m0, l0, p0 = _half_stats(a0, nn, N, cz)
             s_sum, best, best_j, m, l, pa = _merge(s_sum, best, best_j, m, l, pa,
                                                    s0, b0, j0, m0, l0, p0)
@@ -366,3 +403,53 @@ def csra_bwd_ds_kernel(
                  EMU_BF16)
         _ds_half(a1, nn + HALF, N, inv, cz, t_fin, m, att, best_j, is_max, k0, kp, out_rows,
                  row_ok, EMU_BF16)
+
+
+@triton.jit
+def csra_bwd_ds_kept_kernel(
+    a_ptr,                                       # scores (H*C, B, N) contiguous, ACC (forward)
+    invn_ptr,                                    # inv_n  (H*C,) contiguous, from the forward
+    p_ptr,                                       # params (H + 2,) contiguous ACC (as forward)
+    g_ptr, stride_gb, stride_gc,                 # grad_y (B, C), any strides (stride 0 allowed)
+    m_ptr, l_ptr, att_ptr, amax_ptr,             # state  (B, H, C) contiguous, from the forward
+    ds_ptr,                                      # dS'    (H, n_chunk, B, N) contiguous out
+    B, H, C, N, c_start, n_chunk,
+    BR: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr, EMU_BF16: tl.constexpr,
+    XA_P: tl.constexpr,
+):
+    """Grid (cdiv(H * n_chunk, BR), B): dS' as :func:`csra_bwd_ds_kernel` writes it, for classes
+    [c_start, c_start + n_chunk), from the raw scores the forward kept (SAVE_A) instead of
+    recomputing them: an elementwise pass (bytes: the scores and dS'), no GEMM, no x. The same
+    row scalars and the same :func:`_ds_half` as the recomputing kernel, on the same values of
+    a: the two write the same dS'."""
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    b = tl.program_id(1).to(tl.int64)
+    N = _aligned(N, XA_P)       # rows of N scores / dS' in vectors (as the recomputing kernel)
+    row_ok = r < H * n_chunk
+    h = r // n_chunk
+    c = c_start + r % n_chunk
+    hc = h * C + c
+    temp = tl.load(p_ptr + h, mask=row_ok, other=1.0).to(ACC)
+    is_max = temp == float("inf")
+    t_fin = tl.where(is_max, 1.0, temp)
+    inv = tl.load(invn_ptr + hc, mask=row_ok, other=0.0).to(ACC)
+    lam = tl.load(p_ptr + H).to(ACC)
+    cz = inv * (t_fin * tl.load(p_ptr + H + 1).to(ACC))
+    inv_N = 1.0 / (N + tl.zeros((1,), dtype=ACC))
+    state = b * H * C + hc
+    g = tl.load(g_ptr + b * stride_gb + c * stride_gc, mask=row_ok, other=0.0).to(ACC)
+    m = tl.load(m_ptr + state, mask=row_ok, other=0.0).to(ACC)
+    l = tl.load(l_ptr + state, mask=row_ok, other=1.0).to(ACC)
+    att = tl.load(att_ptr + state, mask=row_ok, other=0.0).to(ACC)
+    best_j = tl.load(amax_ptr + state, mask=row_ok, other=-1)
+    g_scaled = g * inv
+    k0 = g_scaled * inv_N
+    kp = tl.where(is_max, g_scaled * lam, g_scaled * lam / l)
+    a_rows = (hc * B + b.to(tl.int32)) * N        # int32: the host keeps < 2^31 scores
+    out_rows = ds_ptr + (r.to(tl.int64) * B + b) * N
+    for n0 in range(0, N, BN):
+        nn = n0 + tl.arange(0, BN)
+        a = tl.load(a_ptr + (a_rows[:, None] + nn[None, :]),
+                    mask=row_ok[:, None] & (nn < N)[None, :], other=0.0)
+        _ds_half(a, nn, N, inv, cz, t_fin, m, att, best_j, is_max, k0, kp, out_rows, row_ok,
+                 EMU_BF16)

@@ -4,16 +4,19 @@ Two ops in the ``csra_triton`` namespace, both with fake (meta) implementations 
 ``torch.compile(fullgraph=True)`` and ``torch.export`` trace through them:
 
 * ``csra_triton::csra_fwd(x, weight, temperatures, lam, normalize, keep=True, backend="auto")``
-    -> ``(y, m, l, att, argmax, inv_norm, kept)``; x is (B, D, N) with any strides, weight
-    (H, C, D). y (B, C) has x's dtype; m, l, att, argmax are the O(B*H*C) state that the
+    -> ``(y, m, l, att, argmax, inv_norm, kept, scores)``; x is (B, D, N) with any strides,
+    weight (H, C, D). y (B, C) has x's dtype; m, l, att, argmax are the O(B*H*C) state that the
     backward needs (see kernels.py: softmax max and sum in base 2, attention logit, argmax);
     inv_norm (H, C) the inverse row norms. ``kept`` is what the implementation hands its
     backward: the prepared weight on the Triton path (``triton_impl.keeps_weight``), the score
-    products on the CPU fallback (``fallback.keeps_scores``), else empty (0,). ``keep=False``
-    (inference: the module passes it when no gradient is needed) keeps nothing: inv_norm and
-    kept are empty, and the Triton path may reuse a prepared weight (one launch instead of two).
-* ``csra_triton::csra_bwd(grad_y, x, weight, m, l, att, argmax, inv_norm, kept, temperatures,
-  lam, normalize, backend="auto")`` -> ``(grad_x, grad_weight)``.
+    products on the CPU fallback (``fallback.keeps_scores``), else empty (0,). ``scores``: the
+    Triton path's raw scores (H, C, B, N) in the accumulation dtype when they have no more
+    elements than x (``triton_impl.keeps_scores``; its backward's dS' is then elementwise), else
+    empty (0,). ``keep=False`` (inference: the module passes it when no gradient is needed)
+    keeps nothing: inv_norm, kept and scores are empty, and the Triton path may reuse a
+    prepared weight (one launch instead of two).
+* ``csra_triton::csra_bwd(grad_y, x, weight, m, l, att, argmax, inv_norm, kept, scores,
+  temperatures, lam, normalize, backend="auto")`` -> ``(grad_x, grad_weight)``.
 
 ``backend`` names the implementation ("triton", "torch"; "auto": :func:`backend_for`). The
 module resolves it when it calls (or traces) the op, so that the shapes of the outputs, which
@@ -44,7 +47,7 @@ import torch
 from torch import Tensor
 
 from . import archs, fallback, triton_impl
-from .common import (channels_inner, dx_view, empty, fwd_outputs, kernel_temperatures, new,
+from .common import (acc_dtype, channels_inner, dx_view, empty, fwd_outputs, kernel_temperatures, new,
                      op_temperatures)
 
 _BACKENDS = ("auto", "triton", "torch")
@@ -111,15 +114,23 @@ def _kept_like(x: Tensor, weight: Tensor, keep: bool, backend: str, alloc) -> Te
     return alloc((0,), x.dtype, x.device)
 
 
+def _scores_like(x: Tensor, weight: Tensor, keep: bool, backend: str, alloc) -> Tensor:
+    H, C, _ = weight.shape
+    if implementation(x, backend) is fallback:
+        return alloc((0,), acc_dtype(x.dtype), x.device)
+    return triton_impl.scores_output(x, H, C, keep, alloc)
+
+
 @torch.library.custom_op("csra_triton::csra_fwd", mutates_args=(), tags=_TAGS)
 def csra_fwd(x: Tensor, weight: Tensor, temperatures: list[float], lam: float,
              normalize: bool, keep: bool = True, backend: str = "auto"
-             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     temps = kernel_temperatures(temperatures)
     impl = implementation(x, backend)
     if x.shape[0] == 0 and impl is triton_impl:     # no programs to launch: the fallback's zeros
-        *outs, _ = fallback.forward(x, weight, temps, lam, normalize, keep)
-        return (*outs, _kept_like(x, weight, keep, backend, new))
+        *outs, _, _ = fallback.forward(x, weight, temps, lam, normalize, keep)
+        return (*outs, _kept_like(x, weight, keep, backend, new),
+                _scores_like(x, weight, keep, backend, new))
     return impl.forward(x, weight, temps, lam, normalize, keep)
 
 
@@ -127,19 +138,21 @@ def csra_fwd(x: Tensor, weight: Tensor, temperatures: list[float], lam: float,
 def _(x, weight, temperatures, lam, normalize, keep=True, backend="auto"):
     H, C, _ = weight.shape
     outs = fwd_outputs(x, H, C, empty, keep)
-    return (*outs, _kept_like(x, weight, keep, backend, empty))
+    return (*outs, _kept_like(x, weight, keep, backend, empty),
+            _scores_like(x, weight, keep, backend, empty))
 
 
 @torch.library.custom_op("csra_triton::csra_bwd", mutates_args=(), tags=_TAGS)
 def csra_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, m: Tensor, l: Tensor, att: Tensor,
-             amax: Tensor, inv_n: Tensor, kept: Tensor, temperatures: list[float], lam: float,
-             normalize: bool, backend: str = "auto") -> tuple[Tensor, Tensor]:
-    return _backward_loop(grad_y, x, weight, m, l, att, amax, inv_n, kept, temperatures, lam,
-                          normalize, backend)
+             amax: Tensor, inv_n: Tensor, kept: Tensor, scores: Tensor,
+             temperatures: list[float], lam: float, normalize: bool, backend: str = "auto"
+             ) -> tuple[Tensor, Tensor]:
+    return _backward_loop(grad_y, x, weight, m, l, att, amax, inv_n, kept, scores,
+                          temperatures, lam, normalize, backend)
 
 
-def _backward_loop(grad_y, x, weight, m, l, att, amax, inv_n, kept, temperatures, lam, normalize,
-                   backend):
+def _backward_loop(grad_y, x, weight, m, l, att, amax, inv_n, kept, scores, temperatures, lam,
+                   normalize, backend):
     B, D, N = x.shape
     H, C, _ = weight.shape
     inner = channels_inner(x)
@@ -147,7 +160,8 @@ def _backward_loop(grad_y, x, weight, m, l, att, amax, inv_n, kept, temperatures
         dx = x.new_zeros((B * N, D) if inner else (D, B * N))
         return dx_view(dx, B, D, N, inner), torch.zeros_like(weight)
     bw = implementation(x, backend).Backward(grad_y, x, weight, (m, l, att, amax), inv_n, kept,
-                                    kernel_temperatures(temperatures), lam, normalize)
+                                             kernel_temperatures(temperatures), lam, normalize,
+                                             scores)
     chunk, x_dk, w_gemm = bw.chunk, bw.x_dk, bw.w_gemm
     if chunk >= C:
         # One chunk holds every class: one GEMM each over all heads, written functionally (no
@@ -192,7 +206,7 @@ def _backward_loop(grad_y, x, weight, m, l, att, amax, inv_n, kept, temperatures
 
 
 @csra_bwd.register_fake
-def _(grad_y, x, weight, m, l, att, amax, inv_n, kept, temperatures, lam, normalize,
+def _(grad_y, x, weight, m, l, att, amax, inv_n, kept, scores, temperatures, lam, normalize,
       backend="auto"):
     B, D, N = x.shape
     inner = channels_inner(x)
@@ -212,20 +226,22 @@ def _(grad_y, x, weight, m, l, att, amax, inv_n, kept, temperatures, lam, normal
 @torch.library.triton_op("csra_triton::csra_fwd_cuda", mutates_args=())
 def csra_fwd_cuda(x: Tensor, weight: Tensor, temperatures: list[float], lam: float,
                   normalize: bool, keep: bool = True
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     temps = kernel_temperatures(temperatures)
     if x.shape[0] == 0:
-        *outs, _ = fallback.forward(x, weight, temps, lam, normalize, keep)
-        return (*outs, _kept_like(x, weight, keep, "triton", new))
+        *outs, _, _ = fallback.forward(x, weight, temps, lam, normalize, keep)
+        return (*outs, _kept_like(x, weight, keep, "triton", new),
+                _scores_like(x, weight, keep, "triton", new))
     return triton_impl.forward(x, weight, temps, lam, normalize, keep)
 
 
 @torch.library.triton_op("csra_triton::csra_bwd_cuda", mutates_args=())
 def csra_bwd_cuda(grad_y: Tensor, x: Tensor, weight: Tensor, m: Tensor, l: Tensor, att: Tensor,
-                  amax: Tensor, inv_n: Tensor, kept: Tensor, temperatures: list[float],
-                  lam: float, normalize: bool) -> tuple[Tensor, Tensor]:
-    return _backward_loop(grad_y, x, weight, m, l, att, amax, inv_n, kept, temperatures, lam,
-                          normalize, "triton")
+                  amax: Tensor, inv_n: Tensor, kept: Tensor, scores: Tensor,
+                  temperatures: list[float], lam: float, normalize: bool
+                  ) -> tuple[Tensor, Tensor]:
+    return _backward_loop(grad_y, x, weight, m, l, att, amax, inv_n, kept, scores,
+                          temperatures, lam, normalize, "triton")
 
 
 def use_cuda_ops(x: Tensor, backend: str) -> bool:

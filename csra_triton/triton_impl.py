@@ -38,23 +38,29 @@ DIRECT_LAUNCH = os.environ.get("CSRA_TRITON_DIRECT_LAUNCH", "0") not in ("", "0"
 
 #: Largest number of dS' elements alive at once in the backward (class chunking bound).
 DS_WORKSPACE_ELEMS = int(os.environ.get("CSRA_TRITON_DS_ELEMS", 1 << 25))
-#: The forward hands its prepared weight (w_op, x's dtype) to the backward up to this size
-#: (1.3 MB at coco-r101-448); beyond it (157 MB at 9,605 classes) the backward prepares again.
+#: Prepared weights (w_op, x's dtype) up to this size are handed by the forward to the backward
+#: and reused by inference for an unchanged weight tensor (1.3 MB at coco-r101-448); beyond it
+#: (157 MB at 9,605 classes) every call prepares its own (:func:`keeps_weight`).
 KEEP_WEIGHT_BYTES = int(os.environ.get("CSRA_TRITON_KEEP_WEIGHT_BYTES", 32 << 20))
-#: Inference reuses the prepared weight of an unchanged weight tensor up to this size.
-CACHE_WEIGHT_BYTES = KEEP_WEIGHT_BYTES
+#: A training forward writes its raw scores for the backward when they have no more elements
+#: than x (:func:`keeps_scores`); ``CSRA_TRITON_KEEP_SCORES=0`` turns it off (dS' recomputed).
+KEEP_SCORES = os.environ.get("CSRA_TRITON_KEEP_SCORES", "1") not in ("", "0")
 #: Weights (in the operand dtype) above this size are launched class-block-major, so that each
 #: weight block is read from HBM once and x stays in L2 (see kernels.py, "Launch order").
 #: ``CSRA_TRITON_CB_MAJOR_BYTES`` overrides it (the tests force the order at small shapes).
 CB_MAJOR_BYTES = int(os.environ.get("CSRA_TRITON_CB_MAJOR_BYTES", 8 << 20))
 
-PREP_ROWS = 8       # rows per prep program: 40 programs for 320 rows (10 took 22 µs on an H200)
-PREP_WARPS = 4
-PROJ_ROWS = 8       # rows per projection program
-PROJ_WARPS = 4
+#: Weight-row kernels (prep, proj): elements per program, whole rows when d fits
+#: (:func:`row_tiles`; v1b's 8 rows in 256-channel steps, 40 programs, took 10.4 µs for the
+#: headline's prep on an H200), and warps.
+ROW_ELEMS = 4096
+ROW_WARPS = 8
+DS_KEPT_COLS = 256  # positions per step of the elementwise dS' kernel (scores kept)
+DS_KEPT_ELEMS = 2048  # rows x positions per program of that kernel (8 per thread)
+DS_KEPT_WARPS = 8
 
 
-def gpu(x: Tensor | None = None) -> bool:
+def gpu() -> bool:
     """Whether launches compile for a GPU (False under the interpreter)."""
     return not INTERPRET
 
@@ -80,6 +86,16 @@ def tf32_enabled(x: Tensor, on_gpu: bool | None = None) -> bool:
 _target: str | None = None
 
 
+def _arch(x: Tensor) -> str:
+    """The arch the launches for x compile for: the compile report's target, x's GPU, or the
+    default (Hopper) where no GPU is there (fake CUDA tensors while tracing)."""
+    if _target is not None:
+        return _target
+    if x.is_cuda and torch.cuda.is_available():
+        return archs.device_arch(x.device)
+    return archs.DEFAULT
+
+
 def _dtypes(x: Tensor, on_gpu: bool) -> dict:
     """Dtype constexprs of the kernels for x; ``on_gpu`` False means the interpreter's choices."""
     import triton.language as tl
@@ -90,6 +106,21 @@ def _dtypes(x: Tensor, on_gpu: bool) -> dict:
            torch.float32: tl.float32, torch.float64: tl.float64}[x.dtype]
     return dict(ACC=acc, DOT=dot, PRECISION="tf32" if tf32_enabled(x, on_gpu) else "ieee",
                 EMU_BF16=not on_gpu and x.dtype == torch.bfloat16)
+
+
+#: Entries the plan cache and the direct-launch cache hold at most; the oldest goes first (a
+#: server with varying batch sizes must not grow without bound). The scalar tensors are never
+#: dropped: a captured CUDA graph reads them by address (one per temperatures, lam, dtype and
+#: device: few).
+CACHE_ENTRIES = 256
+
+
+def _remember(cache: dict, key, value):
+    """cache[key] = value, dropping the oldest entries beyond CACHE_ENTRIES; returns value."""
+    cache[key] = value
+    while len(cache) > CACHE_ENTRIES:
+        cache.pop(next(iter(cache)))
+    return value
 
 
 _params_cache: dict = {}
@@ -179,7 +210,8 @@ class Call(NamedTuple):
                    tuple(self.constexprs.items()), tuple(_spec(a) for a in self.args))
             ck = _compiled.get(key)
             if ck is None:
-                ck = _compiled[key] = _jit_launch(self.kernel, self.grid, self.args, kw)
+                ck = _remember(_compiled, key,
+                               _jit_launch(self.kernel, self.grid, self.args, kw))
                 return ck
             # the compiled kernel's launcher takes every parameter, constexprs included, in
             # the kernel's order
@@ -219,15 +251,19 @@ def prep_call(x: Tensor, weight: Tensor, normalize: bool, w_op: Tensor, inv_n: T
     H, C, D = weight.shape
     R = H * C
     d = _dtypes(x, _gpu(on_gpu))
-    return Call(csra_prep_kernel, (cdiv(R, PREP_ROWS),),
+    br, bd = row_tiles(D)
+    return Call(csra_prep_kernel, (cdiv(R, br),),
                 (weight, *weight.stride(), w_op, inv_n, R, C, D),
-                dict(NORMALIZE=bool(normalize), BR=PREP_ROWS, BD=min(256, pow2(max(D, 16))),
-                     ACC=d["ACC"], EMU_BF16=d["EMU_BF16"]), PREP_WARPS, 2)
+                dict(NORMALIZE=bool(normalize), BR=br, BD=bd,
+                     ACC=d["ACC"], EMU_BF16=d["EMU_BF16"]), ROW_WARPS, 2)
 
 
 def fwd_call(x, w_op, inv_n, params, outs, cfg, H, on_gpu: bool | None = None,
-             kw: dict | None = None) -> Call:
-    """The forward launch; ``kw``: its constexprs if already known (a :class:`Plan`'s)."""
+             kw: dict | None = None, scores: Tensor | None = None) -> Call:
+    """The forward launch; ``kw``: its constexprs if already known (a :class:`Plan`'s);
+    ``scores`` (H, C, B, N) in the accumulation dtype: where the raw scores go (SAVE_A), if
+    given; that launch runs 16 warps where the config has 8 on Hopper (wgmma), where the stores
+    spilled at 8 (128 x 256 fp32 accumulators already take 255 registers there)."""
     from .kernels import csra_fwd_kernel
 
     B, D, N = x.shape
@@ -237,9 +273,14 @@ def fwd_call(x, w_op, inv_n, params, outs, cfg, H, on_gpu: bool | None = None,
     major = cb_major(H, C, D, x.element_size())
     if kw is None:
         kw = _tile_kw(x, cfg, H, D, major, _gpu(on_gpu))
+    save = scores is not None and scores.numel() > 0
+    warps = cfg.num_warps
+    if save and warps == 8 and _gpu(on_gpu) and archs.ARCHS[_arch(x)].mma == "wgmma":
+        warps = 16
     return Call(csra_fwd_kernel, _grid(B, n_cb, major),
                 (x, *x.stride(), w_op, inv_n, params, y, *y.stride(), m, l, att, amax,
-                 B, H, C, D, N, n_cb), kw, cfg.num_warps, cfg.num_stages)
+                 scores if save else m, B, H, C, D, N, n_cb), dict(kw, SAVE_A=save),
+                warps, cfg.num_stages)
 
 
 def ds_call(x, w_op, inv_n, params, grad_y, state, c0, c1, out, cfg, H,
@@ -260,6 +301,28 @@ def ds_call(x, w_op, inv_n, params, grad_y, state, c0, c1, out, cfg, H,
                 kw, cfg.num_warps, cfg.num_stages)
 
 
+def ds_kept_call(scores, inv_n, params, grad_y, state, c0, c1, out, H,
+                 on_gpu: bool | None = None) -> Call:
+    """dS' for classes [c0, c1) from the forward's raw scores (H, C, B, N): elementwise."""
+    from .kernels import csra_bwd_ds_kept_kernel
+
+    _, C, B, N = scores.shape
+    m, l, att, amax = state
+    rows = H * (c1 - c0)
+    bn = min(DS_KEPT_COLS, pow2(max(N, 16)))
+    br = min(pow2(rows), max(1, DS_KEPT_ELEMS // bn))
+    import triton.language as tl
+
+    acc = tl.float64 if scores.dtype == torch.float64 else tl.float32
+    emu = not _gpu(on_gpu) and out.dtype == torch.bfloat16
+    return Call(csra_bwd_ds_kept_kernel, (cdiv(rows, br), B),
+                (scores, inv_n, params, grad_y, *grad_y.stride(), m, l, att, amax, out,
+                 B, H, C, N, c0, c1 - c0),
+                dict(BR=br, BN=bn, ACC=acc, EMU_BF16=emu,
+                     XA_P=pow2_divisor(N, max(1, 16 // scores.element_size()))),
+                DS_KEPT_WARPS, 1)
+
+
 def proj_call(G: Tensor, weight: Tensor, inv_n: Tensor, out: Tensor, normalize: bool) -> Call:
     """The weight gradient from G (H*C, D) into ``out`` (H*C, D) in the weight's dtype."""
     from .kernels import csra_proj_kernel
@@ -268,10 +331,21 @@ def proj_call(G: Tensor, weight: Tensor, inv_n: Tensor, out: Tensor, normalize: 
     H, C, D = weight.shape
     R = H * C
     acc = tl.float64 if inv_n.dtype == torch.float64 else tl.float32
-    return Call(csra_proj_kernel, (cdiv(R, PROJ_ROWS),),
+    br, bd = row_tiles(D)
+    return Call(csra_proj_kernel, (cdiv(R, br),),
                 (G, weight, *weight.stride(), inv_n, out, R, C, D),
-                dict(NORMALIZE=bool(normalize), BR=PROJ_ROWS, BD=min(256, pow2(max(D, 16))),
-                     ACC=acc), PROJ_WARPS, 2)
+                dict(NORMALIZE=bool(normalize), BR=br, BD=bd, ONE_PASS=D <= bd, ACC=acc),
+                ROW_WARPS, 2)
+
+
+def row_tiles(D: int) -> tuple[int, int]:
+    """(rows, channels) per program of the weight-row kernels (prep, proj): whole rows when d
+    fits ``ROW_ELEMS`` (one load round trip per program, rows over many programs: 160 programs
+    of 2 rows at the headline), else 8 rows walked in steps of 256 channels."""
+    bd = pow2(max(D, 16))
+    if bd <= ROW_ELEMS:
+        return max(1, ROW_ELEMS // bd), bd
+    return 8, 256
 
 
 def ds_chunk_classes(H: int, C: int, B: int, N: int, bc: int) -> int:
@@ -305,14 +379,10 @@ def clear_weight_cache() -> None:
 
 
 def _cacheable(x: Tensor, weight: Tensor) -> bool:
-    if tracing(x) or weight.is_inference() or not _weight_small(x, weight):
+    if tracing(x) or weight.is_inference() or not keeps_weight(x, weight):
         return False
     # Never during CUDA-graph capture: a replay must re-prepare a weight updated in place.
     return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
-
-
-def _weight_small(x: Tensor, weight: Tensor) -> bool:
-    return weight.numel() * x.element_size() <= CACHE_WEIGHT_BYTES
 
 
 def prepared(x: Tensor, weight: Tensor, normalize: bool, keep: bool) -> tuple[Tensor, Tensor, bool]:
@@ -338,8 +408,25 @@ def prepared(x: Tensor, weight: Tensor, normalize: bool, keep: bool) -> tuple[Te
 
 
 def keeps_weight(x: Tensor, weight: Tensor) -> bool:
-    """Whether the forward hands its prepared weight to the backward (its 7th output)."""
-    return _weight_small(x, weight)
+    """Whether a prepared weight is kept: handed by the forward to the backward (its 7th
+    output) and cached for inference (:func:`prepared`): up to ``KEEP_WEIGHT_BYTES``."""
+    return weight.numel() * x.element_size() <= KEEP_WEIGHT_BYTES
+
+
+def keeps_scores(x: Tensor, H: int, C: int) -> bool:
+    """Whether a training forward writes its raw scores (H, C, B, N), in the accumulation
+    dtype, for the backward (its 8th output), which then computes dS' elementwise instead of
+    recomputing the scores' GEMM: when they have no more elements than x (H*C <= D, the
+    fallback's rule), so that what the op keeps is bounded by x's size, never by classes x
+    positions (16 MB at the coco headline; never at 9,605 classes), and fewer than 2^31 (the
+    kernel's offsets are int32); not on Blackwell yet (see below). ``KEEP_SCORES`` (env
+    ``CSRA_TRITON_KEEP_SCORES=0``) turns it off."""
+    B, D, N = x.shape
+    if not (KEEP_SCORES and H * C <= D and H * C * B * N < 2 ** 31):     # int32 offsets
+        return False
+    # Blackwell (tcgen05): the storing forward spills 8 B under triton 3.6 with 8 warps and
+    # leaves tcgen05 with 16; it recomputes there until that is solved (bench/NOTES.md)
+    return not (x.is_cuda or _target) or archs.ARCHS[_arch(x)].mma != "tcgen05"
 
 
 # --------------------------------------------------------------------------- configs and tuning
@@ -480,9 +567,9 @@ def plan(x: Tensor, weight: Tensor, temps: list[float], lam: float) -> Plan:
     p = _plans.get(key)
     if p is None:
         cfg = fwd_config(x, H, C, D, N)
-        p = _plans[key] = Plan(cfg, params_tensor(temps, lam, acc_dtype(x.dtype), x.device),
-                               _tile_kw(x, cfg, H, D, cb_major(H, C, D, x.element_size()),
-                                        gpu()))
+        p = _remember(_plans, key, Plan(
+            cfg, params_tensor(temps, lam, acc_dtype(x.dtype), x.device),
+            _tile_kw(x, cfg, H, D, cb_major(H, C, D, x.element_size()), gpu())))
     return p
 
 
@@ -491,28 +578,41 @@ def plan(x: Tensor, weight: Tensor, temps: list[float], lam: float) -> Plan:
 
 def forward(x: Tensor, weight: Tensor, temps: list[float], lam: float, normalize: bool,
             keep: bool) -> tuple:
-    """(y, m, l, att, argmax, inv_n, kept): two launches (prep, fwd), one when inference
-    (``keep`` False) reuses a prepared weight. ``kept`` is the prepared weight when ``keep``
-    and it is small (:func:`keeps_weight`), else (0,)."""
+    """(y, m, l, att, argmax, inv_n, kept, scores): two launches (prep, fwd), one when
+    inference (``keep`` False) reuses a prepared weight. ``kept`` is the prepared weight when
+    ``keep`` and it is small (:func:`keeps_weight`), else (0,); ``scores`` the raw scores when
+    ``keep`` and :func:`keeps_scores`, else (0,)."""
     H, C, _ = weight.shape
     p = plan(x, weight, temps, lam)
     outs = fwd_outputs(x, H, C, keep=False)          # inv_n: the prepared one, if kept
     w_op, inv_n, _ = prepared(x, weight, normalize, keep)
-    fwd_call(x, w_op, inv_n, p.params, outs, p.cfg, H, kw=p.kw).run()
+    scores = scores_output(x, H, C, keep)
+    fwd_call(x, w_op, inv_n, p.params, outs, p.cfg, H, kw=p.kw, scores=scores).run()
     if keep:                      # fresh tensors (never the inference cache's): safe to return
         outs = (*outs[:5], inv_n.view(H, C))
     kept = w_op if keep and keeps_weight(x, weight) else new((0,), x.dtype, x.device)
-    return (*outs, kept)
+    return (*outs, kept, scores)
+
+
+def scores_output(x: Tensor, H: int, C: int, keep: bool, alloc=new) -> Tensor:
+    """The forward's 8th output: the raw scores (H, C, B, N) in the accumulation dtype when
+    ``keep`` and :func:`keeps_scores`, else (0,) in that dtype."""
+    B, _, N = x.shape
+    if keep and keeps_scores(x, H, C):
+        return alloc((H, C, B, N), acc_dtype(x.dtype), x.device)
+    return alloc((0,), acc_dtype(x.dtype), x.device)
 
 
 class Backward:
     """The Triton side of the op's backward loop (see ops.csra_bwd): dS' of a class chunk from
     the kernels, the GEMMs in x's dtype, the weight gradient in one projection launch."""
 
-    def __init__(self, grad_y, x, weight, state, inv_n, kept, temps, lam, normalize):
+    def __init__(self, grad_y, x, weight, state, inv_n, kept, temps, lam, normalize,
+                 scores=None):
         B, D, N = x.shape
         H, C, _ = weight.shape
         self.x, self.weight, self.state, self.grad_y = x, weight, state, grad_y
+        self.scores = scores if scores is not None and scores.numel() else None
         self.normalize, self.H = normalize, H
         p = plan(x, weight, temps, lam)
         self.params, fwd_cfg, self.kw = p.params, p.cfg, p.kw
@@ -528,10 +628,16 @@ class Backward:
         self.x_dk = x_matrix(x, self.gemm)
         self.ws = new((H * self.chunk * B * N,), self.gemm, x.device)
         w_op, inv_n, params, ws, chunk = self.w_op, self.inv_n, self.params, self.ws, self.chunk
+        if self.scores is not None:     # dS' elementwise from the kept scores: no config
+            return
         self.cfg = bwd_config(x, H, C, D, N, fwd_cfg, None if tracing(x) else lambda: ds_bench(
             x, w_op, inv_n, params, grad_y, state, chunk, ws))
 
     def ds(self, c0: int, c1: int, out: Tensor) -> None:
+        if self.scores is not None:
+            ds_kept_call(self.scores, self.inv_n, self.params, self.grad_y, self.state, c0, c1,
+                         out, self.H).run()
+            return
         ds_call(self.x, self.w_op, self.inv_n, self.params, self.grad_y, self.state, c0, c1,
                 out, self.cfg, self.H, kw=self.kw).run()
 

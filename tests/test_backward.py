@@ -149,3 +149,46 @@ def test_large_temperature_grads(backend, device):
                          x.detach().double().flatten(2)).abs().max().item()
     tol = 100.0 * s_max * 2.0 ** -24
     assert rel_err(x.grad, dx) <= tol and rel_err(weight.grad, dw) <= tol
+
+
+KEPT_CASES = {  # B, d, h, w, C, temps, normalize, DS_WORKSPACE_ELEMS: H*C <= d everywhere
+    "h4": (2, 40, 3, 4, 7, [1, 2, 4, INF], True, 10**9),
+    "h8-N577": (1, 64, 1, 577, 3, OFFICIAL_TEMPERATURES[8], True, 10**9),   # 3 position tiles
+    "h3-chunks-raw": (2, 40, 2, 3, 9, [1, 3, INF], False, 200),           # chunks of 5 + 4
+    "h1-N1": (3, 16, 1, 1, 5, [2.0], True, 10**9),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", list(KEPT_CASES.values()), ids=list(KEPT_CASES))
+def test_kept_scores_give_the_recomputed_gradients(case, dtype, device, monkeypatch):
+    """The training forward keeps its raw scores when they have no more elements than x, and
+    the backward's dS' is then elementwise (csra_bwd_ds_kept_kernel) instead of a recomputed
+    GEMM: the same gradients, bit for bit (the same scores, the same arithmetic), and float64's
+    within the tolerances; with a stride-0 upstream gradient and over class chunks."""
+    *shape, elems = case
+    B, d, h, w, C, temps, normalize = shape
+    monkeypatch.setattr(triton_impl, "DS_WORKSPACE_ELEMS", elems)
+    names = []
+    launch = triton_impl._jit_launch
+
+    def spy(kernel, grid, args, kw):
+        names.append(getattr(kernel, "fn", kernel).__name__)
+        return launch(kernel, grid, args, kw)
+    monkeypatch.setattr(triton_impl, "_jit_launch", spy)
+    g = torch.randn(1, C, device=device).expand(B, C)
+    grads = {}
+    for keep in (True, False):
+        monkeypatch.setattr(triton_impl, "KEEP_SCORES", keep)
+        names.clear()
+        torch.manual_seed(0)
+        with csra_triton.use_backend("triton"):
+            x, weight, _ = _run(*shape, dtype, device, grad=g)
+        assert ("csra_bwd_ds_kept_kernel" in names) == keep, names
+        assert ("csra_bwd_ds_kernel" in names) != keep, names
+        grads[keep] = (x.grad, weight.grad)
+    assert torch.equal(grads[True][0], grads[False][0])
+    assert torch.equal(grads[True][1], grads[False][1])
+    _, dx, dw = ref64(x, weight, temps, 0.3, normalize, grad=g)
+    assert rel_err(grads[True][0], dx) <= TOL[dtype]
+    assert rel_err(grads[True][1], dw) <= TOL[dtype]

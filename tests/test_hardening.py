@@ -97,11 +97,12 @@ def test_backward_deterministic_under_deterministic_algorithms(backend, device, 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("C", [7, 5])
+@pytest.mark.parametrize("C", [7, 5, 4])
 def test_saved_for_backward_is_x_weight_and_small_state(C, dtype, backend, device):
     """x and the weight themselves, O(B*H*C) state, and what the implementation keeps: the
     forward's score products only on the CPU fallback and only when no larger than x (H*C <= d:
-    20 rows for C=5, d=20); the prepared weight (H*C, d) in x's dtype on the Triton path."""
+    20 rows for C=5, d=20); on the Triton path the prepared weight (H*C, d) in x's dtype and the
+    raw scores, also only when they have no more elements than x."""
     B, d, h, w, H = 3, 20, 5, 5, 4
     x = torch.randn(B, d, h, w, device=device).to(dtype).requires_grad_()
     weight = torch.randn(H, C, d, device=device, requires_grad=True)
@@ -111,17 +112,21 @@ def test_saved_for_backward_is_x_weight_and_small_state(C, dtype, backend, devic
     ptrs = {t.untyped_storage().data_ptr() for t in saved}
     assert x.untyped_storage().data_ptr() in ptrs            # x itself, no copy
     assert weight.untyped_storage().data_ptr() in ptrs
-    *small, kept = [t for t in saved if t.untyped_storage().data_ptr()
-                    not in (x.untyped_storage().data_ptr(), weight.untyped_storage().data_ptr())]
+    *small, kept, scores = [t for t in saved if t.untyped_storage().data_ptr() not in
+                            (x.untyped_storage().data_ptr(), weight.untyped_storage().data_ptr())]
     assert all(t.numel() <= B * H * C for t in small), [tuple(t.shape) for t in small]
     assert all(t.dtype in (torch.float32, torch.int32) for t in small)
-    assert len(saved) == 3 + len(small) and len(small) <= 5
+    assert len(saved) == 4 + len(small) and len(small) <= 5
     if backend == "torch":      # the fallback's products, on CPU and only if no larger than x
         keeps = device == "cpu" and H * C <= d
         assert kept.shape == ((H * C, B * h * w) if keeps else (0,))
         assert kept.numel() <= x.numel() and kept.element_size() <= 4
+        assert scores.shape == (0,)
     else:                       # the kernels' prepared weight: the weight's size in x's dtype
         assert kept.shape == (H * C, d) and kept.dtype == dtype
+        fits = H * C <= d       # 20 rows for C=5, 16 for C=4
+        assert scores.shape == ((H, C, B, h * w) if fits else (0,))
+        assert scores.numel() <= x.numel() and scores.dtype == torch.float32
 
 
 def test_backward_workspace_is_bounded_by_the_chunk(backend, device, monkeypatch):

@@ -13,13 +13,14 @@ from csra_triton import hostpath, shapes, triton_impl
 from helpers import INF, ref64, rel_err
 
 HEADLINE = ["coco-r101-448", "coco-r101-448-fp32"]       # bf16 and fp32
-#: What a forward+backward at the headline runs (besides the four Triton kernels prep, fwd, dS,
-#: projection): the GEMMs dx and G, and for NCHW x the copy of x into the GEMMs' (D, B*N)
+#: What a forward+backward at the headline runs (besides the four Triton kernels prep, fwd, dS'
+#: from the kept scores (320 rows <= 2048 channels), projection): the GEMMs dx and G, and for NCHW x the copy of x into the GEMMs' (D, B*N)
 #: matrix plus the copy autograd makes when it stores a leaf's gradient in x's layout.
 ATEN_FWD_BWD = {"nchw": ["aten::copy_", "aten::mm", "aten::mm", "aten::copy_"],
                 "channels_last": ["aten::mm", "aten::mm"],
                 "tokens": ["aten::mm", "aten::mm"]}
-TRITON_FWD_BWD = ["csra_prep_kernel", "csra_fwd_kernel", "csra_bwd_ds_kernel", "csra_proj_kernel"]
+TRITON_FWD_BWD = ["csra_prep_kernel", "csra_fwd_kernel", "csra_bwd_ds_kept_kernel",
+                  "csra_proj_kernel"]
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "tokens"])
@@ -39,7 +40,8 @@ def test_launches_at_the_headline(name, layout):
 
 def test_large_weights_are_prepared_again_not_kept():
     """At 9,605 classes the prepared weight (157 MB in bf16) is not kept for the backward, nor
-    cached for inference: both prepare it again."""
+    cached for inference: both prepare it again; nor are the scores (38,420 rows > 2048
+    channels): the backward recomputes them."""
     shape = shapes.SHAPES["openimages-r101-448"]
     rec = {k: hostpath.record(fn) for k, fn in hostpath.steps(shape, "tokens").items()}
     assert rec["inference"]["triton"] == ["csra_prep_kernel", "csra_fwd_kernel"]
@@ -123,3 +125,17 @@ def test_host_report_command(capsys):
     assert main(["bench", "--host", "--shapes", "latency-r101-224@d=64@C=9", "--reps", "3"]) == 0
     out = capsys.readouterr().out
     assert "| latency-r101-224@d=64@C=9 | nchw | fwd | 2 | prep, fwd |" in out
+
+
+def test_plan_cache_is_bounded(monkeypatch):
+    """A server with varying batch sizes: the plan cache keeps at most CACHE_ENTRIES plans (the
+    oldest dropped) and every call still gives float64's values."""
+    monkeypatch.setattr(triton_impl, "CACHE_ENTRIES", 3)
+    monkeypatch.setattr(triton_impl, "_plans", {})
+    weight = torch.randn(2, 3, 8)
+    with csra_triton.use_backend("triton"):
+        for B in range(1, 7):
+            x = torch.randn(B, 8, 2, 2)
+            y = csra_triton.csra(x, weight, [1.0, INF], 0.1)
+            assert len(triton_impl._plans) == min(B, 3)
+            assert rel_err(y, ref64(x, weight, [1.0, INF], 0.1)) <= 1e-5

@@ -31,8 +31,16 @@ def test_openimages_backward_fits_in_a_gigabyte(memory_account):
     assert abs(r["grads_bytes"] - (shape.B * shape.d * shape.N * 2 + 4 * 9605 * 2048 * 2)) < 1e6
 
 
-def test_headline_peak_is_a_fraction_of_eagers(memory_account):
-    """Eager's forward+backward at the headline peaks at 172 MB beyond inputs (H200)."""
-    r = memory_account.account(csra_triton, shapes.SHAPES["coco-r101-448"],
-                               memory_account.stubs(csra_triton))
-    assert r["peak_bytes"] <= 0.125e9, r
+def test_headline_peak_is_a_fraction_of_eagers(memory_account, monkeypatch):
+    """Eager's forward+backward at the headline peaks at 172 MB beyond inputs (H200). The op's
+    account: 131 MB, of which 16 MB are the raw fp32 scores (64 x 320 x 196) the training
+    forward keeps so that the backward's dS' is elementwise (no recomputed GEMM); 115 MB
+    without them."""
+    shape = shapes.SHAPES["coco-r101-448"]
+    r = memory_account.account(csra_triton, shape, memory_account.stubs(csra_triton))
+    scores = shape.B * shape.heads * shape.C * shape.N * 4
+    assert r["peak_bytes"] <= 0.115e9 + scores + 1e6, r
+    monkeypatch.setattr(csra_triton.triton_impl, "KEEP_SCORES", False)
+    r2 = memory_account.account(csra_triton, shape, memory_account.stubs(csra_triton))
+    assert r2["peak_bytes"] <= 0.115e9 + 1e6, r2
+    assert abs(r["peak_bytes"] - r2["peak_bytes"] - scores) < 1e6, (r, r2)

@@ -25,18 +25,30 @@ def test_opcheck_fwd(dtype, backend, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_opcheck_bwd(dtype, backend, device):
     """What the forward keeps for the backward: on the CPU fallback its products (8 score rows
-    <= 16 channels), on the Triton path its prepared weight (rows in x's dtype)."""
+    <= 16 channels), on the Triton path its prepared weight (rows in x's dtype) and its raw
+    scores (8 rows <= 16 channels: (H, C, B, N) in fp32), which equal the float64 products to
+    the rounding of a d = 16 dot of rounded operands."""
     x3 = torch.randn(2, 16, 9, device=device).to(dtype)
     weight = torch.randn(4, 2, 16, device=device)
     _, *state = _state(x3, weight)
+    kept, scores = state[-2:]
+    assert scores.dtype == torch.float32
     if backend == "torch":
-        assert state[-1].shape == ((8, 18) if device == "cpu" else (0,))
+        assert kept.shape == ((8, 18) if device == "cpu" else (0,))
+        assert scores.shape == (0,)
         if device == "cpu":
-            assert state[-1].dtype == fallback.gemm_dtype(dtype, x3.device)
+            assert kept.dtype == fallback.gemm_dtype(dtype, x3.device)
     else:
-        assert state[-1].shape == (8, 16) and state[-1].dtype == dtype
-        torch.testing.assert_close(state[-1].float(), weight.to(dtype).view(8, 16).float(),
+        assert kept.shape == (8, 16) and kept.dtype == dtype
+        torch.testing.assert_close(kept.float(), weight.to(dtype).view(8, 16).float(),
                                    rtol=0, atol=0)
+        ref = torch.einsum("kcd,bdn->kcbn", weight.to(dtype).double(), x3.double())
+        assert scores.shape == (4, 2, 2, 9)
+        # fp32 accumulation of 16 products of exactly representable operands: |err| <=
+        # 16 * 2^-24 * sum |w x| (the bound of a recursive sum), a few ulps here
+        bound = 16 * 2.0 ** -24 * torch.einsum("kcd,bdn->kcbn", weight.to(dtype).double().abs(),
+                                                x3.double().abs())
+        assert ((scores.double() - ref).abs() <= bound).all()
     g = torch.randn(2, 2, device=device).to(dtype)
     torch.library.opcheck(torch.ops.csra_triton.csra_bwd.default,
                           (g, x3, weight, *state, TEMPS, 0.1, True))

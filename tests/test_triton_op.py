@@ -36,9 +36,23 @@ def test_forward_graph_launches_the_kernels(traced):
         not in fwd["aten"]
 
 
-def test_backward_graph_launches_the_kernels_and_two_gemms(traced):
-    bwd = traced["bwd"]
-    assert bwd["kernels"] == ["csra_bwd_ds_kernel", "csra_proj_kernel"]
+def test_training_forward_graph_keeps_the_scores(traced):
+    """The training forward (keep=True; traced as the op: autograd's own backward trace needs a
+    GPU context) keeps its raw scores (H, C, B, N) = (4, 9, 2, 9) in fp32 for the backward
+    (H*C = 36 <= d = 64; Hopper, the arch assumed without a GPU); inference does not."""
+    train = traced["train"]
+    assert train["kernels"] == ["csra_prep_kernel", "csra_fwd_kernel"]
+    assert [4, 9, 2, 9] in train["outputs"], train["outputs"]
+    assert [4, 9, 2, 9] not in traced["fwd"]["outputs"]
+
+
+@pytest.mark.parametrize("which", ["bwd", "bwd_recompute"])
+def test_backward_graph_launches_the_kernels_and_two_gemms(traced, which):
+    """dS' elementwise from the kept scores, or recomputed where none were kept; then the
+    projection and two GEMMs."""
+    bwd = traced[which]
+    ds = "csra_bwd_ds_kept_kernel" if which == "bwd" else "csra_bwd_ds_kernel"
+    assert bwd["kernels"] == [ds, "csra_proj_kernel"]
     assert bwd["aten"].count("aten.mm.default") == 2
     assert "aten._to_copy.default" not in bwd["aten"]
     # no out= views written back into buffers (each would be a copy in Inductor's code)

@@ -16,15 +16,18 @@ HOP = torch.ops.higher_order.triton_kernel_wrapper_functional
 
 
 def summary(gm):
-    kernels, aten = [], []
+    kernels, aten, outputs = [], [], []
     for n in gm.graph.nodes:
+        if n.op == "output":
+            outputs = [list(v.meta["val"].shape) for v in torch.utils._pytree.tree_leaves(n.args)
+                       if hasattr(v, "meta") and hasattr(v.meta.get("val"), "shape")]
         if n.op != "call_function":
             continue
         if n.target is HOP:
             kernels.append(kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__)
         elif str(n.target).startswith("aten."):
             aten.append(str(n.target))
-    return dict(kernels=kernels, aten=aten)
+    return dict(kernels=kernels, aten=aten, outputs=outputs)
 
 
 def trace(fn, *args):
@@ -52,8 +55,20 @@ with mode:
              torch.empty(B, H, C, device="cuda", dtype=torch.int32),
              torch.empty(H, C, device="cuda"), torch.empty(H * C, D, device="cuda",
                                                            dtype=torch.bfloat16))
+    scores = torch.empty(H, C, B, h * w, device="cuda")      # kept by a training forward
+    none = torch.empty(0, device="cuda")                     # not kept: dS' recomputed
 temps = [1.0, 2.0, 4.0, float("inf")]
 fwd = trace(lambda a, b: csra_triton.csra(a, b, temps, 0.1), x, weight)
-bwd = trace(lambda *a: torch.ops.csra_triton.csra_bwd_cuda(*a, [1.0, 2.0, 4.0, 0.0], 0.1, True),
-            g, x.flatten(2), weight, *state)
-print(json.dumps(dict(fwd=fwd, bwd=bwd)))
+# the training forward (keep=True) as the op: tracing autograd's backward needs a GPU context
+train = trace(lambda a, b: torch.ops.csra_triton.csra_fwd_cuda(a.flatten(2), b,
+                                                               [1.0, 2.0, 4.0, 0.0], 0.1, True,
+                                                               True), x, weight)
+
+
+def bwd_op(*a):
+    return torch.ops.csra_triton.csra_bwd_cuda(*a, [1.0, 2.0, 4.0, 0.0], 0.1, True)
+
+
+bwd = trace(bwd_op, g, x.flatten(2), weight, *state, scores)
+bwd_recompute = trace(bwd_op, g, x.flatten(2), weight, *state, none)
+print(json.dumps(dict(fwd=fwd, train=train, bwd=bwd, bwd_recompute=bwd_recompute)))

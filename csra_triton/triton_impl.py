@@ -304,6 +304,8 @@ def ds_call(x, w_op, inv_n, params, grad_y, state, c0, c1, out, cfg, H,
 def ds_kept_call(scores, inv_n, params, grad_y, state, c0, c1, out, H,
                  on_gpu: bool | None = None) -> Call:
     """dS' for classes [c0, c1) from the forward's raw scores (H, C, B, N): elementwise."""
+    import triton.language as tl
+
     from .kernels import csra_bwd_ds_kept_kernel
 
     _, C, B, N = scores.shape
@@ -311,8 +313,6 @@ def ds_kept_call(scores, inv_n, params, grad_y, state, c0, c1, out, H,
     rows = H * (c1 - c0)
     bn = min(DS_KEPT_COLS, pow2(max(N, 16)))
     br = min(pow2(rows), max(1, DS_KEPT_ELEMS // bn))
-    import triton.language as tl
-
     acc = tl.float64 if scores.dtype == torch.float64 else tl.float32
     emu = not _gpu(on_gpu) and out.dtype == torch.bfloat16
     return Call(csra_bwd_ds_kept_kernel, (cdiv(rows, br), B),

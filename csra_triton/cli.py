@@ -331,7 +331,7 @@ def _tune(args) -> int:
           f"{tuning.cache_path()}")
     from .archs import device_arch
 
-    cc = device_arch(device)
+    arch = device_arch(device)
     for shape in shapes:
         b = bm.Bench(shape, "triton", device, n_sets=1)
         x3, w = b.xs[0].flatten(2), b.weight0
@@ -340,18 +340,18 @@ def _tune(args) -> int:
         params = ti.params_tensor(bm.temperatures(H), 0.1, acc_dtype(x3.dtype), device)
         outs = fwd_outputs(x3, H, C, empty)
         w_op, inv_n = ti.prep_weight(x3, w, True, outs[5])
-        fwd_best = tuning.default_config(H, C, D, N, size, cc)
+        fwd_best = tuning.default_config(H, C, D, N, size, arch)
         for kernel in kernels:
             if kernel == "fwd":
-                space = tuning.config_space("fwd", H, C, D, N, size, arch=cc)
+                space = tuning.config_space("fwd", H, C, D, N, size, arch=arch)
                 bench = ti.fwd_bench(x3, w, params, outs)
             else:
                 ti.fwd_call(x3, w_op, inv_n, params, outs, fwd_best, H).run()
                 chunk = ti.ds_chunk_classes(H, C, B, N, fwd_best.BC)
                 ws = torch.empty(H * chunk * B * N, dtype=x3.dtype, device=device)
-                space = tuning.config_space("bwd", H, C, D, N, size, fwd_best.tiles(), cc)
+                space = tuning.config_space("bwd", H, C, D, N, size, fwd_best.tiles(), arch)
                 bench = ti.ds_bench(x3, w_op, inv_n, params, b.gs[0], outs[1:5], chunk, ws)
-            space, known = tuning.drop_known_spills(space, kernel, shape, x3.dtype, cc,
+            space, known = tuning.drop_known_spills(space, kernel, shape, x3.dtype, arch,
                                                     ti.kernel_source(kernel))
             rejected = [(c, "spills (compile report cache)") for c in known]
             results = tuning.sweep(space, bench, args.budget_s, rejected)

@@ -198,16 +198,14 @@ def _calls(shape: Shape, dtype: torch.dtype, cfg: tuning.Config, kernels=KERNELS
     if "fwd_keep" in kernels and keeps:
         out["fwd_keep"] = triton_impl.fwd_call(x, w_op, inv_n, params, outs, cfg, H,
                                                on_gpu=True, scores=scores)
+    # the backward's first class chunk: its dS' workspace and grad_y
+    chunk = triton_impl.ds_chunk_classes(H, C, B, N, cfg.BC)
+    ws = torch.empty(H, chunk, B, N, dtype=dtype)
+    g = torch.empty(B, C, dtype=dtype)
     if "ds" in kernels:
-        chunk = triton_impl.ds_chunk_classes(H, C, B, N, cfg.BC)
-        ws = torch.empty(H, chunk, B, N, dtype=dtype)
-        g = torch.empty(B, C, dtype=dtype)
         out["ds"] = triton_impl.ds_call(x, w_op, inv_n, params, g, outs[1:5], 0, chunk, ws, cfg,
                                         H, on_gpu=True)
     if "ds_kept" in kernels and keeps:
-        chunk = triton_impl.ds_chunk_classes(H, C, B, N, cfg.BC)
-        ws = torch.empty(H, chunk, B, N, dtype=dtype)
-        g = torch.empty(B, C, dtype=dtype)
         out["ds_kept"] = triton_impl.ds_kept_call(scores, inv_n, params, g, outs[1:5], 0, chunk,
                                                   ws, H, on_gpu=True)
     if "proj" in kernels:
@@ -332,10 +330,9 @@ def model_v2(kernel: str, shape: Shape, dtype: torch.dtype, cfg: tuning.Config, 
     if kernel == "ds_kept":
         # elementwise streaming: many small CTAs, loads in flight across them (pipelined)
         warps = triton_impl.DS_KEPT_WARPS
-        rows = H * min(C, triton_impl.ds_chunk_classes(H, C, B, N, cfg.BC))
-        bn = min(triton_impl.DS_KEPT_COLS, tuning.pow2(max(N, 16)))
-        br = min(tuning.pow2(rows), max(1, triton_impl.DS_KEPT_ELEMS // bn))
-        programs = -(-rows // br) * B * -(-C // max(1, rows // H))
+        chunk = triton_impl.ds_chunk_classes(H, C, B, N, cfg.BC)
+        br, _ = triton_impl.ds_kept_tiles(H * chunk, N)
+        programs = -(-H * chunk // br) * B * -(-C // chunk)
         mma_s = 0.0
         pipelined = True
         per_cta = v1["sm_bytes"] / programs / R["l2_sm"]
@@ -446,8 +443,7 @@ def report(shapes: list[Shape], archs=("sm_90a", "sm_80"), dtypes=None, all_conf
 
 
 def _short(dtype: torch.dtype) -> str:
-    return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
-            torch.float64: "fp64"}[dtype]
+    return next(name for name, dt in DTYPES.items() if dt == dtype)
 
 
 def _own_dtype(shape: Shape, arch: str) -> torch.dtype:

@@ -169,6 +169,45 @@ def csra_proj_kernel(
 
 
 @triton.jit
+def _row_params(p_ptr, invn_ptr, h, hc, h_ok, row_ok, H, N, ACC: tl.constexpr):
+    """Per row (head ``h``, row ``hc`` of (H, C)): whether it is a max head, the temperature its
+    softmax uses, its inverse norm, lam, the z-scale inv_n * T * log2(e), and 1/N. The forward
+    and both dS kernels take them from here: the same values bit for bit."""
+    temp = tl.load(p_ptr + h, mask=h_ok, other=1.0).to(ACC)
+    is_max = temp == float("inf")
+    t_fin = tl.where(is_max, 1.0, temp)                     # the temperature softmax rows use
+    inv = tl.load(invn_ptr + hc, mask=row_ok, other=0.0).to(ACC)
+    lam = tl.load(p_ptr + H).to(ACC)
+    cz = inv * (t_fin * tl.load(p_ptr + H + 1).to(ACC))     # inv_n * T * log2(e)
+    inv_N = 1.0 / (N + tl.zeros((1,), dtype=ACC))          # N == 1 arrives as a constant int
+    return is_max, t_fin, inv, lam, cz, inv_N
+
+
+@triton.jit
+def _ds_coefs(g_ptr, stride_gb, stride_gc, m_ptr, l_ptr, att_ptr, amax_ptr, b, c, hc, row_ok,
+              H, C, inv, lam, inv_N, is_max, ACC: tl.constexpr):
+    """Per row of a dS program: the forward's m, att and argmax, and the coefficients of
+    dS' = k0 + kp * d (:func:`_ds_half`) from grad_y (both dS kernels)."""
+    state = b * H * C + hc
+    g = tl.load(g_ptr + b * stride_gb + c * stride_gc, mask=row_ok, other=0.0).to(ACC)
+    m = tl.load(m_ptr + state, mask=row_ok, other=0.0).to(ACC)
+    l = tl.load(l_ptr + state, mask=row_ok, other=1.0).to(ACC)
+    att = tl.load(att_ptr + state, mask=row_ok, other=0.0).to(ACC)
+    best_j = tl.load(amax_ptr + state, mask=row_ok, other=-1)
+    g_scaled = g * inv  # folds the row normalisation into dS'
+    k0 = g_scaled * inv_N
+    kp = tl.where(is_max, g_scaled * lam, g_scaled * lam / l)
+    return m, att, best_j, k0, kp
+
+
+@triton.jit
+def _score_rows(hc, B, b, N):
+    """Offsets of rows (hc, b) in the kept scores (H*C, B, N): int32 (the host keeps fewer than
+    2^31 scores; 64-bit pointers per element spilled 40 B at the headline on sm_90a)."""
+    return (hc * B + b.to(tl.int32)) * N
+
+
+@triton.jit
 def _program_setup(p_ptr, invn_ptr, x_ptr, stride_xb, stride_xd, stride_xn, wo_ptr, H, C, D, N,
                    B, n_cb, c_start, c_stop, HP: tl.constexpr, BC: tl.constexpr,
                    ACC: tl.constexpr, CB_MAJOR: tl.constexpr, XA_D: tl.constexpr,
@@ -187,13 +226,8 @@ def _program_setup(p_ptr, invn_ptr, x_ptr, stride_xb, stride_xd, stride_xn, wo_p
     c = c_start + cb * BC + r % BC
     row_ok = (h < H) & (c < c_stop)
     hc = h * C + c                                          # row index into (H, C) and w_op
-    temp = tl.load(p_ptr + h, mask=h < H, other=1.0).to(ACC)
-    is_max = temp == float("inf")
-    t_fin = tl.where(is_max, 1.0, temp)                     # the temperature softmax rows use
-    inv = tl.load(invn_ptr + hc, mask=row_ok, other=0.0).to(ACC)
-    lam = tl.load(p_ptr + H).to(ACC)
-    cz = inv * (t_fin * tl.load(p_ptr + H + 1).to(ACC))     # inv_n * T * log2(e)
-    inv_N = 1.0 / (N + tl.zeros((1,), dtype=ACC))          # N == 1 arrives as a constant int
+    is_max, t_fin, inv, lam, cz, inv_N = _row_params(p_ptr, invn_ptr, h, hc, h < H, row_ok, H,
+                                                     N, ACC)
     b = b.to(tl.int64)
     x_b = x_ptr + b * stride_xb
     w_rows = wo_ptr + hc.to(tl.int64) * D
@@ -246,9 +280,8 @@ def _half_stats(a, nn, N, cz):
 
 @triton.jit
 def _save_half(a, nn, N, a_ptr, a_rows, row_ok):
-    """Stores one (rows, HALF) half of raw scores into its rows of the (H*C, B, N) scores;
-    ``a_rows``: the rows' offsets, int32 (the host keeps fewer than 2^31 scores; 64-bit
-    pointers per element spilled 40 B at the headline on sm_90a)."""
+    """Stores one (rows, HALF) half of raw scores into its rows of the (H*C, B, N) scores
+    (``a_rows``: :func:`_score_rows`)."""
     tl.store(a_ptr + (a_rows[:, None] + nn[None, :]), a,
              mask=row_ok[:, None] & (nn < N)[None, :])
 
@@ -300,7 +333,7 @@ def csra_fwd_kernel(
     m = tl.full((HP * BC,), float("-inf"), dtype=ACC)
     l = tl.zeros((HP * BC,), dtype=ACC)
     pa = tl.zeros((HP * BC,), dtype=ACC)
-    a_rows = (hc * B + b.to(tl.int32)) * N
+    a_rows = _score_rows(hc, B, b, N)
     if ONE_TILE:  # N <= BN: a single exact pass, no loop-carried state
         a0, a1 = _score_tiles(x_b, stride_xd, stride_xn, w_rows, row_ok, 0, D, N,
                               HP * BC, HALF, BD, ACC, DOT, PRECISION, EVEN_D)
@@ -384,15 +417,9 @@ def csra_bwd_ds_kernel(
     (b, cb, c, row_ok, hc, is_max, t_fin, inv, lam, cz, inv_N, x_b, w_rows, stride_xd, stride_xn,
      N) = _program_setup(p_ptr, invn_ptr, x_ptr, stride_xb, stride_xd, stride_xn, wo_ptr, H, C, D,
                          N, B, n_cb, c_start, c_stop, HP, BC, ACC, CB_MAJOR, XA_D, XA_N, XA_P)
-    state = b * H * C + hc
-    g = tl.load(g_ptr + b * stride_gb + c * stride_gc, mask=row_ok, other=0.0).to(ACC)
-    m = tl.load(m_ptr + state, mask=row_ok, other=0.0).to(ACC)
-    l = tl.load(l_ptr + state, mask=row_ok, other=1.0).to(ACC)
-    att = tl.load(att_ptr + state, mask=row_ok, other=0.0).to(ACC)
-    best_j = tl.load(amax_ptr + state, mask=row_ok, other=-1)
-    g_scaled = g * inv  # folds the row normalisation into dS'
-    k0 = g_scaled * inv_N
-    kp = tl.where(is_max, g_scaled * lam, g_scaled * lam / l)
+    m, att, best_j, k0, kp = _ds_coefs(g_ptr, stride_gb, stride_gc, m_ptr, l_ptr, att_ptr,
+                                       amax_ptr, b, c, hc, row_ok, H, C, inv, lam, inv_N, is_max,
+                                       ACC)
     h = hc // C
     out_rows = ds_ptr + ((h * n_chunk + (c - c_start)).to(tl.int64) * B + b) * N
     for n0 in range(0, 1 if ONE_TILE else N, BN):   # ONE_TILE (N <= BN): no loop
@@ -429,23 +456,12 @@ def csra_bwd_ds_kept_kernel(
     h = r // n_chunk
     c = c_start + r % n_chunk
     hc = h * C + c
-    temp = tl.load(p_ptr + h, mask=row_ok, other=1.0).to(ACC)
-    is_max = temp == float("inf")
-    t_fin = tl.where(is_max, 1.0, temp)
-    inv = tl.load(invn_ptr + hc, mask=row_ok, other=0.0).to(ACC)
-    lam = tl.load(p_ptr + H).to(ACC)
-    cz = inv * (t_fin * tl.load(p_ptr + H + 1).to(ACC))
-    inv_N = 1.0 / (N + tl.zeros((1,), dtype=ACC))
-    state = b * H * C + hc
-    g = tl.load(g_ptr + b * stride_gb + c * stride_gc, mask=row_ok, other=0.0).to(ACC)
-    m = tl.load(m_ptr + state, mask=row_ok, other=0.0).to(ACC)
-    l = tl.load(l_ptr + state, mask=row_ok, other=1.0).to(ACC)
-    att = tl.load(att_ptr + state, mask=row_ok, other=0.0).to(ACC)
-    best_j = tl.load(amax_ptr + state, mask=row_ok, other=-1)
-    g_scaled = g * inv
-    k0 = g_scaled * inv_N
-    kp = tl.where(is_max, g_scaled * lam, g_scaled * lam / l)
-    a_rows = (hc * B + b.to(tl.int32)) * N        # int32: the host keeps < 2^31 scores
+    is_max, t_fin, inv, lam, cz, inv_N = _row_params(p_ptr, invn_ptr, h, hc, row_ok, row_ok, H,
+                                                     N, ACC)
+    m, att, best_j, k0, kp = _ds_coefs(g_ptr, stride_gb, stride_gc, m_ptr, l_ptr, att_ptr,
+                                       amax_ptr, b, c, hc, row_ok, H, C, inv, lam, inv_N, is_max,
+                                       ACC)
+    a_rows = _score_rows(hc, B, b, N)
     out_rows = ds_ptr + (r.to(tl.int64) * B + b) * N
     for n0 in range(0, N, BN):
         nn = n0 + tl.arange(0, BN)

@@ -72,13 +72,10 @@ def tf32_enabled(x: Tensor, on_gpu: bool | None = None) -> bool:
     on_gpu = x.is_cuda if on_gpu is None else on_gpu
     if not (x.dtype == torch.float32 and on_gpu and torch.backends.cudnn.allow_tf32):
         return False
-    if _target is not None:
-        return archs.ARCHS[_target].mma not in ("none", "mfma")
-    if archs.is_rocm():
+    if _target is None and archs.is_rocm():
         return False
-    # TF32 needs Ampere or newer (a T4 has none: IEEE fp32 there)
-    return not (x.is_cuda and torch.cuda.is_available()
-                and archs.ARCHS[archs.device_arch(x.device)].mma == "none")
+    # TF32 needs Ampere or newer (a T4 has none: IEEE fp32 there), and NVIDIA
+    return archs.ARCHS[_arch(x)].mma not in ("none", "mfma")
 
 
 #: Set by the compile report while it builds launches for another arch than the device's
@@ -311,8 +308,7 @@ def ds_kept_call(scores, inv_n, params, grad_y, state, c0, c1, out, H,
     _, C, B, N = scores.shape
     m, l, att, amax = state
     rows = H * (c1 - c0)
-    bn = min(DS_KEPT_COLS, pow2(max(N, 16)))
-    br = min(pow2(rows), max(1, DS_KEPT_ELEMS // bn))
+    br, bn = ds_kept_tiles(rows, N)
     acc = tl.float64 if scores.dtype == torch.float64 else tl.float32
     emu = not _gpu(on_gpu) and out.dtype == torch.bfloat16
     return Call(csra_bwd_ds_kept_kernel, (cdiv(rows, br), B),
@@ -321,6 +317,12 @@ def ds_kept_call(scores, inv_n, params, grad_y, state, c0, c1, out, H,
                 dict(BR=br, BN=bn, ACC=acc, EMU_BF16=emu,
                      XA_P=pow2_divisor(N, max(1, 16 // scores.element_size()))),
                 DS_KEPT_WARPS, 1)
+
+
+def ds_kept_tiles(rows: int, N: int) -> tuple[int, int]:
+    """(rows, positions) per program of the elementwise dS' kernel for a chunk of ``rows``."""
+    bn = min(DS_KEPT_COLS, pow2(max(N, 16)))
+    return min(pow2(rows), max(1, DS_KEPT_ELEMS // bn)), bn
 
 
 def proj_call(G: Tensor, weight: Tensor, inv_n: Tensor, out: Tensor, normalize: bool) -> Call:

@@ -7,8 +7,11 @@ output buffers.
 """
 from __future__ import annotations
 
+import collections
 import math
+import numbers
 import os
+import threading
 
 import torch
 from torch import Tensor
@@ -70,6 +73,66 @@ def pow2_divisor(v: int, cap: int) -> int:
     return cap if v == 0 else min(cap, v & -v)
 
 
+# --------------------------------------------------------------------------- bounded caches
+
+
+class BoundedCache:
+    """A dict of at most ``maxsize`` entries, the least recently used dropped first, safe when
+    several threads read and write it at once (one lock around every access). What the package
+    keeps between calls lives in these: launch plans, scalar-parameter tensors, compiled-kernel
+    handles, tuned configs, all keyed on what the caller passes (shapes, strides, dtypes,
+    device, scalars), never on a tensor's values, version counter, address or id."""
+
+    def __init__(self, maxsize: int):
+        self.maxsize = maxsize
+        self._d: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key, default=None):
+        with self._lock:
+            try:
+                self._d.move_to_end(key)
+            except KeyError:
+                return default
+            return self._d[key]
+
+    def put(self, key, value):
+        """Stores ``value`` (the first one stored wins if another thread raced ahead: every
+        caller then uses the same object); returns the stored value."""
+        with self._lock:
+            old = self._d.get(key)
+            if old is not None:
+                self._d.move_to_end(key)
+                return old
+            self._d[key] = value
+            while len(self._d) > self.maxsize:
+                self._d.popitem(last=False)
+            return value
+
+    def set(self, key, value) -> None:
+        """Stores ``value``, replacing what ``key`` held."""
+        with self._lock:
+            self._d[key] = value
+            self._d.move_to_end(key)
+            while len(self._d) > self.maxsize:
+                self._d.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._d.clear()
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __contains__(self, key) -> bool:
+        with self._lock:
+            return key in self._d
+
+    def keys(self) -> list:
+        with self._lock:
+            return list(self._d)
+
+
 # --------------------------------------------------------------------------- temperatures
 
 
@@ -77,6 +140,38 @@ def official_temperature(t: float) -> float:
     """Maps the official flag value 99 to inf (a max-pooling head)."""
     t = float(t)
     return math.inf if t == 99 else t
+
+
+def check_temperatures(temperatures, heads: int) -> list[float]:
+    """Validated temperatures, one per head, each > 0; the official flag 99 and inf make a max
+    head (returned as inf). Raises TypeError / ValueError naming ``temperatures``."""
+    if isinstance(temperatures, (str, bytes)) or isinstance(temperatures, Tensor) and \
+            temperatures.dim() != 1:
+        raise TypeError(f"temperatures: expected a sequence of {heads} numbers, "
+                        f"got {type(temperatures).__name__}")
+    try:
+        temps = [float(t) for t in temperatures]
+    except (TypeError, ValueError):
+        raise TypeError(f"temperatures: expected a sequence of {heads} numbers, "
+                        f"got {temperatures!r}") from None
+    if len(temps) != heads:
+        raise ValueError(f"temperatures: expected one per head ({heads}), got {len(temps)}: {temps}")
+    for t in temps:
+        if math.isnan(t) or t <= 0:
+            raise ValueError(f"temperatures: each must be > 0 (inf or 99 for a max head), got {t}")
+    return [official_temperature(t) for t in temps]
+
+
+def check_lam(lam) -> float:
+    """A validated lam (a finite Python number). Raises TypeError / ValueError naming ``lam``."""
+    if isinstance(lam, Tensor):
+        raise TypeError("lam: expected a Python number, got a tensor (a learnable lam is not "
+                        "supported: pass float(lam), or keep lam fixed as the official code does)")
+    if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
+        raise TypeError(f"lam: expected a Python number, got {type(lam).__name__}")
+    if not math.isfinite(lam):
+        raise ValueError(f"lam: expected a finite number, got {lam}")
+    return float(lam)
 
 
 #: How a max head reaches the ops: temperature 0 (users' temperatures must be > 0). A finite

@@ -11,32 +11,10 @@ import torch
 from torch import Tensor, nn
 
 from . import fallback, interop, maps, ops
-from .common import kernel_temperatures, official_temperature, op_temperatures
+from .common import check_lam, check_temperatures, kernel_temperatures, op_temperatures
 from .reference import OFFICIAL_TEMPERATURES
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _check_temperatures(temperatures, heads: int) -> list[float]:
-    try:
-        temps = [float(t) for t in temperatures]
-    except TypeError:
-        raise TypeError(f"temperatures: expected a sequence of {heads} numbers, "
-                        f"got {type(temperatures).__name__}") from None
-    if len(temps) != heads:
-        raise ValueError(f"temperatures: expected one per head ({heads}), got {len(temps)}: {temps}")
-    for t in temps:
-        if math.isnan(t) or t <= 0:
-            raise ValueError(f"temperatures: each must be > 0 (inf or 99 for a max head), got {t}")
-    return [official_temperature(t) for t in temps]
-
-
-def _check_lam(lam) -> float:
-    if isinstance(lam, Tensor) or not isinstance(lam, (int, float)):
-        raise TypeError(f"lam: expected a Python number, got {type(lam).__name__}")
-    if not math.isfinite(lam):
-        raise ValueError(f"lam: expected a finite number, got {lam}")
-    return float(lam)
 
 
 def _autocast(x: Tensor) -> Tensor:
@@ -98,16 +76,16 @@ def csra(x: Tensor, weight: Tensor, temperatures: Sequence[float], lam: float,
     the attention logit. normalize: divide each class's scores by its weight row's L2 norm.
     """
     x3 = _check_inputs(x, weight, layout)
-    temps = op_temperatures(_check_temperatures(temperatures, weight.shape[0]))
-    lam = _check_lam(lam)
+    temps = op_temperatures(check_temperatures(temperatures, weight.shape[0]))
+    lam = check_lam(lam)
     return _run(x3, weight, temps, lam, bool(normalize))
 
 
 def _csra_prechecked(x: Tensor, weight: Tensor, op_temps: list[float], lam: float,
                      normalize: bool, layout: str) -> Tensor:
-    """``csra`` for the module, whose temperatures and lam were validated at construction (under
-    ``torch.compile(dynamic=True)`` they arrive as symbolic floats, which cannot be re-checked):
-    ``op_temps`` are already in the ops' encoding (``ops.op_temperatures``)."""
+    """``csra`` for the module, whose temperatures and lam were validated when they were set
+    (under ``torch.compile(dynamic=True)`` they arrive as symbolic floats, which cannot be
+    re-checked): ``op_temps`` are already in the ops' encoding (``ops.op_temperatures``)."""
     x3 = _check_inputs(x, weight, layout)
     return _run(x3, weight, op_temps, lam, normalize)
 
@@ -131,6 +109,9 @@ class CSRATriton(nn.Module):
     ``load_state_dict`` also accepts the official keys ``multi_head.{k}.head.weight`` (C, d, 1, 1).
     """
 
+    #: The attributes a call reads, each validated when set (see the properties below).
+    _LIVE = ("temperatures", "lam", "normalize")
+
     def __init__(self, in_ch: int, classes: int, heads: int = 4, lam: float = 0.1,
                  temperatures: Sequence[float] | None = None, normalize: bool = True):
         super().__init__()
@@ -142,13 +123,54 @@ class CSRATriton(nn.Module):
                 raise ValueError(f"temperatures: no official list for heads={heads} (official: "
                                  f"{sorted(OFFICIAL_TEMPERATURES)}); pass temperatures explicitly")
             temperatures = OFFICIAL_TEMPERATURES[heads]
-        self.temperatures = _check_temperatures(temperatures, heads)
-        self._op_temperatures = op_temperatures(self.temperatures)
-        self.lam = _check_lam(lam)
-        self.normalize = bool(normalize)
         self.in_ch, self.classes, self.heads = in_ch, classes, heads
+        self.temperatures = temperatures
+        self.lam = lam
+        self.normalize = normalize
         self.weight = nn.Parameter(torch.empty(heads, classes, in_ch))
         self.reset_parameters()
+
+    # Module state is live: every method reads these when it is called, and each is validated
+    # when it is set (a bad value raises at the assignment, naming the attribute).
+    # nn.Module.__setattr__ would register an nn.Parameter (or a tensor assigned over a buffer)
+    # before a property's setter sees it, so assignments to these names are routed here first.
+    def __setattr__(self, name, value):
+        if name in CSRATriton._LIVE:
+            object.__setattr__(self, name, value)     # the property's setter
+        else:
+            super().__setattr__(name, value)
+
+    @property
+    def temperatures(self) -> tuple[float, ...]:
+        """One per head (inf: a max head); assign a new sequence to change them (a tuple, so
+        that an in-place edit cannot bypass the validation)."""
+        return self._temperatures
+
+    @temperatures.setter
+    def temperatures(self, value) -> None:
+        temps = check_temperatures(value, self.heads)
+        self.__dict__["_temperatures"] = tuple(temps)
+        self.__dict__["_op_temperatures"] = op_temperatures(temps)
+
+    @property
+    def lam(self) -> float:
+        """The weight of the attention logit (a finite Python number)."""
+        return self._lam
+
+    @lam.setter
+    def lam(self, value) -> None:
+        self.__dict__["_lam"] = check_lam(value)
+
+    @property
+    def normalize(self) -> bool:
+        """Whether each class's scores are divided by its weight row's L2 norm."""
+        return self._normalize
+
+    @normalize.setter
+    def normalize(self, value) -> None:
+        if not isinstance(value, (bool, int)) or isinstance(value, Tensor):
+            raise TypeError(f"normalize: expected a bool, got {type(value).__name__}")
+        self.__dict__["_normalize"] = bool(value)
 
     def reset_parameters(self) -> None:
         # PyTorch's Conv2d default: kaiming_uniform_(a=sqrt(5)) with fan_in = in_ch (1x1 kernel).

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import warnings
 from typing import Iterator
 
@@ -47,32 +48,42 @@ import torch
 from torch import Tensor
 
 from . import archs, fallback, triton_impl
-from .common import (acc_dtype, channels_inner, dx_view, empty, fwd_outputs, kernel_temperatures, new,
-                     op_temperatures)
+from .common import (acc_dtype, channels_inner, check_lam, check_temperatures, dx_view, empty,
+                     fwd_outputs, kernel_temperatures, new, op_temperatures)
 
 _BACKENDS = ("auto", "triton", "torch")
-_backend = "auto"
+#: The backend ``use_backend`` forces, per thread: a new thread starts at "auto", and one
+#: thread's block never changes another's calls. A ``threading.local`` rather than a
+#: ``contextvars.ContextVar``: torch.compile traces (and guards on) a thread-local's attribute,
+#: while ``ContextVar.get`` breaks a fullgraph trace.
+_forced = threading.local()
+
+
+def _forced_backend() -> str:
+    return getattr(_forced, "name", "auto")
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Force ``"triton"`` or ``"torch"`` (the fallback) inside the block; ``"auto"`` restores."""
-    global _backend
+    """Force ``"triton"`` or ``"torch"`` (the fallback) inside the block, for the calls this
+    thread makes; ``"auto"`` restores the automatic choice. Blocks nest."""
     if name not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")
-    old, _backend = _backend, name
+    old = _forced_backend()
+    _forced.name = name
     try:
         yield
     finally:
-        _backend = old
+        _forced.name = old
 
 
 def backend_for(device: torch.device, dtype: torch.dtype | None = None) -> str:
     """Which implementation runs for tensors on ``device``: 'triton' or 'torch'. bf16 on a GPU
     without bf16 tensor cores (Turing, sm_75: Triton cannot multiply bf16 there) runs the
     PyTorch fallback on the GPU, with a warning once."""
-    if _backend != "auto":
-        return _backend
+    forced = _forced_backend()
+    if forced != "auto":
+        return forced
     if device.type == "cuda":
         if dtype == torch.bfloat16 and not triton_impl.INTERPRET and torch.cuda.is_available():
             arch = archs.device_arch(device)
@@ -296,14 +307,22 @@ csra_fwd_cuda.register_autograd(_backward_cuda, setup_context=_setup_context)
 class CSRAFunction(torch.autograd.Function):
     """``CSRAFunction.apply(x, weight, temperatures, lam, normalize) -> y``.
 
-    x (B, D, N) with any strides, weight (H, C, D), temperatures a list of H floats (inf = max
-    head). Forward and backward call the registered ops, so this traces under torch.compile too.
-    Arguments are not validated here; :func:`csra_triton.csra` validates and then calls the op.
+    x (B, D, N) with any strides, weight (H, C, D), temperatures one per head, each > 0 (inf or
+    the official 99: a max head), validated as :func:`csra_triton.csra` validates them, and lam
+    a finite number. Forward and backward call the registered ops, so this traces under
+    torch.compile too.
     """
 
     @staticmethod
     def forward(ctx, x, weight, temperatures, lam, normalize=True):
-        temps, lam, normalize = op_temperatures(temperatures), float(lam), bool(normalize)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 3:
+            raise ValueError(f"weight: expected a (heads, classes, in_ch) tensor, got "
+                             f"{getattr(weight, 'shape', type(weight).__name__)}")
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] != weight.shape[2]:
+            raise ValueError(f"x: expected a (B, {weight.shape[2]}, N) tensor, got "
+                             f"{getattr(x, 'shape', type(x).__name__)}")
+        temps = op_temperatures(check_temperatures(temperatures, weight.shape[0]))
+        lam, normalize = check_lam(lam), bool(normalize)
         backend = backend_for(x.device, x.dtype)
         y, *state = forward(x, weight, temps, lam, normalize, True, backend)
         ctx.save_for_backward(x, weight, *state)

@@ -4,10 +4,11 @@ plans for the kernels in ``kernels.py`` and the two entry points the op layer ca
 
 Host path (issue 18). A training step of the head is, at coco-r101-448 in bf16, 2 launches
 forward (prep, fwd) and 5 backward (dS, x's NCHW copy for the GEMMs, the two GEMMs, the weight
-gradient's projection); inference with an unchanged weight is 1 (the prepared weight is reused,
-:func:`prepared`). What a call computes on the host is built once per problem (:class:`Plan`,
-keyed by shapes, strides, dtypes, device and the op's scalars) and looked up afterwards: the
-config, the grid, the constexprs, the scalar-parameter tensor. With
+gradient's projection); inference is 2 as well (prep, fwd): every call prepares the weight it is
+given, from its current values (nothing derived from a tensor's values is kept between calls).
+What a call computes on the host is built once per problem (:class:`Plan`, keyed by shapes,
+strides, dtypes, device and the op's scalars) and looked up afterwards: the config, the grid,
+the constexprs, the scalar-parameter tensor. With
 ``CSRA_TRITON_DIRECT_LAUNCH=1`` repeat launches also skip Triton's JIT dispatch (argument
 binding, cache key) and run the compiled kernel directly, keyed by the argument
 specialisation Triton would compute (:func:`_spec`); off by default until a GPU run has checked
@@ -22,15 +23,16 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import weakref
+import threading
+import warnings
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from . import archs, tuning
-from .common import (acc_dtype, cdiv, empty, fwd_outputs, new, pow2, pow2_divisor, rel_err,
-                     x_matrix)
+from .common import (BoundedCache, acc_dtype, cdiv, empty, fwd_outputs, new, pow2, pow2_divisor,
+                     rel_err, x_matrix)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 #: Launch compiled kernels directly on repeat calls (see the module docstring).
@@ -39,8 +41,8 @@ DIRECT_LAUNCH = os.environ.get("CSRA_TRITON_DIRECT_LAUNCH", "0") not in ("", "0"
 #: Largest number of dS' elements alive at once in the backward (class chunking bound).
 DS_WORKSPACE_ELEMS = int(os.environ.get("CSRA_TRITON_DS_ELEMS", 1 << 25))
 #: Prepared weights (w_op, x's dtype) up to this size are handed by the forward to the backward
-#: and reused by inference for an unchanged weight tensor (1.3 MB at coco-r101-448); beyond it
-#: (157 MB at 9,605 classes) every call prepares its own (:func:`keeps_weight`).
+#: (1.3 MB at coco-r101-448); beyond it (157 MB at 9,605 classes) the backward prepares its own
+#: (:func:`keeps_weight`).
 KEEP_WEIGHT_BYTES = int(os.environ.get("CSRA_TRITON_KEEP_WEIGHT_BYTES", 32 << 20))
 #: A training forward writes its raw scores for the backward when they have no more elements
 #: than x (:func:`keeps_scores`); ``CSRA_TRITON_KEEP_SCORES=0`` turns it off (dS' recomputed).
@@ -105,36 +107,43 @@ def _dtypes(x: Tensor, on_gpu: bool) -> dict:
                 EMU_BF16=not on_gpu and x.dtype == torch.bfloat16)
 
 
-#: Entries the plan cache and the direct-launch cache hold at most; the oldest goes first (a
-#: server with varying batch sizes must not grow without bound). The scalar tensors are never
-#: dropped: a captured CUDA graph reads them by address (one per temperatures, lam, dtype and
-#: device: few).
+#: Entries the plan cache, the direct-launch cache and the scalar-parameter cache hold at most;
+#: the least recently used goes first (a server with varying batch sizes, a training loop with a
+#: lam schedule must not grow without bound).
 CACHE_ENTRIES = 256
 
 
-def _remember(cache: dict, key, value):
-    """cache[key] = value, dropping the oldest entries beyond CACHE_ENTRIES; returns value."""
-    cache[key] = value
-    while len(cache) > CACHE_ENTRIES:
-        cache.pop(next(iter(cache)))
-    return value
+def _new_cache() -> BoundedCache:
+    return BoundedCache(CACHE_ENTRIES)
 
 
-_params_cache: dict = {}
+_params_cache = _new_cache()
+#: Scalar-parameter tensors a captured CUDA graph reads by address: kept for the process's life
+#: (one per distinct (temperatures, lam, dtype, device) captured: as many as the user captured).
+_captured: dict = {}
+_captured_lock = threading.Lock()
 
 
 def params_tensor(temps: list[float], lam: float, dtype: torch.dtype,
                   device: torch.device) -> Tensor:
     """The kernels' scalar parameters as one (H + 2,) tensor in the accumulation dtype:
     the temperatures (inf = max head), lam and log2(e). Kernel float arguments would be fp32;
-    a tensor keeps them exact for fp64 inputs. Cached, so that replays (CUDA graphs) copy
-    nothing from the host."""
+    a tensor keeps them exact for fp64 inputs. Cached (bounded), so that repeat calls copy
+    nothing from the host; its values never change once made."""
     key = (tuple(temps), float(lam), dtype, str(device))
     t = _params_cache.get(key)
     if t is None:
-        t = _params_cache[key] = torch.tensor([*temps, lam, math.log2(math.e)], dtype=dtype,
-                                              device=device)
+        t = _params_cache.put(key, torch.tensor([*temps, lam, math.log2(math.e)], dtype=dtype,
+                                                device=device))
     return t
+
+
+def _hold_if_capturing(params: Tensor) -> None:
+    """Under CUDA-graph capture, the graph will read ``params`` by address at every replay: it
+    must outlive any cache eviction, so it is held for good (:data:`_captured`)."""
+    if params.is_cuda and torch.cuda.is_current_stream_capturing():
+        with _captured_lock:
+            _captured[id(params)] = params
 
 
 # --------------------------------------------------------------------------- launches
@@ -146,7 +155,13 @@ def _jit_launch(kernel, grid, args, kw):
     generated code launches the kernel itself."""
     if tracing(args[0]):
         return torch.library.wrap_triton(kernel)[grid](*args, **kw)
+    if INTERPRET:           # Triton's interpreter patches module globals while a kernel runs:
+        with _interpreter_lock:       # one kernel at a time (threads calling a head at once)
+            return kernel[grid](*args, **kw)
     return kernel[grid](*args, **kw)
+
+
+_interpreter_lock = threading.Lock()
 
 
 def tracing(x: Tensor) -> bool:
@@ -169,7 +184,7 @@ def _spec(v) -> object:
     return (v == 1, v % 16 == 0, -(2**31) <= v < 2**31)
 
 
-_compiled: dict = {}
+_compiled = _new_cache()
 
 
 def _constexpr_names(kernel) -> tuple:
@@ -207,9 +222,7 @@ class Call(NamedTuple):
                    tuple(self.constexprs.items()), tuple(_spec(a) for a in self.args))
             ck = _compiled.get(key)
             if ck is None:
-                ck = _remember(_compiled, key,
-                               _jit_launch(self.kernel, self.grid, self.args, kw))
-                return ck
+                return _compiled.put(key, _jit_launch(self.kernel, self.grid, self.args, kw))
             # the compiled kernel's launcher takes every parameter, constexprs included, in
             # the kernel's order
             ck[self.grid](*self.args, *(self.constexprs[n] for n in _constexpr_names(self.kernel)))
@@ -372,46 +385,16 @@ def prep_weight(x: Tensor, weight: Tensor, normalize: bool, inv_n: Tensor | None
     return w_op, inv_n
 
 
-_prepared: dict[int, tuple] = {}
-
-
 def clear_weight_cache() -> None:
-    """Forgets every prepared weight kept for inference."""
-    _prepared.clear()
-
-
-def _cacheable(x: Tensor, weight: Tensor) -> bool:
-    if tracing(x) or weight.is_inference() or not keeps_weight(x, weight):
-        return False
-    # Never during CUDA-graph capture: a replay must re-prepare a weight updated in place.
-    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
-
-
-def prepared(x: Tensor, weight: Tensor, normalize: bool, keep: bool) -> tuple[Tensor, Tensor, bool]:
-    """(w_op, inv_n, fresh) for the forward. Inference (``keep`` False) reuses the last
-    preparation of the same weight tensor while its version counter, storage, strides and the
-    operand dtype are unchanged, as PyTorch keys its own caches (an in-place update through
-    ``.data`` escapes the counter: call :func:`clear_weight_cache` after one). The cached
-    tensors are only ever read by kernels, never returned, so nothing downstream can write
-    into them."""
-    if keep or not _cacheable(x, weight):
-        w_op, inv_n = prep_weight(x, weight, normalize)
-        return w_op, inv_n, True
-    key = (weight._version, weight.data_ptr(), tuple(weight.shape), weight.stride(),
-           weight.dtype, x.dtype, x.device, bool(normalize))
-    hit = _prepared.get(id(weight))
-    if hit is not None and hit[0]() is weight and hit[1] == key:
-        return hit[2], hit[3], False
-    w_op, inv_n = prep_weight(x, weight, normalize)
-    wid = id(weight)
-    ref = weakref.ref(weight, lambda _r, wid=wid: _prepared.pop(wid, None))
-    _prepared[wid] = (ref, key, w_op, inv_n)
-    return w_op, inv_n, True
+    """Deprecated, does nothing: no prepared weight is kept between calls any more (every call
+    computes from the weight's current values), so there is nothing to clear."""
+    warnings.warn("csra_triton.clear_weight_cache() is deprecated and does nothing: no "
+                  "prepared weight is kept between calls", DeprecationWarning, stacklevel=2)
 
 
 def keeps_weight(x: Tensor, weight: Tensor) -> bool:
-    """Whether a prepared weight is kept: handed by the forward to the backward (its 7th
-    output) and cached for inference (:func:`prepared`): up to ``KEEP_WEIGHT_BYTES``."""
+    """Whether a training forward hands its prepared weight to the backward (its 7th output):
+    up to ``KEEP_WEIGHT_BYTES``."""
     return weight.numel() * x.element_size() <= KEEP_WEIGHT_BYTES
 
 
@@ -547,7 +530,7 @@ class Plan(NamedTuple):
     kw: dict
 
 
-_plans: dict = {}
+_plans = _new_cache()
 
 
 def plan(x: Tensor, weight: Tensor, temps: list[float], lam: float) -> Plan:
@@ -569,9 +552,10 @@ def plan(x: Tensor, weight: Tensor, temps: list[float], lam: float) -> Plan:
     p = _plans.get(key)
     if p is None:
         cfg = fwd_config(x, H, C, D, N)
-        p = _remember(_plans, key, Plan(
+        p = _plans.put(key, Plan(
             cfg, params_tensor(temps, lam, acc_dtype(x.dtype), x.device),
             _tile_kw(x, cfg, H, D, cb_major(H, C, D, x.element_size()), gpu())))
+    _hold_if_capturing(p.params)
     return p
 
 
@@ -580,17 +564,17 @@ def plan(x: Tensor, weight: Tensor, temps: list[float], lam: float) -> Plan:
 
 def forward(x: Tensor, weight: Tensor, temps: list[float], lam: float, normalize: bool,
             keep: bool) -> tuple:
-    """(y, m, l, att, argmax, inv_n, kept, scores): two launches (prep, fwd), one when
-    inference (``keep`` False) reuses a prepared weight. ``kept`` is the prepared weight when
-    ``keep`` and it is small (:func:`keeps_weight`), else (0,); ``scores`` the raw scores when
-    ``keep`` and :func:`keeps_scores`, else (0,)."""
+    """(y, m, l, att, argmax, inv_n, kept, scores): two launches (prep, fwd), the weight
+    prepared from its current values. ``kept`` is the prepared weight when ``keep`` and it is
+    small (:func:`keeps_weight`), else (0,); ``scores`` the raw scores when ``keep`` and
+    :func:`keeps_scores`, else (0,)."""
     H, C, _ = weight.shape
     p = plan(x, weight, temps, lam)
     outs = fwd_outputs(x, H, C, keep=False)          # inv_n: the prepared one, if kept
-    w_op, inv_n, _ = prepared(x, weight, normalize, keep)
+    w_op, inv_n = prep_weight(x, weight, normalize)
     scores = scores_output(x, H, C, keep)
     fwd_call(x, w_op, inv_n, p.params, outs, p.cfg, H, kw=p.kw, scores=scores).run()
-    if keep:                      # fresh tensors (never the inference cache's): safe to return
+    if keep:
         outs = (*outs[:5], inv_n.view(H, C))
     kept = w_op if keep and keeps_weight(x, weight) else new((0,), x.dtype, x.device)
     return (*outs, kept, scores)
@@ -672,4 +656,3 @@ def stub_launches(counter: list | None = None):
         yield counter
     finally:
         _jit_launch = old
-        clear_weight_cache()      # what was "prepared" inside holds no real values

@@ -19,16 +19,23 @@ torch.compile.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from . import archs
-from .common import pow2
+from .common import BoundedCache, pow2
+
+try:                                      # POSIX: processes merge their writes under a file lock
+    import fcntl
+except ImportError:                       # Windows: atomic replace only
+    fcntl = None
 
 KERNELS = ("fwd", "bwd")
 
@@ -201,7 +208,8 @@ def make_key(kernel: str, H: int, C: int, D: int, N: int, dtype: torch.dtype) ->
     return f"{kernel}|H={H}|C={C}|D={D}|N={N}|{str(dtype).replace('torch.', '')}"
 
 
-_memory: dict[str, Config] = {}
+#: This process' choices (bounded: a server seeing many resolutions must not grow without end).
+_memory = BoundedCache(4096)
 
 
 def load_cache(env: dict, path: Path | None = None) -> dict[str, Config]:
@@ -221,20 +229,60 @@ def load_cache(env: dict, path: Path | None = None) -> dict[str, Config]:
     return out
 
 
-def save_choice(key: str, cfg: Config, ms: float, env: dict, path: Path | None = None) -> Path:
-    """Adds or replaces the entry for (key, env) in the cache file."""
-    path = path or cache_path()
+def _read_entries(path: Path) -> list:
     try:
-        doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        doc = {"entries": []}
-    entries = [e for e in doc.get("entries", [])
-               if not (e.get("key") == key and all(e.get(k) == v for k, v in env.items()))]
-    entries.append(dict(key=key, config=asdict(cfg), median_ms=ms, **env))
+        return list(json.loads(path.read_text()).get("entries", []))
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return []
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file of its own in the same folder (a
+    unique name: processes writing at once never share one) renamed over ``path``: a reader
+    sees the old file or the new one, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"entries": entries}, indent=1) + "\n")
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class _file_lock:
+    """An exclusive lock on ``path`` + ".lock" (POSIX ``flock``; nothing elsewhere), so that a
+    read-merge-write of the cache by one process never loses another's entries."""
+
+    def __init__(self, path: Path):
+        self.path = path.with_name(path.name + ".lock")
+        self.f = None
+
+    def __enter__(self):
+        if fcntl is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.f = open(self.path, "a")
+            fcntl.flock(self.f.fileno(), fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self.f is not None:
+            fcntl.flock(self.f.fileno(), fcntl.LOCK_UN)
+            self.f.close()
+
+
+def save_choice(key: str, cfg: Config, ms: float, env: dict, path: Path | None = None) -> Path:
+    """Adds or replaces the entry for (key, env) in the cache file. Processes saving at once
+    (ranks tuning together) each merge into what the file holds when they write, under a lock,
+    and write it atomically: no entry is lost, no reader sees a partial file."""
+    path = path or cache_path()
+    with _file_lock(path):
+        entries = [e for e in _read_entries(path)
+                   if not (e.get("key") == key and all(e.get(k) == v for k, v in env.items()))]
+        entries.append(dict(key=key, config=asdict(cfg), median_ms=ms, **env))
+        write_atomically(path, json.dumps({"entries": entries}, indent=1) + "\n")
     return path
 
 
@@ -248,17 +296,19 @@ def choose(kernel: str, H: int, C: int, D: int, N: int, x: torch.Tensor, bench=N
     interpreter), so that nothing is built on the common path."""
     global _loaded_for
     key = make_key(kernel, H, C, D, N, x.dtype)
-    if key in _memory:
-        return _memory[key]
+    cfg = _memory.get(key)
+    if cfg is not None:
+        return cfg
     gpu = x.is_cuda and torch.cuda.is_available()      # (fake CUDA tensors trace without one)
     arch = archs.device_arch(x.device) if gpu else archs.DEFAULT
     fallback = base_config(kernel, H, C, D, N, x.element_size(), tiles, arch)
     if not gpu or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        _memory[key] = fallback  # one valid config; nothing is benchmarked without a GPU
+        _memory.set(key, fallback)  # one valid config; nothing is benchmarked without a GPU
         return fallback
     env = environment(x.device)
     if _loaded_for != env:
-        _memory.update(load_cache(env))
+        for k, c in load_cache(env).items():
+            _memory.set(k, c)
         _loaded_for = env
     cfg = _memory.get(key)
     if cfg is not None and (tiles is None or cfg.tiles() == tuple(tiles)):
@@ -277,7 +327,7 @@ def choose(kernel: str, H: int, C: int, D: int, N: int, x: torch.Tensor, bench=N
             print(f"csra_triton autotune {key}: dropped {bad.label()}: {why}")
         cfg, ms = results[0]
         save_choice(key, cfg, ms, env)
-    _memory[key] = cfg
+    _memory.set(key, cfg)
     return cfg
 
 
@@ -335,10 +385,9 @@ def load_inspect_cache() -> dict:
 def save_inspect_cache(cache: dict) -> None:
     path = inspect_cache_path()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cache, indent=0, sort_keys=True) + "\n")
-        tmp.replace(path)
+        with _file_lock(path):
+            merged = {**load_inspect_cache(), **cache}
+            write_atomically(path, json.dumps(merged, indent=0, sort_keys=True) + "\n")
     except OSError:
         pass   # a read-only home: the report still prints
 

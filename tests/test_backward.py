@@ -6,6 +6,7 @@ import csra_triton
 import csra_triton.fallback as fallback
 import csra_triton.triton_impl as triton_impl
 from csra_triton import tuning
+from csra_triton.common import BoundedCache
 from csra_triton.reference import MHA, OFFICIAL_TEMPERATURES
 from helpers import INF, TOL, ref64, rel_err
 
@@ -70,7 +71,7 @@ def test_class_block_major_launch_order(device, monkeypatch):
     (B, class blocks), forward and dS kernels, over several class chunks; values as float64's."""
     monkeypatch.setattr(triton_impl, "CB_MAJOR_BYTES", 0)
     monkeypatch.setattr(triton_impl, "DS_WORKSPACE_ELEMS", 2 * 4 * 6 * 16)   # chunks of 16 classes
-    monkeypatch.setattr(triton_impl, "_plans", {})
+    monkeypatch.setattr(triton_impl, "_plans", BoundedCache(16))
     grids = []
     launch = triton_impl._jit_launch
 

@@ -25,13 +25,13 @@ def test_parameter_layout_and_init():
 def test_official_temperatures(heads):
     m = CSRATriton(8, 3, heads=heads)
     expected = [INF if t == 99 else float(t) for t in OFFICIAL_TEMPERATURES[heads]]
-    assert m.temperatures == expected
+    assert m.temperatures == tuple(expected)
 
 
 def test_custom_heads_need_temperatures():
     with pytest.raises(ValueError, match="temperatures"):
         CSRATriton(8, 3, heads=3)
-    assert CSRATriton(8, 3, heads=3, temperatures=[0.5, 3, 99]).temperatures == [0.5, 3.0, INF]
+    assert CSRATriton(8, 3, heads=3, temperatures=[0.5, 3, 99]).temperatures == (0.5, 3.0, INF)
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -9,6 +9,7 @@ import csra_triton
 import csra_triton.triton_impl
 from csra_triton import benchmark as bm
 from csra_triton import tuning
+from csra_triton.common import BoundedCache
 from csra_triton.cli import main
 from helpers import INF, ref64, rel_err
 
@@ -79,11 +80,11 @@ CONFIGS = [tuning.Config(4, 32, 16), tuning.Config(16, 64, 32), tuning.Config(32
 def test_other_tiles_compute_the_same_function(cfg, device, monkeypatch):
     """Tiles the tuner may choose (injected as a cached choice) give the same values and grads."""
     H, C, D, h, w = 4, 37, 40, 5, 7
-    monkeypatch.setattr(tuning, "_memory", {})
+    monkeypatch.setattr(tuning, "_memory", BoundedCache(16))
     for kernel in ("fwd", "bwd"):
-        tuning._memory[tuning.make_key(kernel, H, C, D, h * w, torch.float32)] = cfg
+        tuning._memory.set(tuning.make_key(kernel, H, C, D, h * w, torch.float32), cfg)
     monkeypatch.setattr(csra_triton.triton_impl, "DS_WORKSPACE_ELEMS", 900)  # several chunks
-    monkeypatch.setattr(csra_triton.triton_impl, "_plans", {})          # no plan from before
+    monkeypatch.setattr(csra_triton.triton_impl, "_plans", BoundedCache(16))  # no plan from before
     x = torch.randn(2, D, h, w, device=device, requires_grad=True)
     weight = torch.randn(H, C, D, device=device, requires_grad=True)
     g = torch.randn(2, C, device=device)

@@ -162,13 +162,20 @@ def check_temperatures(temperatures, heads: int) -> list[float]:
     return [official_temperature(t) for t in temps]
 
 
-def check_lam(lam) -> float:
-    """A validated lam (a finite Python number). Raises TypeError / ValueError naming ``lam``."""
+def check_lam(lam, device: torch.device | None = None):
+    """A validated lam: a finite Python number (returned as float), or a one-element floating
+    tensor on ``device`` (returned as it is: a learnable lam; its values are not read on the
+    host, which would synchronise a GPU). Raises TypeError / ValueError naming ``lam``."""
     if isinstance(lam, Tensor):
-        raise TypeError("lam: expected a Python number, got a tensor (a learnable lam is not "
-                        "supported: pass float(lam), or keep lam fixed as the official code does)")
+        if not lam.is_floating_point() or lam.numel() != 1:
+            raise TypeError(f"lam: expected a Python number or a one-element floating tensor, "
+                            f"got a {lam.dtype} tensor of shape {tuple(lam.shape)}")
+        if device is not None and lam.device != device:
+            raise ValueError(f"lam: expected a tensor on {device} (x's device), got {lam.device}")
+        return lam
     if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
-        raise TypeError(f"lam: expected a Python number, got {type(lam).__name__}")
+        raise TypeError(f"lam: expected a Python number (or a one-element tensor), "
+                        f"got {type(lam).__name__}")
     if not math.isfinite(lam):
         raise ValueError(f"lam: expected a finite number, got {lam}")
     return float(lam)

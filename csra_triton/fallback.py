@@ -322,12 +322,15 @@ def kept_output(x, weight, keep: bool, alloc=new):
     return alloc((H * C, B * N), gemm_dtype(x.dtype, x.device), x.device)
 
 
-def forward(x, weight, temps, lam, normalize, keep):
+def forward(x, weight, temps, lam, normalize, keep, lam_t=None):
     """(y, m, l, att, argmax, inv_n, kept, scores), as the Triton implementation returns them
-    (``scores`` always empty: ``kept`` holds the products this implementation keeps)."""
+    (``scores`` always empty: ``kept`` holds the products this implementation keeps). ``lam_t``:
+    lam as a one-element tensor (a learnable lam), used instead of ``lam``."""
     B, D, N = x.shape
     H, C, _ = weight.shape
     acc = acc_dtype(x.dtype)
+    if lam_t is not None:
+        lam = lam_t.detach().reshape(()).to(acc)
     kept = kept_output(x, weight, keep)
     outs = fwd_outputs(x, H, C)
     fwd(x, weight, torch.tensor(temps, dtype=acc), lam, normalize, chunk_classes(H, C, B, N),
@@ -343,10 +346,12 @@ class Backward:
     chunk while its rows are in cache."""
 
     def __init__(self, grad_y, x, weight, state, inv_n, kept, temps, lam, normalize,
-                 scores=None):
+                 scores=None, lam_t=None):
         B, D, N = x.shape
         H, C, _ = weight.shape
         self.acc = acc = acc_dtype(x.dtype)
+        if lam_t is not None:
+            lam = lam_t.detach().reshape(()).to(acc)
         if inv_n.numel() == 0:                  # the forward kept nothing (keep=False)
             inv_n = inv_norms(weight, normalize, acc)
         self.x, self.weight, self.grad_y, self.inv_n, self.kept = x, weight, grad_y, inv_n, kept

@@ -73,11 +73,11 @@ def csra(x: Tensor, weight: Tensor, temperatures: Sequence[float], lam: float,
     x: (B, in_ch, h, w) features (any strides; channels_last is read in place), or with
     ``layout="tokens"`` (B, N, in_ch) tokens as a ViT emits them. weight: (heads, classes, in_ch).
     temperatures: one per head; ``math.inf`` or 99 makes a max-pooling head. lam: the weight of
-    the attention logit. normalize: divide each class's scores by its weight row's L2 norm.
+    the attention logit, a number or a one-element tensor on x's device (it gets a gradient). normalize: divide each class's scores by its weight row's L2 norm.
     """
     x3 = _check_inputs(x, weight, layout)
     temps = op_temperatures(check_temperatures(temperatures, weight.shape[0]))
-    lam = check_lam(lam)
+    lam = check_lam(lam, x.device)
     return _run(x3, weight, temps, lam, bool(normalize))
 
 
@@ -87,6 +87,8 @@ def _csra_prechecked(x: Tensor, weight: Tensor, op_temps: list[float], lam: floa
     (under ``torch.compile(dynamic=True)`` they arrive as symbolic floats, which cannot be
     re-checked): ``op_temps`` are already in the ops' encoding (``ops.op_temperatures``)."""
     x3 = _check_inputs(x, weight, layout)
+    if isinstance(lam, Tensor) and lam.device != x3.device:
+        raise ValueError(f"lam: the learnable lam is on {lam.device}, x on {x3.device}")
     return _run(x3, weight, op_temps, lam, normalize)
 
 
@@ -97,7 +99,8 @@ def _run(x3: Tensor, weight: Tensor, op_temps: list[float], lam: float, normaliz
         return fallback.forward_graph(x3, weight, kernel_temperatures(op_temps), lam, normalize)
     # keep=False when no gradient will be asked for (inference): the op then keeps nothing for
     # a backward and may reuse the prepared weight (one launch instead of two on a GPU)
-    keep = torch.is_grad_enabled() and (x3.requires_grad or weight.requires_grad)
+    keep = torch.is_grad_enabled() and (x3.requires_grad or weight.requires_grad or (
+        isinstance(lam, Tensor) and lam.requires_grad))
     return ops.forward(x3, weight, op_temps, lam, normalize, keep)[0]
 
 
@@ -153,13 +156,25 @@ class CSRATriton(nn.Module):
         self.__dict__["_op_temperatures"] = op_temperatures(temps)
 
     @property
-    def lam(self) -> float:
-        """The weight of the attention logit (a finite Python number)."""
-        return self._lam
+    def lam(self) -> float | nn.Parameter:
+        """The weight of the attention logit: a finite Python number, or a one-element
+        ``nn.Parameter`` (a learnable lam: registered as the parameter ``lam``, so optimizers,
+        ``.to()`` and ``state_dict`` see it, and given its exact gradient)."""
+        p = self._parameters.get("lam")
+        return p if p is not None else self.__dict__["_lam"]
 
     @lam.setter
     def lam(self, value) -> None:
-        self.__dict__["_lam"] = check_lam(value)
+        if isinstance(value, Tensor):
+            if not isinstance(value, nn.Parameter):
+                raise TypeError("lam: a tensor lam must be an nn.Parameter (learnable); for a "
+                                "fixed lam pass a Python number")
+            check_lam(value)
+            self._parameters["lam"] = value
+            self.__dict__["_lam"] = None
+        else:
+            self.__dict__["_lam"] = check_lam(value)
+            self._parameters.pop("lam", None)
 
     @property
     def normalize(self) -> bool:
@@ -197,7 +212,9 @@ class CSRATriton(nn.Module):
 
     def extra_repr(self) -> str:
         temps = [("inf" if math.isinf(t) else f"{t:g}") for t in self.temperatures]
-        return (f"in_ch={self.in_ch}, classes={self.classes}, heads={self.heads}, lam={self.lam}, "
+        lam = self.lam
+        lam = f"learnable({lam.item():g})" if isinstance(lam, Tensor) else lam
+        return (f"in_ch={self.in_ch}, classes={self.classes}, heads={self.heads}, lam={lam}, "
                 f"temperatures=[{', '.join(temps)}], normalize={self.normalize}")
 
     def attention_maps(self, x: Tensor, classes=None) -> Tensor:

@@ -134,19 +134,20 @@ def _scores_like(x: Tensor, weight: Tensor, keep: bool, backend: str, alloc) -> 
 
 @torch.library.custom_op("csra_triton::csra_fwd", mutates_args=(), tags=_TAGS)
 def csra_fwd(x: Tensor, weight: Tensor, temperatures: list[float], lam: float,
-             normalize: bool, keep: bool = True, backend: str = "auto"
+             normalize: bool, keep: bool = True, backend: str = "auto",
+             lam_t: Tensor | None = None
              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     temps = kernel_temperatures(temperatures)
     impl = implementation(x, backend)
     if x.shape[0] == 0 and impl is triton_impl:     # no programs to launch: the fallback's zeros
-        *outs, _, _ = fallback.forward(x, weight, temps, lam, normalize, keep)
+        *outs, _, _ = fallback.forward(x, weight, temps, lam, normalize, keep, lam_t)
         return (*outs, _kept_like(x, weight, keep, backend, new),
                 _scores_like(x, weight, keep, backend, new))
-    return impl.forward(x, weight, temps, lam, normalize, keep)
+    return impl.forward(x, weight, temps, lam, normalize, keep, lam_t)
 
 
 @csra_fwd.register_fake
-def _(x, weight, temperatures, lam, normalize, keep=True, backend="auto"):
+def _(x, weight, temperatures, lam, normalize, keep=True, backend="auto", lam_t=None):
     H, C, _ = weight.shape
     outs = fwd_outputs(x, H, C, empty, keep)
     return (*outs, _kept_like(x, weight, keep, backend, empty),
@@ -156,14 +157,14 @@ def _(x, weight, temperatures, lam, normalize, keep=True, backend="auto"):
 @torch.library.custom_op("csra_triton::csra_bwd", mutates_args=(), tags=_TAGS)
 def csra_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, m: Tensor, l: Tensor, att: Tensor,
              amax: Tensor, inv_n: Tensor, kept: Tensor, scores: Tensor,
-             temperatures: list[float], lam: float, normalize: bool, backend: str = "auto"
-             ) -> tuple[Tensor, Tensor]:
+             temperatures: list[float], lam: float, normalize: bool, backend: str = "auto",
+             lam_t: Tensor | None = None) -> tuple[Tensor, Tensor]:
     return _backward_loop(grad_y, x, weight, m, l, att, amax, inv_n, kept, scores,
-                          temperatures, lam, normalize, backend)
+                          temperatures, lam, normalize, backend, lam_t)
 
 
 def _backward_loop(grad_y, x, weight, m, l, att, amax, inv_n, kept, scores, temperatures, lam,
-                   normalize, backend):
+                   normalize, backend, lam_t=None):
     B, D, N = x.shape
     H, C, _ = weight.shape
     inner = channels_inner(x)
@@ -172,7 +173,7 @@ def _backward_loop(grad_y, x, weight, m, l, att, amax, inv_n, kept, scores, temp
         return dx_view(dx, B, D, N, inner), torch.zeros_like(weight)
     bw = implementation(x, backend).Backward(grad_y, x, weight, (m, l, att, amax), inv_n, kept,
                                              kernel_temperatures(temperatures), lam, normalize,
-                                             scores)
+                                             scores, lam_t)
     chunk, x_dk, w_gemm = bw.chunk, bw.x_dk, bw.w_gemm
     if chunk >= C:
         # One chunk holds every class: one GEMM each over all heads, written functionally (no
@@ -218,7 +219,7 @@ def _backward_loop(grad_y, x, weight, m, l, att, amax, inv_n, kept, scores, temp
 
 @csra_bwd.register_fake
 def _(grad_y, x, weight, m, l, att, amax, inv_n, kept, scores, temperatures, lam, normalize,
-      backend="auto"):
+      backend="auto", lam_t=None):
     B, D, N = x.shape
     inner = channels_inner(x)
     dx = x.new_empty((B * N, D) if inner else (D, B * N))
@@ -236,23 +237,23 @@ def _(grad_y, x, weight, m, l, att, amax, inv_n, kept, scores, temperatures, lam
 
 @torch.library.triton_op("csra_triton::csra_fwd_cuda", mutates_args=())
 def csra_fwd_cuda(x: Tensor, weight: Tensor, temperatures: list[float], lam: float,
-                  normalize: bool, keep: bool = True
+                  normalize: bool, keep: bool = True, lam_t: Tensor | None = None
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     temps = kernel_temperatures(temperatures)
     if x.shape[0] == 0:
-        *outs, _, _ = fallback.forward(x, weight, temps, lam, normalize, keep)
+        *outs, _, _ = fallback.forward(x, weight, temps, lam, normalize, keep, lam_t)
         return (*outs, _kept_like(x, weight, keep, "triton", new),
                 _scores_like(x, weight, keep, "triton", new))
-    return triton_impl.forward(x, weight, temps, lam, normalize, keep)
+    return triton_impl.forward(x, weight, temps, lam, normalize, keep, lam_t)
 
 
 @torch.library.triton_op("csra_triton::csra_bwd_cuda", mutates_args=())
 def csra_bwd_cuda(grad_y: Tensor, x: Tensor, weight: Tensor, m: Tensor, l: Tensor, att: Tensor,
                   amax: Tensor, inv_n: Tensor, kept: Tensor, scores: Tensor,
-                  temperatures: list[float], lam: float, normalize: bool
-                  ) -> tuple[Tensor, Tensor]:
+                  temperatures: list[float], lam: float, normalize: bool,
+                  lam_t: Tensor | None = None) -> tuple[Tensor, Tensor]:
     return _backward_loop(grad_y, x, weight, m, l, att, amax, inv_n, kept, scores,
-                          temperatures, lam, normalize, "triton")
+                          temperatures, lam, normalize, "triton", lam_t)
 
 
 def use_cuda_ops(x: Tensor, backend: str) -> bool:
@@ -260,48 +261,65 @@ def use_cuda_ops(x: Tensor, backend: str) -> bool:
     return x.is_cuda and implementation(x, backend) is triton_impl
 
 
-def forward(x: Tensor, weight: Tensor, op_temps: list[float], lam: float, normalize: bool,
+def forward(x: Tensor, weight: Tensor, op_temps: list[float], lam, normalize: bool,
             keep: bool, backend: str = "auto") -> tuple:
-    """The forward op for this call (resolved once, when the module calls or traces it)."""
+    """The forward op for this call (resolved once, when the module calls or traces it).
+    ``lam`` is a Python number, or a one-element tensor (a learnable lam: it reaches the op
+    as ``lam_t``, and its gradient is sum_b,c g * sum_k att from the forward's state)."""
     backend = backend_for(x.device, x.dtype) if backend == "auto" else backend
+    lam, lam_t = (0.0, lam) if isinstance(lam, Tensor) else (lam, None)
     if use_cuda_ops(x, backend):
-        return torch.ops.csra_triton.csra_fwd_cuda(x, weight, op_temps, lam, normalize, keep)
-    return torch.ops.csra_triton.csra_fwd(x, weight, op_temps, lam, normalize, keep, backend)
+        return torch.ops.csra_triton.csra_fwd_cuda(x, weight, op_temps, lam, normalize, keep,
+                                                   lam_t)
+    return torch.ops.csra_triton.csra_fwd(x, weight, op_temps, lam, normalize, keep, backend,
+                                          lam_t)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, temperatures, lam, normalize, _keep, *backend = inputs
+    x, weight, temperatures, lam, normalize, _keep, *rest = inputs
+    backend, lam_t = (rest if len(rest) == 2 else ("cuda", *rest))  # the triton_op: no backend
     _, *state = output
-    ctx.save_for_backward(x, weight, *state)
+    ctx.has_lam_t = lam_t is not None
+    ctx.save_for_backward(x, weight, *state, *((lam_t,) if ctx.has_lam_t else ()))
     ctx.temperatures, ctx.lam, ctx.normalize = list(temperatures), float(lam), bool(normalize)
-    ctx.backend = backend[0] if backend else "cuda"      # the triton_op has no backend argument
+    ctx.backend = backend
     ctx.mark_non_differentiable(*state)
     # The state outputs take no gradient: without this autograd hands the backward six
     # zero-filled tensors (six kernels per backward) for them.
     ctx.set_materialize_grads(False)
 
 
+def lam_grad(grad_y: Tensor, att: Tensor, lam_t: Tensor) -> Tensor:
+    """d loss / d lam = sum_b,c g[b, c] * sum_k att[b, k, c] (att: the forward's attention
+    logits, in score units, every head's), in lam_t's dtype and shape."""
+    g = grad_y.to(att.dtype)
+    return torch.einsum("bc,bhc->", g, att).to(lam_t.dtype).reshape(lam_t.shape)
+
+
 def _backward(ctx, grad_y, *_state_grads):
     x, weight, *state = ctx.saved_tensors
-    nones = (None,) * 5
+    lam_t = state.pop() if ctx.has_lam_t else None
+    n_args = 7 if ctx.backend == "cuda" else 8      # the op's inputs
     if grad_y is None:
-        return None, None, *nones
-    if ctx.backend == "cuda":
+        return (None,) * n_args
+    grad_x = grad_w = None
+    if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+        pass                                        # lam's gradient alone
+    elif ctx.backend == "cuda":
         grad_x, grad_w = torch.ops.csra_triton.csra_bwd_cuda(
-            grad_y, x, weight, *state, ctx.temperatures, ctx.lam, ctx.normalize)
+            grad_y, x, weight, *state, ctx.temperatures, ctx.lam, ctx.normalize, lam_t)
     else:
         grad_x, grad_w = torch.ops.csra_triton.csra_bwd(
-            grad_y, x, weight, *state, ctx.temperatures, ctx.lam, ctx.normalize, ctx.backend)
+            grad_y, x, weight, *state, ctx.temperatures, ctx.lam, ctx.normalize, ctx.backend,
+            lam_t)
+    grad_lam = (lam_grad(grad_y, state[2], lam_t)
+                if lam_t is not None and ctx.needs_input_grad[n_args - 1] else None)
     return (grad_x if ctx.needs_input_grad[0] else None,
-            grad_w if ctx.needs_input_grad[1] else None, *nones)
-
-
-def _backward_cuda(ctx, grad_y, *_state_grads):
-    return _backward(ctx, grad_y)[:6]
+            grad_w if ctx.needs_input_grad[1] else None, *(None,) * (n_args - 3), grad_lam)
 
 
 csra_fwd.register_autograd(_backward, setup_context=_setup_context)
-csra_fwd_cuda.register_autograd(_backward_cuda, setup_context=_setup_context)
+csra_fwd_cuda.register_autograd(_backward, setup_context=_setup_context)
 
 
 class CSRAFunction(torch.autograd.Function):
@@ -309,8 +327,8 @@ class CSRAFunction(torch.autograd.Function):
 
     x (B, D, N) with any strides, weight (H, C, D), temperatures one per head, each > 0 (inf or
     the official 99: a max head), validated as :func:`csra_triton.csra` validates them, and lam
-    a finite number. Forward and backward call the registered ops, so this traces under
-    torch.compile too.
+    a finite number or a one-element floating tensor (which gets a gradient). Forward and
+    backward call the registered ops, so this traces under torch.compile too.
     """
 
     @staticmethod
@@ -322,14 +340,31 @@ class CSRAFunction(torch.autograd.Function):
             raise ValueError(f"x: expected a (B, {weight.shape[2]}, N) tensor, got "
                              f"{getattr(x, 'shape', type(x).__name__)}")
         temps = op_temperatures(check_temperatures(temperatures, weight.shape[0]))
-        lam, normalize = check_lam(lam), bool(normalize)
+        lam, normalize = check_lam(lam, x.device), bool(normalize)
         backend = backend_for(x.device, x.dtype)
         y, *state = forward(x, weight, temps, lam, normalize, True, backend)
-        ctx.save_for_backward(x, weight, *state)
-        ctx.temperatures, ctx.lam, ctx.normalize = temps, lam, normalize
+        ctx.has_lam_t = isinstance(lam, torch.Tensor)
+        ctx.save_for_backward(x, weight, *state, *((lam,) if ctx.has_lam_t else ()))
+        ctx.temperatures, ctx.lam = temps, 0.0 if ctx.has_lam_t else lam
+        ctx.normalize = normalize
         ctx.backend = "cuda" if use_cuda_ops(x, backend) else backend
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        return _backward(ctx, grad_y)[:5]
+        grads = _backward(_FunctionCtx(ctx), grad_y)
+        return (*grads[:2], None, grads[-1], None)
+
+
+class _FunctionCtx:
+    """CSRAFunction's ctx as :func:`_backward` reads it: its inputs (x, weight, temperatures,
+    lam, normalize) mapped onto the op's (lam last)."""
+
+    def __init__(self, ctx):
+        self._ctx = ctx
+        n = 7 if ctx.backend == "cuda" else 8
+        need = ctx.needs_input_grad
+        self.needs_input_grad = (need[0], need[1], *(False,) * (n - 3), need[3])
+
+    def __getattr__(self, name):
+        return getattr(self._ctx, name)

@@ -562,8 +562,17 @@ def plan(x: Tensor, weight: Tensor, temps: list[float], lam: float) -> Plan:
 # --------------------------------------------------------------------------- entry points
 
 
+def with_lam(params: Tensor, lam_t: Tensor | None) -> Tensor:
+    """The scalar parameters with lam read from the tensor ``lam_t`` (a learnable lam: one
+    small device op per call, nothing read on the host), or ``params`` as they are."""
+    if lam_t is None:
+        return params
+    H = params.shape[0] - 2
+    return torch.cat((params[:H], lam_t.detach().reshape(1).to(params.dtype), params[H + 1:]))
+
+
 def forward(x: Tensor, weight: Tensor, temps: list[float], lam: float, normalize: bool,
-            keep: bool) -> tuple:
+            keep: bool, lam_t: Tensor | None = None) -> tuple:
     """(y, m, l, att, argmax, inv_n, kept, scores): two launches (prep, fwd), the weight
     prepared from its current values. ``kept`` is the prepared weight when ``keep`` and it is
     small (:func:`keeps_weight`), else (0,); ``scores`` the raw scores when ``keep`` and
@@ -573,7 +582,8 @@ def forward(x: Tensor, weight: Tensor, temps: list[float], lam: float, normalize
     outs = fwd_outputs(x, H, C, keep=False)          # inv_n: the prepared one, if kept
     w_op, inv_n = prep_weight(x, weight, normalize)
     scores = scores_output(x, H, C, keep)
-    fwd_call(x, w_op, inv_n, p.params, outs, p.cfg, H, kw=p.kw, scores=scores).run()
+    fwd_call(x, w_op, inv_n, with_lam(p.params, lam_t), outs, p.cfg, H, kw=p.kw,
+             scores=scores).run()
     if keep:
         outs = (*outs[:5], inv_n.view(H, C))
     kept = w_op if keep and keeps_weight(x, weight) else new((0,), x.dtype, x.device)
@@ -594,14 +604,14 @@ class Backward:
     the kernels, the GEMMs in x's dtype, the weight gradient in one projection launch."""
 
     def __init__(self, grad_y, x, weight, state, inv_n, kept, temps, lam, normalize,
-                 scores=None):
+                 scores=None, lam_t=None):
         B, D, N = x.shape
         H, C, _ = weight.shape
         self.x, self.weight, self.state, self.grad_y = x, weight, state, grad_y
         self.scores = scores if scores is not None and scores.numel() else None
         self.normalize, self.H = normalize, H
         p = plan(x, weight, temps, lam)
-        self.params, fwd_cfg, self.kw = p.params, p.cfg, p.kw
+        self.params, fwd_cfg, self.kw = with_lam(p.params, lam_t), p.cfg, p.kw
         self.gemm = self.dx_dtype = x.dtype
         self.chunk = ds_chunk_classes(H, C, B, N, fwd_cfg.BC)
         if kept.numel():                 # the forward's prepared weight, bit for bit

@@ -125,7 +125,9 @@ def test_bad_functional_arguments():
     with pytest.raises(ValueError, match="lam"):
         csra_triton.csra(x, w, [1, 2], math.nan)
     with pytest.raises(TypeError, match="lam"):
-        csra_triton.csra(x, w, [1, 2], torch.tensor(0.1))
+        csra_triton.csra(x, w, [1, 2], torch.tensor([0.1, 0.2]))     # a tensor lam: one element
+    with pytest.raises(TypeError, match="lam"):
+        csra_triton.csra(x, w, [1, 2], "0.1")
     with pytest.raises(ValueError, match="layout"):
         csra_triton.csra(x, w, [1, 2], 0.1, layout="nhwc")
 

@@ -212,8 +212,9 @@ def test_attributes_under_torch_compile():
     ("temperatures", [1.0, 2.0, float("nan"), INF], ValueError),
     ("temperatures", "1234", TypeError),
     ("temperatures", 3.0, TypeError),
-    ("lam", nn.Parameter(torch.tensor(0.3)), TypeError),   # would silently get no gradient
-    ("lam", torch.tensor(0.3), TypeError),
+    ("lam", torch.tensor(0.3), TypeError),                 # not a Parameter: would not learn
+    ("lam", nn.Parameter(torch.tensor([0.3, 0.4])), TypeError),
+    ("lam", nn.Parameter(torch.tensor(1), requires_grad=False), TypeError),
     ("lam", float("inf"), ValueError),
     ("lam", "0.3", TypeError),
     ("normalize", "yes", TypeError),
@@ -226,6 +227,113 @@ def test_bad_assignments_are_refused_and_change_nothing(name, value, error):
     assert (head.temperatures, head.lam, head.normalize,
             dict(head.named_parameters()).keys()) == before
     assert [n for n, _ in head.named_parameters()] == ["weight"]
+
+
+# --------------------------------------------------------------------------- a learnable lam
+
+
+def _ref_with_lam(x, weight, temps, lam, g, normalize=True):
+    """float64 y, dx, dW and dlam by autograd through csra_reference (lam a float64 leaf)."""
+    from csra_triton.reference import csra_reference
+
+    x64 = x.detach().double().requires_grad_()
+    w64 = weight.detach().double().requires_grad_()
+    lam64 = torch.tensor(float(lam), dtype=torch.float64, requires_grad=True)
+    y = csra_reference(x64, w64, temps, lam64, normalize)
+    y.backward(g.double())
+    return y.detach(), x64.grad, w64.grad, lam64.grad
+
+
+@pytest.mark.parametrize("layout", ["nchw", "tokens"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_learnable_lam(backend, layout):
+    """``head.lam = nn.Parameter(...)`` is registered (optimizers, state_dict, .to() see it) and
+    gets the exact gradient, sum_b,c g * sum_k att, on both backends; x's and W's gradients are
+    those of the current lam."""
+    head, x = _head(), _x()
+    head.lam = nn.Parameter(torch.tensor(0.45))
+    assert [n for n, _ in head.named_parameters()] == ["weight", "lam"]
+    assert "lam" in head.state_dict() and "learnable(0.45)" in repr(head)
+    xg = x.clone().requires_grad_()
+    g = torch.randn(3, 5)
+    with csra_triton.use_backend(backend):
+        if layout == "tokens":
+            y = head.forward_tokens(xg.flatten(2).transpose(1, 2))
+        else:
+            y = head(xg)
+        y.backward(g)
+    ref, dx, dw, dlam = _ref_with_lam(x, head.weight, head.temperatures, 0.45, g)
+    assert rel_err(y, ref) <= TOL32
+    assert rel_err(xg.grad, dx) <= TOL32 and rel_err(head.weight.grad, dw) <= TOL32
+    assert head.lam.grad is not None and head.lam.grad.shape == ()
+    assert rel_err(head.lam.grad, dlam) <= TOL32
+    # lam alone learning (x, W frozen): its gradient, and no error
+    head.weight.requires_grad_(False)
+    head.lam.grad = None
+    with csra_triton.use_backend(backend):
+        head(x).backward(g)
+    assert rel_err(head.lam.grad, dlam) <= TOL32
+    # back to a number: unregistered
+    head.lam = 0.2
+    assert [n for n, _ in head.named_parameters()] == ["weight"] and head.lam == 0.2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_learnable_lam_trains(backend):
+    """Three SGD steps on weight and lam equal three float64 steps (lam moves)."""
+    head, x = _head(), _x()
+    head.lam = nn.Parameter(torch.tensor(0.3))
+    w64 = head.weight.detach().double().clone().requires_grad_()
+    lam64 = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    target = (torch.rand(3, 5) < 0.5).float()
+    opt = torch.optim.SGD(head.parameters(), lr=0.5)
+    opt64 = torch.optim.SGD([w64, lam64], lr=0.5)
+    from csra_triton.reference import csra_reference
+
+    for _ in range(3):
+        opt.zero_grad()
+        opt64.zero_grad()
+        with csra_triton.use_backend(backend):
+            nn.functional.binary_cross_entropy_with_logits(head(x), target).backward()
+        nn.functional.binary_cross_entropy_with_logits(
+            csra_reference(x.double(), w64, head.temperatures, lam64), target.double()).backward()
+        opt.step()
+        opt64.step()
+    assert abs(lam64.item() - 0.3) > 1e-3
+    assert abs(head.lam.item() - lam64.item()) <= 1e-6
+    assert rel_err(head.weight, w64) <= TOL32
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tensor_lam_in_the_functional_forms(backend):
+    weight = torch.randn(2, 5, 12, requires_grad=True)
+    x = torch.randn(3, 12, 7)
+    lam = torch.tensor(0.35, requires_grad=True)
+    g = torch.randn(3, 5)
+    ref, _, dw, dlam = _ref_with_lam(x, weight, [2.0, INF], 0.35, g)
+    with csra_triton.use_backend(backend):
+        y = csra_triton.csra(x.unsqueeze(-1), weight, [2.0, 99], lam)
+        y.backward(g)
+        assert rel_err(y, ref) <= TOL32 and rel_err(lam.grad, dlam) <= TOL32
+        lam.grad = None
+        y = csra_triton.CSRAFunction.apply(x, weight, [2.0, 99], lam)
+        y.backward(g)
+        assert rel_err(y, ref) <= TOL32 and rel_err(lam.grad, dlam) <= TOL32
+    with pytest.raises(TypeError, match="lam"):
+        csra_triton.csra(x.unsqueeze(-1), weight, [2.0, 99], torch.tensor([0.1, 0.2]))
+
+
+def test_learnable_lam_under_torch_compile():
+    head, x = _head(), _x()
+    head.lam = nn.Parameter(torch.tensor(0.45))
+    g = torch.randn(3, 5)
+    compiled = torch.compile(head, fullgraph=True)
+    with csra_triton.use_backend("torch"):
+        y = compiled(x)
+        y.backward(g)
+    ref, _, dw, dlam = _ref_with_lam(x, head.weight, head.temperatures, 0.45, g)
+    assert rel_err(y, ref) <= TOL32
+    assert rel_err(head.weight.grad, dw) <= TOL32 and rel_err(head.lam.grad, dlam) <= TOL32
 
 
 def test_temperatures_cannot_be_edited_in_place():

@@ -272,10 +272,13 @@ def ds_chunk(x, weight, temps, grad_y, inv_n, lam, c0, c1, out, operands=None, h
     torch.mul(d_att.mul_(lam).add_(1.0 / N), g[..., None], out=out)    # rounded to out's dtype
 
 
-def forward_graph(x, weight, temps, lam, normalize):
+def forward_graph(x, weight, temps, lam, normalize, first_max=False):
     """y (B, C) in x's dtype as one graph of standard operators, for exporters that cannot call
-    the custom op (ONNX): the same math and operand rounding as the kernels, in fp32 (fp64 for
-    fp64 x). x (B, D, N); temps as the kernels take them (a max head is inf)."""
+    the custom op (ONNX) and for what needs autograd through every step (double backward,
+    torch.func): the same math and operand rounding as the kernels, in fp32 (fp64 for fp64 x).
+    x (B, D, N); temps as the kernels take them (a max head is inf); lam a number or a tensor.
+    ``first_max``: a max head's gradient goes to the first maximum, as the op routes it
+    (``max(dim)``); else ``amax``, which exports to ONNX as one ReduceMax."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     w = weight.to(x.dtype).to(acc)                                  # (H, C, D)
     s = torch.matmul(w.unsqueeze(0), x.to(acc).unsqueeze(1))        # (B, H, C, N)
@@ -285,7 +288,7 @@ def forward_graph(x, weight, temps, lam, normalize):
     for k, t in enumerate(temps):
         sk = s[:, k]
         if math.isinf(t):
-            att = sk.amax(dim=-1)
+            att = sk.max(dim=-1).values if first_max else sk.amax(dim=-1)
         else:
             att = (torch.softmax(sk * t, dim=-1) * sk).sum(-1)
         heads.append(sk.mean(-1) + lam * att)

@@ -97,6 +97,8 @@ def _run(x3: Tensor, weight: Tensor, op_temps: list[float], lam: float, normaliz
     translation for a custom op; ``fallback.forward_graph``)."""
     if torch.onnx.is_in_onnx_export():
         return fallback.forward_graph(x3, weight, kernel_temperatures(op_temps), lam, normalize)
+    if ops.functorch_active():        # torch.func (grad, vmap, jacrev): the composite
+        return ops.composite(x3, weight, op_temps, lam, normalize)
     # keep=False when no gradient will be asked for (inference): the op then keeps nothing for
     # a backward and may reuse the prepared weight (one launch instead of two on a GPU)
     keep = torch.is_grad_enabled() and (x3.requires_grad or weight.requires_grad or (

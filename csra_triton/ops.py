@@ -289,6 +289,41 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+def functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) is active in this thread. The
+    ops have no batching or functional-grad rules: under a transform the head runs its
+    composite (:func:`composite`), which every transform differentiates and batches."""
+    return (not torch.compiler.is_compiling()
+            and torch._C._functorch.peek_interpreter_stack() is not None)
+
+
+def composite(x: Tensor, weight: Tensor, op_temps: list[float], lam, normalize: bool) -> Tensor:
+    """y through standard operators with autograd at every step (``fallback.forward_graph``,
+    first-maximum routing as the op's): what torch.func transforms and double backward
+    differentiate. Same values as the op to rounding; it holds the (B, H, C, N) scores."""
+    return fallback.forward_graph(x, weight, kernel_temperatures(op_temps), lam, normalize,
+                                  first_max=True)
+
+
+def _differentiable_backward(ctx, x, weight, lam_t, grad_y, n_args):
+    """The backward when its own graph is recorded (``create_graph=True``: a gradient
+    penalty, Hessian-vector products): the first derivatives through :func:`composite`, so
+    that autograd differentiates them again exactly (double backward on both backends)."""
+    slots = [(i, t) for i, t in ((0, x), (1, weight), (n_args - 1, lam_t))
+             if t is not None and ctx.needs_input_grad[i]]
+    grads = [None] * n_args
+    if not slots:
+        return tuple(grads)
+    with torch.enable_grad():
+        y = composite(x, weight, ctx.temperatures, lam_t if lam_t is not None else ctx.lam,
+                      ctx.normalize)
+        got = torch.autograd.grad(y, [t for _, t in slots], grad_y, create_graph=True,
+                                  allow_unused=True)
+    for (i, t), g in zip(slots, got):
+        grads[i] = torch.zeros_like(t) if g is None else g
+    return tuple(grads)
+
+
 def lam_grad(grad_y: Tensor, att: Tensor, lam_t: Tensor) -> Tensor:
     """d loss / d lam = sum_b,c g[b, c] * sum_k att[b, k, c] (att: the forward's attention
     logits, in score units, every head's), in lam_t's dtype and shape."""
@@ -302,6 +337,8 @@ def _backward(ctx, grad_y, *_state_grads):
     n_args = 7 if ctx.backend == "cuda" else 8      # the op's inputs
     if grad_y is None:
         return (None,) * n_args
+    if torch.is_grad_enabled():                     # create_graph=True
+        return _differentiable_backward(ctx, x, weight, lam_t, grad_y, n_args)
     grad_x = grad_w = None
     if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
         pass                                        # lam's gradient alone
@@ -331,14 +368,17 @@ class CSRAFunction(torch.autograd.Function):
     backward call the registered ops, so this traces under torch.compile too.
     """
 
+    @classmethod
+    def apply(cls, x, weight, temperatures, lam, normalize=True):
+        if functorch_active():       # torch.func: the composite (no functorch rules here)
+            _check_function_args(x, weight)
+            temps = op_temperatures(check_temperatures(temperatures, weight.shape[0]))
+            return composite(x, weight, temps, check_lam(lam, x.device), bool(normalize))
+        return super().apply(x, weight, temperatures, lam, normalize)
+
     @staticmethod
     def forward(ctx, x, weight, temperatures, lam, normalize=True):
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 3:
-            raise ValueError(f"weight: expected a (heads, classes, in_ch) tensor, got "
-                             f"{getattr(weight, 'shape', type(weight).__name__)}")
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] != weight.shape[2]:
-            raise ValueError(f"x: expected a (B, {weight.shape[2]}, N) tensor, got "
-                             f"{getattr(x, 'shape', type(x).__name__)}")
+        _check_function_args(x, weight)
         temps = op_temperatures(check_temperatures(temperatures, weight.shape[0]))
         lam, normalize = check_lam(lam, x.device), bool(normalize)
         backend = backend_for(x.device, x.dtype)
@@ -354,6 +394,15 @@ class CSRAFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         grads = _backward(_FunctionCtx(ctx), grad_y)
         return (*grads[:2], None, grads[-1], None)
+
+
+def _check_function_args(x, weight) -> None:
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 3:
+        raise ValueError(f"weight: expected a (heads, classes, in_ch) tensor, got "
+                         f"{getattr(weight, 'shape', type(weight).__name__)}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] != weight.shape[2]:
+        raise ValueError(f"x: expected a (B, {weight.shape[2]}, N) tensor, got "
+                         f"{getattr(x, 'shape', type(x).__name__)}")
 
 
 class _FunctionCtx:

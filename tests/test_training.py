@@ -8,6 +8,9 @@ the module runs the composite. Each test fails when that routing is removed: the
 ("no autograd formula" for the double backward; functorch's own error for the transforms).
 """
 import math
+import os
+import socket
+import tempfile
 
 import pytest
 import torch
@@ -15,7 +18,9 @@ from torch import nn
 
 import csra_triton
 from csra_triton.reference import csra_reference
-from helpers import INF
+from helpers import INF, TOL, rel_err
+
+import fsdp_worker
 
 BACKENDS = ["triton", "torch"]
 TEMPS = [1.0, 2.0, 4.0, 99]
@@ -155,3 +160,27 @@ def test_func_vmap_forward(backend):
     for i in range(3):
         assert _rel(ys[i], csra_reference(xs[i], head.weight.detach(), TEMPS_REF, 0.25)) <= TOL64
     assert not math.isnan(ys.sum().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fsdp2_step_equals_single_process(backend):
+    """FSDP2 (``fully_shard``) on two gloo ranks, each on half of the batch: the sharded weight
+    after an eager SGD step, then after a step of the sharded model under torch.compile, equals
+    one process's two steps on the whole batch."""
+    with tempfile.TemporaryDirectory() as tmp:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        torch.multiprocessing.spawn(fsdp_worker.worker,
+                                    args=(2, f"tcp://127.0.0.1:{port}", tmp, backend),
+                                    nprocs=2, join=True)
+        got = torch.load(os.path.join(tmp, f"fsdp-{backend}.pt"))
+    assert got["sharded"] == (2, 6, 8)                 # the weight really was sharded
+    head, x, target = fsdp_worker.make()
+    w0 = head.weight.detach().clone()
+    opt = torch.optim.SGD(head.parameters(), lr=0.5)
+    with csra_triton.use_backend(backend):
+        for k in range(2):
+            fsdp_worker.step(head, opt, x, target)
+            assert rel_err(got["weights"][k], head.weight) <= TOL[torch.float32], k
+    assert rel_err(head.weight, w0) > 1e-3                    # the steps moved the weight

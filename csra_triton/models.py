@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import warnings
 from typing import Mapping, Sequence
 
 import torch
@@ -154,6 +155,14 @@ def vit_l16_224_csra(cls_num_heads: int = 1, num_classes: int = 80, lam: float =
 _HEAD_KEY = re.compile(r"^classifier\.multi_head\.(\d+)\.head\.weight$")
 
 
+#: Keys of full official checkpoints that the official forward never uses, per family: the
+#: trunk's 1000-class ImageNet classifier. ``ResNet_CSRA`` empties ``fc`` at the end of its
+#: ``init_weights`` (after loading ImageNet weights), so a model built without that step
+#: (``pretrained`` off in a fork, ``init_weights`` skipped offline) saves ``fc.weight`` and
+#: ``fc.bias``; ``VIT_CSRA`` replaces timm's ``head`` likewise. Dropped with a warning.
+UNUSED_KEYS = {"resnet": ("fc.weight", "fc.bias"), "vit": ("head.weight", "head.bias")}
+
+
 def _strip(state_dict: Mapping[str, Tensor]) -> dict:
     """The checkpoint without DataParallel's ``module.`` prefixes (and a nested
     ``state_dict``, as some training scripts save)."""
@@ -207,9 +216,17 @@ def load_official_model(state_dict: Mapping[str, Tensor], lam: float | None = No
     head). ``lam`` defaults to the official default of the family (0.1 ResNet, 0.3 ViT: it is
     not stored in checkpoints); ``temperatures`` to the official list for the head count;
     ``num_heads``: the ViT's attention heads, for widths other than the official 768 / 1024.
-    Loading is strict: a missing or unexpected key raises."""
+    Loading is strict: a missing or unexpected key raises :class:`OfficialCheckpointError`
+    naming the keys, except the keys the official forward never uses (:data:`UNUSED_KEYS`: the
+    trunk's ImageNet classifier), which are dropped with a warning naming them."""
     sd = _strip(state_dict)
     arch = describe_official(sd)
+    unused = [k for k in UNUSED_KEYS[arch["family"]] if k in sd]
+    if unused:
+        warnings.warn(f"load_official_model: ignoring {unused}: the trunk's ImageNet classifier, "
+                      f"which the official forward never uses", stacklevel=2)
+        for k in unused:
+            del sd[k]
     lam = DEFAULT_LAM[arch["family"]] if lam is None else lam
     if arch["family"] == "resnet":
         model = ResNetCSRA(arch["num_heads"], lam, arch["num_classes"], arch["depth"],
@@ -218,5 +235,22 @@ def load_official_model(state_dict: Mapping[str, Tensor], lam: float | None = No
         model = vit_csra(arch["embed_dim"], arch["depth"], num_heads, arch["num_classes"],
                          arch["num_heads"], lam, arch["img_size"], arch["patch_size"],
                          temperatures)
+    missing, unexpected = _key_differences(model, sd)
+    if missing or unexpected:
+        raise OfficialCheckpointError(
+            f"official checkpoint ({arch['family']}, {arch}) does not fit the official model: "
+            f"missing keys {missing[:20]}{' ...' if len(missing) > 20 else ''}, unexpected keys "
+            f"{unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}")
     model.load_state_dict(sd, strict=True)
     return model
+
+
+def _key_differences(model: nn.Module, sd: Mapping[str, Tensor]) -> tuple[list, list]:
+    """(missing, unexpected) keys of ``sd`` for ``model``, the CSRA head's official layout
+    counted as the head's ``weight``."""
+    want = set(model.state_dict())
+    have = set()
+    for k in sd:
+        m = _HEAD_KEY.match(k)
+        have.add("classifier.weight" if m else k)
+    return sorted(want - have), sorted(have - want)

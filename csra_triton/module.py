@@ -111,7 +111,9 @@ class CSRATriton(nn.Module):
 
     ``weight`` is one parameter of shape (heads, classes, in_ch), initialised like the official
     per-head 1x1 convs. ``temperatures=None`` takes the official list for 1, 2, 4, 6 or 8 heads.
-    ``load_state_dict`` also accepts the official keys ``multi_head.{k}.head.weight`` (C, d, 1, 1).
+    ``load_state_dict`` also accepts the official keys ``multi_head.{k}.head.weight`` (C, d, 1, 1)
+    and mmpretrain's ``csra_heads.{k}.head.weight`` (:meth:`from_mmpretrain` builds a head from
+    mmpretrain's config fields).
     """
 
     #: The attributes a call reads, each validated when set (see the properties below).
@@ -240,19 +242,43 @@ class CSRATriton(nn.Module):
         """The weight in the official layout: ``{prefix}multi_head.{k}.head.weight`` (C, d, 1, 1)."""
         return interop.weight_to_official(self.weight, prefix)
 
+    def to_mmpretrain_state_dict(self, prefix: str = "") -> dict:
+        """The weight in mmpretrain's ``CSRAClsHead`` layout:
+        ``{prefix}csra_heads.{k}.head.weight`` (C, d, 1, 1); ``prefix="head."`` for a whole
+        ``ImageClassifier``'s state dict."""
+        return interop.weight_to_official(self.weight, prefix, "csra_heads")
+
+    @classmethod
+    def from_mmpretrain(cls, num_classes: int, in_channels: int, num_heads: int, lam: float,
+                        **_ignored) -> "CSRATriton":
+        """The head an mmpretrain config ``dict(type='CSRAClsHead', num_classes=..,
+        in_channels=.., num_heads=.., lam=..)`` describes (its temperatures are the official
+        ones for 1, 2, 4, 6 or 8 heads, as here; ``loss``, ``init_cfg`` and other keys of the
+        config are mmpretrain's own and ignored). Load its weights with ``load_state_dict`` or
+        :func:`load_official`."""
+        if num_heads not in OFFICIAL_TEMPERATURES:
+            raise ValueError(f"num_heads: mmpretrain's CSRAClsHead takes "
+                             f"{sorted(OFFICIAL_TEMPERATURES)}, got {num_heads!r}")
+        if isinstance(lam, (int, float)) and not lam > 0:
+            raise ValueError(f"lam: mmpretrain's CSRAClsHead needs lam > 0, got {lam!r}")
+        return cls(in_channels, num_classes, num_heads, lam)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # Also accepts the official layout under this module's prefix (see interop.py).
+        # Also accepts the official and mmpretrain layouts under this module's prefix (see
+        # interop.py).
         if prefix + "weight" not in state_dict and any(
-                k.startswith(prefix + "multi_head.") for k in state_dict):
+                k.startswith(tuple(prefix + layout + "." for layout in interop.LAYOUTS))
+                for k in state_dict):
             try:
                 weight = interop.official_to_weight(state_dict, prefix, self.heads, self.classes,
                                                     self.in_ch)
+                _, keys = interop.find_official(state_dict, prefix)
             except interop.OfficialCheckpointError as exc:
                 error_msgs.append(str(exc))
                 return
-            for k in range(self.heads):
-                state_dict.pop(interop.official_key(prefix, k))
+            for key in keys.values():
+                state_dict.pop(key)
             state_dict[prefix + "weight"] = weight
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
@@ -261,8 +287,12 @@ class CSRATriton(nn.Module):
 def load_official(state_dict: Mapping[str, Tensor], prefix: str | None = None,
                   lam: float = 0.1, temperatures=None, normalize: bool = True, head=None):
     """A CSRATriton holding the official head found in ``state_dict`` (a full official model's
-    checkpoint is fine: ``classifier.`` and DataParallel's ``module.`` prefixes are found). With
-    ``head=`` an existing CSRATriton is filled instead, and must fit. Returns the module."""
+    checkpoint is fine: ``classifier.`` and DataParallel's ``module.`` prefixes are found), or
+    mmpretrain's ``CSRAClsHead`` (``csra_heads.{k}.head.weight``, alone or under an
+    ``ImageClassifier``'s ``head.``; a checkpoint file's ``{"state_dict": ...}`` wrapper is
+    unwrapped). With ``head=`` an existing CSRATriton is filled instead, and must fit. Returns
+    the module."""
+    state_dict = interop.unwrap(state_dict)
     if head is None:
         weight = interop.official_to_weight(state_dict, prefix)
         head = CSRATriton(weight.shape[2], weight.shape[1], heads=weight.shape[0], lam=lam,

@@ -3,6 +3,7 @@
 forward, the official head (csra_triton.reference.MHA). Written independently of
 csra_triton.models (plain torch ViT with explicit softmax attention, no timm), so that a test
 comparing the two compares two implementations. No weights are downloaded: random init only."""
+import functools
 import math
 
 import torch
@@ -11,30 +12,48 @@ from torch import nn
 from csra_triton.reference import MHA
 
 
-class OfficialResNetCSRA(nn.Module):
-    """ResNet_CSRA: a torchvision ResNet with ``fc`` emptied and the head as ``classifier``."""
+def OfficialResNetCSRA(num_heads, lam, num_classes, depth=101, input_dim=2048,
+                       pretrained_step=True):
+    """ResNet_CSRA as the official code defines it: a subclass of torchvision's ``ResNet`` (so
+    its state dict holds everything ResNet registers, whatever the official forward uses),
+    the head as ``classifier``. The official constructor ends by loading ImageNet weights and
+    then emptying ``fc`` (``self.fc = nn.Sequential()``); here nothing is downloaded, and
+    ``pretrained_step=False`` leaves ``fc`` as ResNet made it (a model built without that step
+    saves ``fc.weight`` and ``fc.bias``)."""
+    return _official_resnet_class()(num_heads, lam, num_classes, depth, input_dim,
+                                    pretrained_step)
 
-    def __init__(self, num_heads, lam, num_classes, depth=101, input_dim=2048):
-        super().__init__()
-        from torchvision.models import resnet
 
-        spec = {18: (resnet.BasicBlock, [2, 2, 2, 2]), 34: (resnet.BasicBlock, [3, 4, 6, 3]),
-                50: (resnet.Bottleneck, [3, 4, 6, 3]), 101: (resnet.Bottleneck, [3, 4, 23, 3]),
-                152: (resnet.Bottleneck, [3, 8, 36, 3])}[depth]
-        trunk = resnet.ResNet(*spec)
-        trunk.fc = nn.Sequential()
-        self.trunk = trunk
-        self.classifier = MHA(num_heads, lam, input_dim, num_classes)
+@functools.cache
+def _official_resnet_class():
+    from torchvision.models import ResNet
+    from torchvision.models.resnet import BasicBlock, Bottleneck
 
-    def state_dict_official(self):
-        """Keys as the official model saves them (its trunk modules sit at the top level)."""
-        return {k.removeprefix("trunk."): v for k, v in self.state_dict().items()}
+    class ResNetCSRAOfficial(ResNet):
+        arch_settings = {18: (BasicBlock, (2, 2, 2, 2)), 34: (BasicBlock, (3, 4, 6, 3)),
+                         50: (Bottleneck, (3, 4, 6, 3)), 101: (Bottleneck, (3, 4, 23, 3)),
+                         152: (Bottleneck, (3, 8, 36, 3))}
 
-    def forward(self, x):
-        t = self.trunk
-        x = t.maxpool(t.relu(t.bn1(t.conv1(x))))
-        x = t.layer4(t.layer3(t.layer2(t.layer1(x))))
-        return self.classifier(x)
+        def __init__(self, num_heads, lam, num_classes, depth, input_dim, pretrained_step):
+            self.block, self.layers = self.arch_settings[depth]
+            self.depth = depth
+            super().__init__(self.block, self.layers)
+            if pretrained_step:
+                self.fc = nn.Sequential()
+            self.classifier = MHA(num_heads, lam, input_dim, num_classes)
+
+        def backbone(self, x):
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+            return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+        def forward(self, x):
+            return self.classifier(self.backbone(x))
+
+        def state_dict_official(self):
+            """Keys as the official model saves them: its own state dict."""
+            return self.state_dict()
+
+    return ResNetCSRAOfficial
 
 
 class _Attention(nn.Module):
@@ -118,3 +137,54 @@ class OfficialViTCSRA(nn.Module):
         x = self.norm(x)[:, 1:]
         b, hw, c = x.shape
         return self.classifier(x.transpose(1, 2).reshape(b, c, self.HW, self.HW))
+
+
+class MMPretrainCSRAModule(nn.Module):
+    """mmpretrain's ``CSRAModule``, rebuilt from its published structure: one bias-free 1x1
+    conv ``head``, scores divided by the conv weight's per-class L2 norm, mean + lam * (softmax
+    (T s)-weighted sum, or the max for T == 99)."""
+
+    def __init__(self, num_classes, in_channels, T, lam):
+        super().__init__()
+        self.T, self.lam = T, lam
+        self.head = nn.Conv2d(in_channels, num_classes, 1, bias=False)
+
+    def forward(self, x):
+        norm = self.head.weight.flatten(1).norm(dim=1).view(1, -1, 1)
+        score = self.head(x).flatten(2) / norm                         # (B, C, N)
+        if self.T == 99:
+            att = score.max(dim=2).values
+        else:
+            att = (score * torch.softmax(score * self.T, dim=2)).sum(dim=2)
+        return score.mean(dim=2) + self.lam * att
+
+
+class MMPretrainCSRAClsHead(nn.Module):
+    """mmpretrain's ``CSRAClsHead(num_classes, in_channels, num_heads, lam)``: heads under
+    ``csra_heads``, temperatures by head count, logits summed; takes the last of a tuple of
+    backbone stages."""
+
+    TEMPS = {1: [1], 2: [1, 99], 4: [1, 2, 4, 99], 6: [1, 2, 3, 4, 5, 99],
+             8: [1, 2, 3, 4, 5, 6, 7, 99]}
+
+    def __init__(self, num_classes, in_channels, num_heads, lam):
+        super().__init__()
+        self.csra_heads = nn.ModuleList(
+            [MMPretrainCSRAModule(num_classes, in_channels, t, lam) for t in self.TEMPS[num_heads]])
+
+    def forward(self, feats):
+        x = feats[-1]
+        return sum(h(x) for h in self.csra_heads)
+
+
+class MMPretrainClassifier(nn.Module):
+    """The layout of an mmpretrain ``ImageClassifier`` holding that head: ``backbone.*`` and
+    ``head.*`` (a stand-in one-conv backbone)."""
+
+    def __init__(self, num_classes, in_channels, num_heads, lam):
+        super().__init__()
+        self.backbone = nn.Conv2d(3, in_channels, 3, padding=1)
+        self.head = MMPretrainCSRAClsHead(num_classes, in_channels, num_heads, lam)
+
+    def forward(self, x):
+        return self.head((self.backbone(x),))

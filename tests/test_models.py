@@ -63,6 +63,40 @@ def test_official_resnet_checkpoint_loads_and_agrees(depth):
     assert logits.shape == (2, 20) and loss.ndim == 0
 
 
+@needs_tv
+@pytest.mark.parametrize("depth", [18, 34, 50, 101, 152])
+@pytest.mark.parametrize("prefix", ["", "module."])
+def test_official_resnet_layouts_load(depth, prefix):
+    """The state dict the official ResNet_CSRA (a torchvision ResNet subclass) really holds, at
+    every official depth, with and without DataParallel's prefix, loads strictly; with the
+    trunk's ImageNet ``fc`` still in it (a model built without the official pretrained step),
+    ``fc`` is dropped with a warning naming it."""
+    from csra_triton.models import ResNetCSRA, load_official_model
+    from official_models import OfficialResNetCSRA
+
+    width = 512 if depth in (18, 34) else 2048
+    for pretrained_step in (True, False):
+        official = OfficialResNetCSRA(2, 0.1, 3, depth=depth, input_dim=width,
+                                      pretrained_step=pretrained_step)
+        sd = {prefix + k: v for k, v in official.state_dict().items()}
+        assert ("fc.weight" in official.state_dict()) is not pretrained_step
+        if pretrained_step:
+            model = load_official_model(sd)
+        else:
+            with pytest.warns(UserWarning, match=r"fc\.weight.*fc\.bias.*never uses"):
+                model = load_official_model(sd)
+        assert isinstance(model, ResNetCSRA) and model.depth == depth
+        got = model.state_dict()
+        for k, v in official.state_dict().items():
+            if k.startswith("fc."):
+                continue
+            if k.startswith("classifier."):
+                kh = int(k.split(".")[2])
+                assert torch.equal(got["classifier.weight"][kh], v[:, :, 0, 0])
+            else:
+                assert torch.equal(got[k], v), k
+
+
 @needs_timm
 def test_official_vit_checkpoint_loads_and_agrees():
     """ViT-B/16 (12 blocks, 768 wide) at 32 x 32 pixels (4 patches: quick), 4-head CSRA."""
@@ -76,6 +110,40 @@ def test_official_vit_checkpoint_loads_and_agrees():
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
         assert rel_err(model(x), official(x)) <= 1e-10
+
+
+@needs_timm
+@pytest.mark.parametrize("width, prefix, imagenet_head", [(768, "", False), (768, "module.", True),
+                                                          (1024, "module.", False)],
+                         ids=["B16", "B16-module-head", "L16-module"])
+def test_official_vit_layouts_load(width, prefix, imagenet_head):
+    """VIT_B16_224_CSRA / VIT_L16_224_CSRA checkpoints at 224 (every key the official class
+    holds, random values) load strictly and every tensor lands where it belongs; timm's
+    ImageNet ``head`` (which the official class replaces) is dropped with a warning."""
+    from csra_triton import models
+    from official_models import OfficialViTCSRA
+
+    depth, heads = models.VIT_SIZES[width]
+    with torch.device("meta"):
+        official = OfficialViTCSRA(224, 16, width, depth, heads, cls_num_heads=4, cls_num_cls=20)
+    sd = {prefix + k: torch.randn(v.shape) for k, v in official.state_dict().items()}
+    if imagenet_head:
+        sd.update({prefix + "head.weight": torch.randn(1000, width),
+                   prefix + "head.bias": torch.randn(1000)})
+        with pytest.warns(UserWarning, match=r"head\.weight.*head\.bias.*never uses"):
+            model = models.load_official_model(sd)
+    else:
+        model = models.load_official_model(sd)
+    got = model.state_dict()
+    assert model.classifier.heads == 4 and model.classifier.lam == 0.3
+    for k, v in sd.items():
+        k = k.removeprefix(prefix)
+        if k.startswith("head."):
+            continue
+        if k.startswith("classifier."):
+            assert torch.equal(got["classifier.weight"][int(k.split(".")[2])], v[:, :, 0, 0])
+        else:
+            assert torch.equal(got[k], v), k
 
 
 @needs_timm
@@ -107,8 +175,11 @@ def test_load_official_model_errors_name_the_problem():
     with pytest.raises(OfficialCheckpointError, match="classifier.multi_head"):
         load_official_model(no_head)
     extra = dict(sd, **{"layer1.0.extra.weight": torch.zeros(1)})
-    with pytest.raises(RuntimeError, match="layer1.0.extra.weight"):
+    with pytest.raises(OfficialCheckpointError, match="unexpected keys.*layer1.0.extra.weight"):
         load_official_model(extra)
+    missing = {k: v for k, v in sd.items() if k != "layer4.1.bn2.running_var"}
+    with pytest.raises(OfficialCheckpointError, match="missing keys.*layer4.1.bn2.running_var"):
+        load_official_model(missing)
     with pytest.raises(OfficialCheckpointError, match="neither a ResNet"):
         load_official_model({k: v for k, v in sd.items() if k.startswith("classifier.")})
 

@@ -184,3 +184,29 @@ def test_fsdp2_step_equals_single_process(backend):
             fsdp_worker.step(head, opt, x, target)
             assert rel_err(got["weights"][k], head.weight) <= TOL[torch.float32], k
     assert rel_err(head.weight, w0) > 1e-3                    # the steps moved the weight
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_activation_checkpointing(backend, reentrant):
+    """``torch.utils.checkpoint`` around a trunk + head recomputes the head's forward in the
+    backward: the same gradients as without it (bit for bit: the same kernels run)."""
+    torch.manual_seed(3)
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    head = csra_triton.CSRATriton(8, 5, heads=4, lam=0.3)
+    x = torch.randn(2, 3, 4, 4)
+
+    def block(x):
+        return head(torch.relu(conv(x)))
+
+    grads = []
+    with csra_triton.use_backend(backend):
+        for ckpt in (False, True):
+            xg = x.clone().requires_grad_()
+            y = (torch.utils.checkpoint.checkpoint(block, xg, use_reentrant=reentrant)
+                 if ckpt else block(xg))
+            y.pow(2).sum().backward()
+            grads.append([xg.grad, conv.weight.grad.clone(), head.weight.grad.clone()])
+            conv.weight.grad = head.weight.grad = conv.bias.grad = None
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)

@@ -305,6 +305,10 @@ def _bench_host(args) -> int:
           "every Triton launch stubbed; launches = Triton + outermost ATen kernels; host µs = "
           "median per call on this CPU (ATen's small CPU kernels included)")
     print(hostpath.table(hostpath.report(shapes, layouts, reps=args.reps)))
+    print("\nhost µs against the floors (one thread, ours with launches stubbed, in alternation): "
+          "the bare autograd.Function allocating the same outputs and saved state and doing the "
+          "same ATen work in its backward; the official eager head computing for real")
+    print(hostpath.ratio_table(hostpath.ratios(shapes, layouts, reps=max(args.reps, 5))))
     return 0
 
 

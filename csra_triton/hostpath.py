@@ -23,6 +23,7 @@ import torch
 
 from . import common, ops, triton_impl
 from .module import CSRATriton
+from .reference import MHA
 from .shapes import Shape, temperatures
 
 #: Calls that launch no kernel: views, metadata and allocations.
@@ -145,6 +146,137 @@ def steps(shape: Shape, layout: str = "nchw", small: bool = True) -> dict:
         xg.grad = head.weight.grad = None
 
     return {"inference": infer, "fwd": fwd, "fwd+bwd": fwd_bwd, "fwd+sum().backward": fwd_sum_bwd}
+
+
+class BareFunction(torch.autograd.Function):
+    """The floor of a head as an ``autograd.Function``: what ours must allocate and do on the
+    host with no Python of its own: the forward allocates the same outputs and saved state (y,
+    m, l, att, argmax, inverse norms, the prepared weight; the scores where ours keeps them),
+    launches nothing; the backward does the same ATen work as ours (x's (D, B*N) copy for NCHW
+    x, a workspace, the two GEMMs, dW)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, keep_scores):
+        B, D, N = x.shape
+        H, C, _ = weight.shape
+        acc = common.acc_dtype(x.dtype)
+        y = torch.empty((B, C), dtype=x.dtype, device=x.device)
+        state = [torch.empty((B, H, C), dtype=acc, device=x.device) for _ in range(3)]
+        amax = torch.empty((B, H, C), dtype=torch.int32, device=x.device)
+        inv_n = torch.empty((H, C), dtype=acc, device=x.device)
+        w_op = torch.empty((H * C, D), dtype=x.dtype, device=x.device)
+        scores = torch.empty((H, C, B, N) if keep_scores else (0,), dtype=acc, device=x.device)
+        ctx.save_for_backward(x, weight, *state, amax, inv_n, w_op, scores)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, m, l, att, amax, inv_n, w_op, scores = ctx.saved_tensors
+        B, D, N = x.shape
+        H, C, _ = weight.shape
+        x_dk = common.x_matrix(x, x.dtype)
+        ds = torch.empty((H * C, B * N), dtype=x.dtype, device=x.device)
+        G = torch.mm(ds, x_dk.t())
+        dx = torch.mm(w_op.t(), ds) if not common.channels_inner(x) else torch.mm(ds.t(), w_op)
+        dw = torch.empty_like(weight)
+        del G
+        return common.dx_view(dx, B, D, N, common.channels_inner(x)), dw, None
+
+
+def floor_steps(shape: Shape, layout: str = "nchw") -> dict:
+    """:func:`steps`' calls for the bare floor (:class:`BareFunction`) and for the official
+    eager head (``reference.MHA``: H 1x1 convs, norms, softmaxes; it computes for real on
+    these tiny CPU tensors, as its kernels would on a GPU)."""
+    B, N = 2, 4
+    H, C, D = shape.heads, shape.C, shape.d
+    dt = shape.torch_dtype
+    head = CSRATriton(D, C, H, 0.1, temperatures(H))
+    w = head.weight
+    official = MHA(H, 0.1, D, C, temperatures(H)).to(dt)
+    if layout == "tokens":
+        x = torch.randn(B, N, D).to(dt)
+        x3 = x.transpose(1, 2)
+        x4 = x3.unflatten(2, (1, N))
+    else:
+        x = torch.randn(B, D, 1, N).to(dt)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        x3, x4 = x.flatten(2), x
+    keep = triton_impl.keeps_scores(x3, H, C)
+    xg = x3.detach().requires_grad_(True)
+    g = torch.randn(B, C).to(dt)
+
+    def bare_infer():
+        with torch.no_grad():
+            BareFunction.apply(x3, w, False)
+
+    def bare_fwd_bwd():
+        BareFunction.apply(xg, w, keep).backward(g)
+        xg.grad = w.grad = None
+
+    x4g = x4.detach().requires_grad_(True)
+
+    def official_infer():
+        with torch.no_grad():
+            official(x4)
+
+    def official_fwd_bwd():
+        official(x4g).backward(g)
+        x4g.grad = None
+        official.zero_grad(set_to_none=True)
+
+    return {"bare": {"inference": bare_infer, "fwd+bwd": bare_fwd_bwd},
+            "official": {"inference": official_infer, "fwd+bwd": official_fwd_bwd}}
+
+
+def floor_us(fn: Callable[[], None], reps: int = 50) -> float:
+    """Median host µs per call of ``fn``, nothing stubbed (one thread)."""
+    flush = torch.set_flush_denormal(True)
+    times = []
+    try:
+        for _ in range(5):
+            fn()
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e6)
+    finally:
+        if flush:
+            torch.set_flush_denormal(False)
+    return statistics.median(times)
+
+
+def ratios(shapes: list[Shape], layouts=("nchw",), reps: int = 200) -> list[dict]:
+    """Per shape x layout x call (inference, fwd+bwd): host µs of ours (launches stubbed), of
+    the bare autograd.Function and of the official eager head, measured in alternation (ours,
+    bare, official, repeated) so that a drift of this CPU hits all three alike."""
+    rows = []
+    for shape in shapes:
+        for layout in layouts:
+            ours = steps(shape, layout)
+            floors = floor_steps(shape, layout)
+            for call in ("inference", "fwd+bwd"):
+                t = {"ours": [], "bare": [], "official": []}
+                for _ in range(5):
+                    t["ours"].append(host_us(ours[call], reps // 5))
+                    t["bare"].append(floor_us(floors["bare"][call], reps // 5))
+                    t["official"].append(floor_us(floors["official"][call], reps // 5))
+                med = {k: statistics.median(v) for k, v in t.items()}
+                rows.append(dict(shape=shape.name, layout=layout, call=call, ours_us=med["ours"],
+                                 bare_us=med["bare"], official_us=med["official"],
+                                 vs_bare=med["ours"] / med["bare"],
+                                 vs_official=med["ours"] / med["official"]))
+    return rows
+
+
+def ratio_table(rows: list[dict]) -> str:
+    lines = ["| shape | layout | call | ours µs | bare autograd.Function µs | official head µs | "
+             "ours / bare | ours / official |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['layout']} | {r['call']} | {r['ours_us']:.1f} | "
+                     f"{r['bare_us']:.1f} | {r['official_us']:.1f} | {r['vs_bare']:.2f} | "
+                     f"{r['vs_official']:.3f} |")
+    return "\n".join(lines)
 
 
 def report(shapes: list[Shape], layouts=("nchw",), reps: int = 50) -> list[dict]:

@@ -40,12 +40,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import threading
 import warnings
 from typing import Iterator
 
 import torch
 from torch import Tensor
+
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from . import archs, fallback, triton_impl
 from .common import (acc_dtype, channels_inner, check_lam, check_temperatures, dx_view, empty,
@@ -137,13 +140,22 @@ def csra_fwd(x: Tensor, weight: Tensor, temperatures: list[float], lam: float,
              normalize: bool, keep: bool = True, backend: str = "auto",
              lam_t: Tensor | None = None
              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    temps = kernel_temperatures(temperatures)
+    return _forward_impl(x, weight, kernel_temperatures(temperatures), lam, normalize, keep,
+                         backend, lam_t)
+
+
+def _forward_impl(x, weight, temps, lam, normalize, keep, backend, lam_t, packed=False):
+    """What every forward path computes (the custom op, the triton_op, the eager path):
+    ``temps`` in the kernels' encoding; ``packed``: the eager path's allocation (see
+    ``triton_impl.forward``)."""
     impl = implementation(x, backend)
     if x.shape[0] == 0 and impl is triton_impl:     # no programs to launch: the fallback's zeros
         *outs, _, _ = fallback.forward(x, weight, temps, lam, normalize, keep, lam_t)
         return (*outs, _kept_like(x, weight, keep, backend, new),
                 _scores_like(x, weight, keep, backend, new))
-    return impl.forward(x, weight, temps, lam, normalize, keep, lam_t)
+    if impl is triton_impl:
+        return triton_impl.forward(x, weight, temps, lam, normalize, keep, lam_t, packed)
+    return fallback.forward(x, weight, temps, lam, normalize, keep, lam_t)
 
 
 @csra_fwd.register_fake
@@ -239,12 +251,8 @@ def _(grad_y, x, weight, m, l, att, amax, inv_n, kept, scores, temperatures, lam
 def csra_fwd_cuda(x: Tensor, weight: Tensor, temperatures: list[float], lam: float,
                   normalize: bool, keep: bool = True, lam_t: Tensor | None = None
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    temps = kernel_temperatures(temperatures)
-    if x.shape[0] == 0:
-        *outs, _, _ = fallback.forward(x, weight, temps, lam, normalize, keep, lam_t)
-        return (*outs, _kept_like(x, weight, keep, "triton", new),
-                _scores_like(x, weight, keep, "triton", new))
-    return triton_impl.forward(x, weight, temps, lam, normalize, keep, lam_t)
+    return _forward_impl(x, weight, kernel_temperatures(temperatures), lam, normalize, keep,
+                         "triton", lam_t)
 
 
 @torch.library.triton_op("csra_triton::csra_bwd_cuda", mutates_args=())
@@ -262,12 +270,20 @@ def use_cuda_ops(x: Tensor, backend: str) -> bool:
 
 
 def forward(x: Tensor, weight: Tensor, op_temps: list[float], lam, normalize: bool,
-            keep: bool, backend: str = "auto") -> tuple:
+            keep: bool, backend: str = "auto", eager: bool = True) -> tuple:
     """The forward op for this call (resolved once, when the module calls or traces it).
     ``lam`` is a Python number, or a one-element tensor (a learnable lam: it reaches the op
-    as ``lam_t``, and its gradient is sum_b,c g * sum_k att from the forward's state)."""
+    as ``lam_t``, and its gradient is sum_b,c g * sum_k att from the forward's state).
+    In eager mode (:func:`_eager`) inference returns the implementation's outputs directly and
+    a training call returns ``(y,)`` from :class:`_EagerCSRA`; ``eager=False`` always calls
+    the ops (every output)."""
     backend = backend_for(x.device, x.dtype) if backend == "auto" else backend
     lam, lam_t = (0.0, lam) if isinstance(lam, Tensor) else (lam, None)
+    if eager and EAGER and _eager(x, weight, lam_t):
+        if not keep:              # inference: nothing for autograd to record
+            return _forward_impl(x, weight, kernel_temperatures(op_temps), lam, normalize,
+                                 False, backend, lam_t, packed=True)
+        return (_EagerCSRA.apply(x, weight, lam_t, op_temps, lam, normalize, backend),)
     if use_cuda_ops(x, backend):
         return torch.ops.csra_triton.csra_fwd_cuda(x, weight, op_temps, lam, normalize, keep,
                                                    lam_t)
@@ -332,27 +348,94 @@ def lam_grad(grad_y: Tensor, att: Tensor, lam_t: Tensor) -> Tensor:
 
 
 def _backward(ctx, grad_y, *_state_grads):
+    """The custom ops' (and CSRAFunction's) backward: the backward op."""
+    n_args = 7 if ctx.backend == "cuda" else 8      # the op's inputs
+    return _grads(ctx, grad_y, n_args, _backward_op)
+
+
+def _backward_op(ctx, grad_y, x, weight, state, lam_t):
+    if ctx.backend == "cuda":
+        return torch.ops.csra_triton.csra_bwd_cuda(
+            grad_y, x, weight, *state, ctx.temperatures, ctx.lam, ctx.normalize, lam_t)
+    return torch.ops.csra_triton.csra_bwd(
+        grad_y, x, weight, *state, ctx.temperatures, ctx.lam, ctx.normalize, ctx.backend, lam_t)
+
+
+def _grads(ctx, grad_y, n_args, backward):
+    """Gradients of the inputs (x, weight, ..., lam_t last of ``n_args``) from the saved
+    (x, weight, *state[, lam_t]); ``backward(ctx, grad_y, x, weight, state, lam_t)`` gives
+    (dx, dW). Under ``create_graph=True``: through the composite (differentiable again)."""
     x, weight, *state = ctx.saved_tensors
     lam_t = state.pop() if ctx.has_lam_t else None
-    n_args = 7 if ctx.backend == "cuda" else 8      # the op's inputs
     if grad_y is None:
         return (None,) * n_args
     if torch.is_grad_enabled():                     # create_graph=True
         return _differentiable_backward(ctx, x, weight, lam_t, grad_y, n_args)
+    need = ctx.needs_input_grad
     grad_x = grad_w = None
-    if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
-        pass                                        # lam's gradient alone
-    elif ctx.backend == "cuda":
-        grad_x, grad_w = torch.ops.csra_triton.csra_bwd_cuda(
-            grad_y, x, weight, *state, ctx.temperatures, ctx.lam, ctx.normalize, lam_t)
-    else:
-        grad_x, grad_w = torch.ops.csra_triton.csra_bwd(
-            grad_y, x, weight, *state, ctx.temperatures, ctx.lam, ctx.normalize, ctx.backend,
-            lam_t)
-    grad_lam = (lam_grad(grad_y, state[2], lam_t)
-                if lam_t is not None and ctx.needs_input_grad[n_args - 1] else None)
-    return (grad_x if ctx.needs_input_grad[0] else None,
-            grad_w if ctx.needs_input_grad[1] else None, *(None,) * (n_args - 3), grad_lam)
+    if need[0] or need[1]:
+        grad_x, grad_w = backward(ctx, grad_y, x, weight, state, lam_t)
+    grad_lam = lam_grad(grad_y, state[2], lam_t) if lam_t is not None and need[n_args - 1] else None
+    return (grad_x if need[0] else None, grad_w if need[1] else None, *(None,) * (n_args - 3),
+            grad_lam)
+
+
+# --------------------------------------------------------------------------- the eager path
+# In eager mode (nothing tracing) a call reaches the implementation through a plain
+# autograd.Function (training) or directly (inference), skipping torch.library's dispatch
+# layers; torch.compile, export, ONNX, AOTI, tensor subclasses and dispatch modes take the ops
+# above. Both run _forward_impl and _backward_loop: the same launches, the same results.
+
+#: ``CSRA_TRITON_EAGER=0`` sends eager calls through the custom ops too.
+EAGER = os.environ.get("CSRA_TRITON_EAGER", "1") not in ("", "0")
+
+
+def _eager(x: Tensor, weight: Tensor, lam_t) -> bool:
+    """Whether this call may take the eager path: plain tensors, nothing tracing, no
+    dispatch mode (profilers' modes, fake tensors, FlopCounter see the ops)."""
+    return (type(x) is Tensor and type(weight) in _PLAIN
+            and (lam_t is None or type(lam_t) in _PLAIN)
+            and not torch.compiler.is_compiling()
+            and _current_dispatch_mode() is None)
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+class _EagerCSRA(torch.autograd.Function):
+    """The training forward in eager mode: y, with the op's state saved for the backward
+    (views of one allocation: ``triton_impl.forward(packed=True)``)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, lam_t, op_temps, lam, normalize, backend):
+        y, *state = _forward_impl(x, weight, kernel_temperatures(op_temps), lam, normalize,
+                                  True, backend, lam_t, packed=True)
+        ctx.has_lam_t = lam_t is not None
+        ctx.save_for_backward(x, weight, *state, *((lam_t,) if ctx.has_lam_t else ()))
+        ctx.temperatures, ctx.lam, ctx.normalize, ctx.backend = op_temps, lam, normalize, backend
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        gx, gw, *_, glam = _grads(_EagerCtx(ctx), grad_y, 4, _backward_direct)
+        return gx, gw, glam, None, None, None, None
+
+
+class _EagerCtx:
+    """_EagerCSRA's ctx as :func:`_grads` reads it: inputs (x, weight, lam_t), lam_t last."""
+
+    def __init__(self, ctx):
+        self._ctx = ctx
+        need = ctx.needs_input_grad
+        self.needs_input_grad = (need[0], need[1], False, need[2])
+
+    def __getattr__(self, name):
+        return getattr(self._ctx, name)
+
+
+def _backward_direct(ctx, grad_y, x, weight, state, lam_t):
+    return _backward_loop(grad_y, x, weight, *state, ctx.temperatures, ctx.lam, ctx.normalize,
+                          ctx.backend, lam_t)
 
 
 csra_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -382,17 +465,27 @@ class CSRAFunction(torch.autograd.Function):
         temps = op_temperatures(check_temperatures(temperatures, weight.shape[0]))
         lam, normalize = check_lam(lam, x.device), bool(normalize)
         backend = backend_for(x.device, x.dtype)
-        y, *state = forward(x, weight, temps, lam, normalize, True, backend)
-        ctx.has_lam_t = isinstance(lam, torch.Tensor)
+        lam_t = lam if isinstance(lam, torch.Tensor) else None
+        ctx.eager = EAGER and _eager(x, weight, lam_t)
+        if ctx.eager:
+            y, *state = _forward_impl(x, weight, kernel_temperatures(temps), 0.0 if lam_t is not
+                                      None else lam, normalize, True, backend, lam_t, packed=True)
+        else:
+            y, *state = forward(x, weight, temps, lam, normalize, True, backend, eager=False)
+        ctx.has_lam_t = lam_t is not None
         ctx.save_for_backward(x, weight, *state, *((lam,) if ctx.has_lam_t else ()))
         ctx.temperatures, ctx.lam = temps, 0.0 if ctx.has_lam_t else lam
         ctx.normalize = normalize
-        ctx.backend = "cuda" if use_cuda_ops(x, backend) else backend
+        # the ops' backward for the CUDA triton_op is csra_bwd_cuda ("cuda"); the eager
+        # path's runs the loop for the backend itself
+        ctx.backend = "cuda" if not ctx.eager and use_cuda_ops(x, backend) else backend
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        grads = _backward(_FunctionCtx(ctx), grad_y)
+        fctx = _FunctionCtx(ctx)
+        n_args = 7 if ctx.backend == "cuda" else 8
+        grads = _grads(fctx, grad_y, n_args, _backward_direct if ctx.eager else _backward_op)
         return (*grads[:2], None, grads[-1], None)
 
 

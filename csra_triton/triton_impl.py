@@ -255,12 +255,13 @@ def _gpu(on_gpu: bool | None) -> bool:
 
 
 def prep_call(x: Tensor, weight: Tensor, normalize: bool, w_op: Tensor, inv_n: Tensor,
-              on_gpu: bool | None = None) -> Call:
+              on_gpu: bool | None = None, kw: dict | None = None) -> Call:
+    """The prep launch; ``kw``: a :class:`Plan`'s constexprs (its ACC and EMU_BF16), if known."""
     from .kernels import csra_prep_kernel
 
     H, C, D = weight.shape
     R = H * C
-    d = _dtypes(x, _gpu(on_gpu))
+    d = kw if kw is not None else _dtypes(x, _gpu(on_gpu))
     br, bd = row_tiles(D)
     return Call(csra_prep_kernel, (cdiv(R, br),),
                 (weight, *weight.stride(), w_op, inv_n, R, C, D),
@@ -572,22 +573,47 @@ def with_lam(params: Tensor, lam_t: Tensor | None) -> Tensor:
 
 
 def forward(x: Tensor, weight: Tensor, temps: list[float], lam: float, normalize: bool,
-            keep: bool, lam_t: Tensor | None = None) -> tuple:
+            keep: bool, lam_t: Tensor | None = None, packed: bool = False) -> tuple:
     """(y, m, l, att, argmax, inv_n, kept, scores): two launches (prep, fwd), the weight
     prepared from its current values. ``kept`` is the prepared weight when ``keep`` and it is
     small (:func:`keeps_weight`), else (0,); ``scores`` the raw scores when ``keep`` and
-    :func:`keeps_scores`, else (0,)."""
-    H, C, _ = weight.shape
+    :func:`keeps_scores`, else (0,). ``packed`` (the eager path, ``ops``): the state and inverse
+    norms are views of one allocation and what is not kept is None (:func:`_forward_packed`;
+    custom ops may not return aliased outputs, so the traced path allocates each); the
+    launches and their results are the same."""
+    H, C, D = weight.shape
     p = plan(x, weight, temps, lam)
-    outs = fwd_outputs(x, H, C, keep=False)          # inv_n: the prepared one, if kept
+    if packed and x.dtype != torch.float64:
+        return _forward_packed(x, weight, p, normalize, keep, lam_t)
+    outs = fwd_outputs(x, H, C, keep=False)[:5]      # inv_n: the prepared one, if kept
     w_op, inv_n = prep_weight(x, weight, normalize)
     scores = scores_output(x, H, C, keep)
     fwd_call(x, w_op, inv_n, with_lam(p.params, lam_t), outs, p.cfg, H, kw=p.kw,
              scores=scores).run()
-    if keep:
-        outs = (*outs[:5], inv_n.view(H, C))
+    inv_n = inv_n.view(H, C) if keep else new((0,), acc_dtype(x.dtype), x.device)
     kept = w_op if keep and keeps_weight(x, weight) else new((0,), x.dtype, x.device)
-    return (*outs, kept, scores)
+    return (*outs, inv_n, kept, scores)
+
+
+def _forward_packed(x: Tensor, weight: Tensor, p: "Plan", normalize: bool, keep: bool,
+                    lam_t: Tensor | None) -> tuple:
+    """The eager path's forward: the same two launches as :func:`forward`, with m, l, att,
+    argmax (an int32 view) and inv_n as views of one allocation, and None for what is not
+    kept (``kept``, ``scores``): 3 allocations instead of 10 (4 with kept scores)."""
+    B, D, N = x.shape
+    H, C, _ = weight.shape
+    acc = acc_dtype(x.dtype)
+    buf = new((4 * B + 1, H, C), acc, x.device)
+    m, l, att, amax, inv_n = torch.split(buf, (B, B, B, B, 1))
+    amax = amax.view(torch.int32)
+    y = new((B, C), x.dtype, x.device)
+    w_op = new((H * C, D), x.dtype, x.device)
+    scores = new((H, C, B, N), acc, x.device) if keep and keeps_scores(x, H, C) else None
+    prep_call(x, weight, normalize, w_op, inv_n, kw=p.kw).run()
+    fwd_call(x, w_op, inv_n, with_lam(p.params, lam_t), (y, m, l, att, amax), p.cfg, H,
+             kw=p.kw, scores=scores).run()
+    kept = w_op if keep and keeps_weight(x, weight) else None
+    return (y, m, l, att, amax, inv_n.view(H, C), kept, scores)
 
 
 def scores_output(x: Tensor, H: int, C: int, keep: bool, alloc=new) -> Tensor:
@@ -614,7 +640,7 @@ class Backward:
         self.params, fwd_cfg, self.kw = with_lam(p.params, lam_t), p.cfg, p.kw
         self.gemm = self.dx_dtype = x.dtype
         self.chunk = ds_chunk_classes(H, C, B, N, fwd_cfg.BC)
-        if kept.numel():                 # the forward's prepared weight, bit for bit
+        if kept is not None and kept.numel():    # the forward's prepared weight, bit for bit
             self.w_op, self.inv_n = kept, inv_n
         else:
             self.w_op, self.inv_n = prep_weight(x, weight, normalize)

@@ -103,3 +103,79 @@ def test_plan_cache_is_bounded(monkeypatch):
             y = csra_triton.csra(x, weight, [1.0, INF], 0.1)
             assert len(triton_impl._plans) == min(B, 3)
             assert rel_err(y, ref64(x, weight, [1.0, INF], 0.1)) <= 1e-5
+
+
+# --------------------------------------------------------------------------- the eager path
+
+
+def _run_both_paths(monkeypatch, layout, dtype, lam):
+    """y (inference), y, dx, dW (and dlam) through the eager path and through the ops."""
+    from csra_triton import ops
+
+    torch.manual_seed(0)
+    head = csra_triton.CSRATriton(24, 7, 4, lam=0.3)
+    if lam == "learnable":
+        head.lam = torch.nn.Parameter(torch.tensor(0.3))
+    x = torch.randn(3, 24, 4, 5).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    g = torch.randn(3, 7).to(dtype)
+    out = {}
+    for eager in (True, False):
+        monkeypatch.setattr(ops, "EAGER", eager)
+        with torch.no_grad():
+            y_inf = head(x)
+        xg = x.clone().requires_grad_()
+        y = head(xg)
+        y.backward(g)
+        grads = [xg.grad, head.weight.grad]
+        if lam == "learnable":
+            grads.append(head.lam.grad)
+        out[eager] = [y_inf, y.detach(), *grads]
+        head.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize("lam", [0.3, "learnable"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_path_is_bit_identical_to_the_ops(backend, monkeypatch, layout, dtype, lam):
+    """The eager path (a plain autograd.Function, or no autograd at all for inference) and the
+    custom ops run the same implementation: y, dx, dW (and a learnable lam's gradient) equal
+    bit for bit, on both backends."""
+    out = _run_both_paths(monkeypatch, layout, dtype, lam)
+    for a, b in zip(out[True], out[False]):
+        assert torch.equal(a, b)
+
+
+def test_eager_path_skips_the_op_dispatch(monkeypatch):
+    """In eager mode no custom op is called (torch.library's dispatch is what the eager path
+    saves); under a dispatch mode (a profiler's, FlopCounter, fake tensors) the ops are."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    head, x = _head_and_input("cpu")
+    xg = x.requires_grad_()
+    counted = []
+    real = csra_triton.ops._forward_impl
+
+    def spy_impl(*a, **k):
+        counted.append(k.get("packed", False) or (len(a) > 8 and a[8]))
+        return real(*a, **k)
+
+    monkeypatch.setattr(csra_triton.ops, "_forward_impl", spy_impl)
+    head(xg).sum().backward()
+    with torch.no_grad():
+        head(x)
+    assert counted == [True, True]                   # both calls took the packed eager path
+    counted.clear()
+    with Spy():
+        head(x.detach())
+    assert any("csra_fwd" in f for f in seen), seen  # the op, visible to the mode
+    assert counted == [False]

@@ -95,7 +95,10 @@ def _csra_prechecked(x: Tensor, weight: Tensor, op_temps: list[float], lam: floa
 def _run(x3: Tensor, weight: Tensor, op_temps: list[float], lam: float, normalize: bool) -> Tensor:
     """The op, or under ``torch.onnx.export`` the same math in standard operators (ONNX has no
     translation for a custom op; ``fallback.forward_graph``)."""
-    if torch.onnx.is_in_onnx_export():
+    # (an ONNX export traces: TorchScript's, or torch.export's under the dynamo exporter; the
+    # two C-level checks spare eager calls the export check's Python)
+    if ((torch.jit.is_tracing() or torch.compiler.is_compiling())
+            and torch.onnx.is_in_onnx_export()):
         return fallback.forward_graph(x3, weight, kernel_temperatures(op_temps), lam, normalize)
     if ops.functorch_active():        # torch.func (grad, vmap, jacrev): the composite
         return ops.composite(x3, weight, op_temps, lam, normalize)

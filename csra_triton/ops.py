@@ -396,6 +396,7 @@ def _eager(x: Tensor, weight: Tensor, lam_t) -> bool:
     return (type(x) is Tensor and type(weight) in _PLAIN
             and (lam_t is None or type(lam_t) in _PLAIN)
             and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing()          # a TorchScript trace records the op
             and _current_dispatch_mode() is None)
 
 

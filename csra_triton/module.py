@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -150,6 +151,21 @@ class CSRATriton(nn.Module):
         else:
             super().__setattr__(name, value)
 
+    def __delattr__(self, name):
+        if name in CSRATriton._LIVE:
+            raise AttributeError(f"{name}: cannot be deleted; assign a new value")
+        super().__delattr__(name)
+
+    def __setstate__(self, state):
+        # A module pickled whole by an earlier version kept temperatures, lam and normalize as
+        # plain attributes: route them through the setters.
+        old = {k: state.pop(k) for k in CSRATriton._LIVE if k in state}
+        if "temperatures" in old:
+            state.pop("_op_temperatures", None)
+        super().__setstate__(state)
+        for k, v in old.items():
+            setattr(self, k, v)
+
     @property
     def temperatures(self) -> tuple[float, ...]:
         """One per head (inf: a max head); assign a new sequence to change them (a tuple, so
@@ -173,10 +189,15 @@ class CSRATriton(nn.Module):
     @lam.setter
     def lam(self, value) -> None:
         if isinstance(value, Tensor):
+            check_lam(value)
+            if getattr(self, "_is_replica", False) and not isinstance(value, nn.Parameter):
+                # nn.DataParallel's replicas get their parameters as plain tensors (views of
+                # the original's, through which the gradient flows back): kept as they are
+                self.__dict__["_lam"] = value
+                return
             if not isinstance(value, nn.Parameter):
                 raise TypeError("lam: a tensor lam must be an nn.Parameter (learnable); for a "
                                 "fixed lam pass a Python number")
-            check_lam(value)
             self._parameters["lam"] = value
             self.__dict__["_lam"] = None
         else:
@@ -190,7 +211,7 @@ class CSRATriton(nn.Module):
 
     @normalize.setter
     def normalize(self, value) -> None:
-        if not isinstance(value, (bool, int)) or isinstance(value, Tensor):
+        if not isinstance(value, (bool, int, np.bool_)) or isinstance(value, Tensor):
             raise TypeError(f"normalize: expected a bool, got {type(value).__name__}")
         self.__dict__["_normalize"] = bool(value)
 
@@ -220,7 +241,8 @@ class CSRATriton(nn.Module):
     def extra_repr(self) -> str:
         temps = [("inf" if math.isinf(t) else f"{t:g}") for t in self.temperatures]
         lam = self.lam
-        lam = f"learnable({lam.item():g})" if isinstance(lam, Tensor) else lam
+        if isinstance(lam, Tensor):     # its value only where reading it costs no device sync
+            lam = f"learnable({lam.item():g})" if lam.device.type == "cpu" else "learnable"
         return (f"in_ch={self.in_ch}, classes={self.classes}, heads={self.heads}, lam={lam}, "
                 f"temperatures=[{', '.join(temps)}], normalize={self.normalize}")
 

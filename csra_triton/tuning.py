@@ -241,10 +241,15 @@ def write_atomically(path: Path, text: str) -> None:
     unique name: processes writing at once never share one) renamed over ``path``: a reader
     sees the old file or the new one, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:        # mkstemp makes the file owner-only: keep the mode the file had (else rw-r--r--)
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        mode = 0o644
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -336,6 +336,57 @@ def test_learnable_lam_under_torch_compile():
     assert rel_err(head.weight.grad, dw) <= TOL32 and rel_err(head.lam.grad, dlam) <= TOL32
 
 
+def test_a_module_pickled_by_the_earlier_version_loads():
+    """Before issue 27 the attributes were plain instance attributes: a whole-module pickle of
+    that version (its __dict__ as below) unpickles, validated, and computes."""
+    head, x = _head(), _x()
+    state = {k: v for k, v in head.__dict__.items()
+             if k not in ("_temperatures", "_op_temperatures", "_lam", "_normalize")}
+    state.update(temperatures=[1.0, 2.0, 4.0, INF], _op_temperatures=[1.0, 2.0, 4.0, 0.0],
+                 lam=0.3, normalize=True)
+    old = csra_triton.CSRATriton.__new__(csra_triton.CSRATriton)
+    old.__setstate__(state)
+    assert old.temperatures == (1.0, 2.0, 4.0, INF) and old.lam == 0.3 and old.normalize
+    with torch.no_grad():
+        assert torch.equal(old(x), head(x))
+
+
+def test_live_attributes_cannot_be_deleted_and_print_anywhere():
+    head = _head()
+    head.lam = nn.Parameter(torch.tensor(0.3))
+    for name in ("lam", "temperatures", "normalize"):
+        with pytest.raises(AttributeError, match=name):
+            delattr(head, name)
+    assert isinstance(head.lam, nn.Parameter)
+    assert "lam=learnable" in repr(head.to("meta"))      # no .item() on a meta (or GPU) lam
+
+
+def test_learnable_lam_in_a_data_parallel_replica():
+    """nn.DataParallel's replicate() gives a replica its parameters as plain tensors (views
+    through which the gradient flows back): the replica takes its lam that way."""
+    head, x = _head(), _x()
+    head.lam = nn.Parameter(torch.tensor(0.45))
+    replica = head._replicate_for_data_parallel()
+    for name, p in head.named_parameters():
+        setattr(replica, name, p * 1.0)                  # what replicate() hands a replica
+    g = torch.randn(3, 5)
+    replica(x).backward(g)
+    _, _, dw, dlam = _ref_with_lam(x, head.weight, head.temperatures, 0.45, g)
+    assert rel_err(head.weight.grad, dw) <= TOL32 and rel_err(head.lam.grad, dlam) <= TOL32
+
+
+def test_tune_cache_file_stays_readable(tmp_path):
+    """The atomic write goes through mkstemp (owner-only): the cache keeps rw-r--r-- (or the
+    mode it had)."""
+    path = tmp_path / "tune.json"
+    env = {"gpu": "test", "arch": "sm_90a", "torch": "t", "triton": "t"}
+    tuning.save_choice("fwd|x", tuning.Config(16, 64, 32), 0.1, env, path=path)
+    assert path.stat().st_mode & 0o777 == 0o644
+    path.chmod(0o664)
+    tuning.save_choice("fwd|y", tuning.Config(16, 64, 32), 0.1, env, path=path)
+    assert path.stat().st_mode & 0o777 == 0o664
+
+
 def test_temperatures_cannot_be_edited_in_place():
     head = _head()
     with pytest.raises(TypeError):

@@ -104,18 +104,19 @@ class BoundedCache:
             if old is not None:
                 self._d.move_to_end(key)
                 return old
-            self._d[key] = value
-            while len(self._d) > self.maxsize:
-                self._d.popitem(last=False)
+            self._store(key, value)
             return value
 
     def set(self, key, value) -> None:
         """Stores ``value``, replacing what ``key`` held."""
         with self._lock:
-            self._d[key] = value
-            self._d.move_to_end(key)
-            while len(self._d) > self.maxsize:
-                self._d.popitem(last=False)
+            self._store(key, value)
+
+    def _store(self, key, value) -> None:       # (under the lock)
+        self._d[key] = value
+        self._d.move_to_end(key)
+        while len(self._d) > self.maxsize:
+            self._d.popitem(last=False)
 
     def clear(self) -> None:
         with self._lock:
@@ -123,14 +124,6 @@ class BoundedCache:
 
     def __len__(self) -> int:
         return len(self._d)
-
-    def __contains__(self, key) -> bool:
-        with self._lock:
-            return key in self._d
-
-    def keys(self) -> list:
-        with self._lock:
-            return list(self._d)
 
 
 # --------------------------------------------------------------------------- temperatures

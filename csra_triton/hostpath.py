@@ -91,23 +91,11 @@ def host_us(fn: Callable[[], None], reps: int = 50) -> float:
     """Median host µs per call of ``fn`` with launches stubbed (profiler off)."""
     old = common.POISON
     common.POISON = False
-    # the stubbed kernels leave their outputs unwritten: denormal garbage there would make the
-    # small CPU GEMMs that do run 10x slower than on real values
-    flush = torch.set_flush_denormal(True)
-    times = []
     try:
         with triton_impl.stub_launches(), ops.use_backend("triton"):
-            for _ in range(5):
-                fn()
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e6)
+            return floor_us(fn, reps)
     finally:
         common.POISON = old
-        if flush:
-            torch.set_flush_denormal(False)
-    return statistics.median(times)
 
 
 def steps(shape: Shape, layout: str = "nchw", small: bool = True) -> dict:
@@ -230,7 +218,10 @@ def floor_steps(shape: Shape, layout: str = "nchw") -> dict:
 
 
 def floor_us(fn: Callable[[], None], reps: int = 50) -> float:
-    """Median host µs per call of ``fn``, nothing stubbed (one thread)."""
+    """Median host µs per call of ``fn`` after 5 untimed calls, nothing stubbed (profiler off;
+    :func:`host_us` runs it with launches stubbed)."""
+    # stubbed kernels leave their outputs unwritten: denormal garbage there would make the
+    # small CPU GEMMs that do run 10x slower than on real values
     flush = torch.set_flush_denormal(True)
     times = []
     try:

@@ -47,7 +47,6 @@ from typing import Iterator
 
 import torch
 from torch import Tensor
-
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from . import archs, fallback, triton_impl
@@ -418,17 +417,19 @@ class _EagerCSRA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        gx, gw, *_, glam = _grads(_EagerCtx(ctx), grad_y, 4, _backward_direct)
+        need = ctx.needs_input_grad                     # (x, weight, lam_t, ...)
+        gx, gw, *_, glam = _grads(_CtxView(ctx, need[:3], 4), grad_y, 4, _backward_direct)
         return gx, gw, glam, None, None, None, None
 
 
-class _EagerCtx:
-    """_EagerCSRA's ctx as :func:`_grads` reads it: inputs (x, weight, lam_t), lam_t last."""
+class _CtxView:
+    """A ctx as :func:`_grads` reads it: ``needs_input_grad`` laid out as (x, weight, others...,
+    lam_t last), everything else the ctx's own (:class:`_EagerCSRA`, :class:`CSRAFunction`)."""
 
-    def __init__(self, ctx):
+    def __init__(self, ctx, x_w_lam: tuple, n_args: int):
         self._ctx = ctx
-        need = ctx.needs_input_grad
-        self.needs_input_grad = (need[0], need[1], False, need[2])
+        x, w, lam = x_w_lam
+        self.needs_input_grad = (x, w, *(False,) * (n_args - 3), lam)
 
     def __getattr__(self, name):
         return getattr(self._ctx, name)
@@ -484,9 +485,10 @@ class CSRAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        fctx = _FunctionCtx(ctx)
-        n_args = 7 if ctx.backend == "cuda" else 8
-        grads = _grads(fctx, grad_y, n_args, _backward_direct if ctx.eager else _backward_op)
+        need = ctx.needs_input_grad           # (x, weight, temperatures, lam, normalize)
+        n_args = 7 if ctx.backend == "cuda" else 8     # the op's inputs (lam_t last)
+        grads = _grads(_CtxView(ctx, (need[0], need[1], need[3]), n_args), grad_y, n_args,
+                       _backward_direct if ctx.eager else _backward_op)
         return (*grads[:2], None, grads[-1], None)
 
 
@@ -498,16 +500,3 @@ def _check_function_args(x, weight) -> None:
         raise ValueError(f"x: expected a (B, {weight.shape[2]}, N) tensor, got "
                          f"{getattr(x, 'shape', type(x).__name__)}")
 
-
-class _FunctionCtx:
-    """CSRAFunction's ctx as :func:`_backward` reads it: its inputs (x, weight, temperatures,
-    lam, normalize) mapped onto the op's (lam last)."""
-
-    def __init__(self, ctx):
-        self._ctx = ctx
-        n = 7 if ctx.backend == "cuda" else 8
-        need = ctx.needs_input_grad
-        self.needs_input_grad = (need[0], need[1], *(False,) * (n - 3), need[3])
-
-    def __getattr__(self, name):
-        return getattr(self._ctx, name)

@@ -1,4 +1,5 @@
-"""Worker for test_integration.test_ddp_matches_single_process (spawned; must be importable)."""
+"""Workers for test_integration.test_ddp_matches_single_process (spawned; must be importable),
+and :func:`run_rank`, the gloo rank harness the other workers share."""
 import os
 import sys
 import traceback
@@ -27,8 +28,9 @@ def train(model, x, y, steps=3, lr=0.5):
     return model
 
 
-def worker(rank, world, init_method, out_file):
-    """One rank. It leaves with ``os._exit`` once the process group is destroyed and its result
+def run_rank(rank, world, init_method, body):
+    """Runs ``body()`` as one of ``world`` gloo ranks; all ranks leave together (a barrier).
+    It leaves with ``os._exit`` once the process group is destroyed and its result
     written: a spawned rank that returned went through the interpreter's full teardown, where
     gloo's threads and the store's destructor race the C++ static destructors (seen once in
     three full CI runs: "terminate called without an active exception", SIGABRT). The suite's
@@ -39,13 +41,7 @@ def worker(rank, world, init_method, out_file):
     try:
         dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
         try:
-            model, x, y = make_model_and_data()
-            ddp = torch.nn.parallel.DistributedDataParallel(model)
-            per = x.shape[0] // world
-            part = slice(rank * per, (rank + 1) * per)
-            train(ddp, x[part], y[part])
-            if rank == 0:
-                torch.save(model.weight.detach().clone(), out_file)
+            body()
             dist.barrier()          # both ranks leave together
         finally:
             dist.destroy_process_group()
@@ -58,3 +54,17 @@ def worker(rank, world, init_method, out_file):
         sys.stderr.flush()
         if code == 0:
             os._exit(0)
+
+
+def worker(rank, world, init_method, out_file):
+    """One rank of test_ddp_matches_single_process: DDP over half of the batch."""
+    def body():
+        model, x, y = make_model_and_data()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        per = x.shape[0] // world
+        part = slice(rank * per, (rank + 1) * per)
+        train(ddp, x[part], y[part])
+        if rank == 0:
+            torch.save(model.weight.detach().clone(), out_file)
+
+    run_rank(rank, world, init_method, body)

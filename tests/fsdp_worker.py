@@ -4,14 +4,12 @@ Each rank shards a CSRATriton with FSDP2 (``fully_shard``: the weight is split o
 ranks by heads), takes SGD steps on its half of the batch, eager and then under
 ``torch.compile``, and rank 0 saves the full weight after each step."""
 import os
-import sys
-import traceback
 
 import torch
-import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
 import csra_triton
+from ddp_worker import run_rank
 
 
 def make(seed=0):
@@ -30,34 +28,21 @@ def step(model, opt, x, target):
 
 
 def worker(rank, world, init_method, out_dir, backend):
-    code = 1
-    try:
-        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
-        try:
-            head, x, target = make()
-            fully_shard(head)
-            sharded = tuple(head.weight.to_local().shape)
-            opt = torch.optim.SGD(head.parameters(), lr=0.5)
-            part = slice(rank * 2, rank * 2 + 2)
-            weights = []
-            with csra_triton.use_backend(backend):
-                step(head, opt, x[part], target[part])                  # eager
-                weights.append(head.weight.full_tensor().detach().clone())
-                compiled = torch.compile(head)
-                step(compiled, opt, x[part], target[part])              # compiled
-                weights.append(head.weight.full_tensor().detach().clone())
-            if rank == 0:
-                torch.save({"weights": weights, "sharded": sharded},
-                           os.path.join(out_dir, f"fsdp-{backend}.pt"))
-            dist.barrier()
-        finally:
-            dist.destroy_process_group()
-        code = 0
-    except BaseException:
-        traceback.print_exc()
-        raise
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        if code == 0:
-            os._exit(0)      # see ddp_worker.worker: no interpreter teardown after gloo
+    def body():
+        head, x, target = make()
+        fully_shard(head)
+        sharded = tuple(head.weight.to_local().shape)
+        opt = torch.optim.SGD(head.parameters(), lr=0.5)
+        part = slice(rank * 2, rank * 2 + 2)
+        weights = []
+        with csra_triton.use_backend(backend):
+            step(head, opt, x[part], target[part])                  # eager
+            weights.append(head.weight.full_tensor().detach().clone())
+            compiled = torch.compile(head)
+            step(compiled, opt, x[part], target[part])              # compiled
+            weights.append(head.weight.full_tensor().detach().clone())
+        if rank == 0:
+            torch.save({"weights": weights, "sharded": sharded},
+                       os.path.join(out_dir, f"fsdp-{backend}.pt"))
+
+    run_rank(rank, world, init_method, body)

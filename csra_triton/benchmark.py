@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from . import fallback, ops
-from .common import rel_err
+from .common import mm, rel_err
 from .module import CSRATriton
 from .reference import MHA, as_operand, csra_reference
 from .shapes import (CEILINGS, CPU_DEFAULT, HEADLINE, SHAPES, TINY, Shape,  # noqa: F401 - re-exported
@@ -244,18 +244,46 @@ def measure_interleaved(shape: Shape, pass_: str, impls: list[str], device: torc
     the other. The same rows as :func:`measure`; ``interleaved`` records how."""
     benches = {i: Bench(shape, i, device) for i in impls}
     fns = {i: b.step(pass_) for i, b in benches.items()}
+    floor = cpu_gemm(shape, device) if device.type == "cpu" else None
+    if floor is not None:
+        fns[FLOOR] = floor
     for fn in fns.values():
         for _ in range(3):
             fn()
-    times: dict = {i: [] for i in impls}
+    times: dict = {i: [] for i in fns}
     for _ in range(reps):
         for i, fn in fns.items():
             t0 = time.perf_counter()
             fn()
             times[i].append((time.perf_counter() - t0) * 1e3)
+    extra = {}
+    if floor is not None:   # the GEMMs of the pass at the rate measured in these rounds
+        extra["floor_ms"] = statistics.median(times[FLOOR]) * (1 if pass_ == "fwd" else 4)
     return [dict(_row(shape, pass_, i, device, statistics.median(times[i]), None,
-                      b.max_rel_err(pass_), host_us(fns[i], device)), interleaved=list(impls))
+                      b.max_rel_err(pass_), host_us(fns[i], device)), interleaved=list(impls),
+                 **extra)
             for i, b in benches.items()]
+
+
+#: The pseudo-implementation timed beside the others on CPU: one forward-sized GEMM.
+FLOOR = "gemm-floor"
+
+
+def cpu_gemm(shape: Shape, device: torch.device) -> Callable[[], None]:
+    """One forward-sized GEMM, (heads*C, d) @ (d, B*N), in the dtype this CPU multiplies the
+    shape's inputs fastest (fallback.gemm_dtype) and through the fastest product we know for it
+    (common.mm): the CPU floor of a pass is that GEMM's time, once for fwd and four times for
+    fwd+bwd (DESIGN §3's count), measured in the same rounds as the implementations."""
+    dt = fallback.gemm_dtype(shape.torch_dtype, device)
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    w = torch.randn(shape.heads * shape.C, shape.d, generator=gen).to(device, dt)
+    x = torch.randn(shape.d, shape.B * shape.N, generator=gen).to(device, dt)
+    out = torch.empty(w.shape[0], x.shape[1], dtype=dt, device=device)
+
+    def run():
+        with torch.no_grad():
+            mm(w, x, out=out)
+    return run
 
 
 # --------------------------------------------------------------------------- results files
@@ -318,7 +346,9 @@ def summary_table(rows: list[dict], gpu: str) -> str:
             b = impls.get(base)
             speed[base] = f"{b['median_ms'] / t['median_ms']:.2f}×" if b and t else "—"
         floor = "—"
-        if t:
+        if t and t.get("floor_ms"):           # CPU: measured in the run
+            floor = f"{100 * t['floor_ms'] / t['median_ms']:.0f}%"
+        elif t:
             shape = SHAPES.get(name.split("@")[0])
             if shape is not None:
                 shape = dataclasses.replace(shape, **{k: t[k] for k in

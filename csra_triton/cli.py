@@ -118,29 +118,32 @@ def _bench(args) -> int:
         if p not in bm.PASSES:
             raise SystemExit(f"--pass: expected fwd and/or fwd+bwd, got {p!r}")
     impls = args.impls.split(",") if args.impls else (
-        list(bm.IMPLS) if device.type == "cuda" else ["eager", "triton"])
+        list(bm.IMPLS) if device.type == "cuda" else ["eager", "compile", "triton"])
     if device.type == "cuda":
         print(f"csra-triton bench on {torch.cuda.get_device_name()} ({gpu}), torch "
               f"{torch.__version__}, compile mode {bm.COMPILE_MODE!r}")
     else:
         print("csra-triton bench on CPU: no CUDA. 'triton' rows time the vectorised PyTorch "
-              "fallback (what CPU tensors run), against eager on CPU, the two timed in "
-              "alternation. These are CPU numbers; Triton kernel timings need CUDA. Peak memory "
-              "is measured on CUDA only.")
+              "fallback (what CPU tensors run), against the official head eager and under "
+              "torch.compile, all timed in alternation with one forward-sized GEMM (the floor: "
+              "x1 fwd, x4 fwd+bwd). These are CPU numbers; Triton kernel timings need CUDA. "
+              "Peak memory is measured on CUDA only.")
         print(f"CPU: {fallback.cpu_description()}; the fallback's GEMMs for bf16 inputs: "
               f"{fallback.gemm_dtype(torch.bfloat16, device)}")
     t0 = time.monotonic()
     rows, skipped, failed = [], [], []
-    # Every eager and triton row first, then the compile rows (their compilation and autotuning
-    # is what a time budget may cut), headline first. On CPU the non-compile implementations of
-    # a shape and pass are timed in alternation (benchmark.measure_interleaved), so that the
-    # host's drift does not bias their ratio.
+    # On CUDA every eager and triton row first, then the compile rows (their compilation and
+    # autotuning is what a time budget may cut), headline first. On CPU every implementation of
+    # a shape and pass is timed in alternation (benchmark.measure_interleaved) with the GEMM
+    # floor, so that the host's drift does not bias their ratios.
     for i in impls:
         if i not in bm.IMPLS:
             raise SystemExit(f"--impls: expected some of {', '.join(bm.IMPLS)}, got {i!r}")
     plain = [i for i in impls if "compile" not in i]
     compiled = [i for i in impls if "compile" in i]
-    groups = [plain] if device.type != "cuda" and len(plain) > 1 else [[i] for i in plain]
+    if device.type != "cuda":   # every implementation of a shape and pass in alternation
+        plain, compiled = plain + compiled, []
+    groups = [plain] if device.type != "cuda" else [[i] for i in plain]
     runs = [(s, p, g) for s in shapes for p in passes for g in groups]
     runs += [(s, p, [c]) for c in compiled for s in shapes for p in passes]
     for shape, pass_, group in runs:
@@ -149,7 +152,7 @@ def _bench(args) -> int:
             continue
         try:
             new_rows = (bm.measure_interleaved(shape, pass_, group, device, args.reps)
-                        if len(group) > 1 else
+                        if len(group) > 1 or device.type != "cuda" else
                         [bm.measure(shape, pass_, group[0], device, reps=args.reps)])
         except Exception as exc:  # one failed run must not lose the others' results
             failed.append(f"{shape.name} {pass_} {'+'.join(group)}: "
@@ -163,7 +166,8 @@ def _bench(args) -> int:
             dev = row.get("device_us")
             print(f"  {shape.name:28s} {pass_:8s} {row['impl']:17s} {row['median_ms']:10.4f} ms  "
                   f"host {host if host is None else round(host, 1)} µs  device "
-                  f"{dev if dev is None else round(dev, 1)} µs  err {row['max_rel_err']:.1e}",
+                  f"{dev if dev is None else round(dev, 1)} µs  err {row['max_rel_err']:.1e}"
+                  + (f"  floor {row['floor_ms']:.2f} ms" if row.get("floor_ms") else ""),
                   flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -449,7 +453,7 @@ def main(argv=None) -> int:
     b.add_argument("--pass", dest="passes", default="fwd,fwd+bwd")
     b.add_argument("--impls", default=None,
                    help="subset of " + ",".join(bm.IMPLS) + " (default: all on CUDA, "
-                        "eager,triton on CPU)")
+                        "eager,compile,triton on CPU)")
     b.add_argument("--out", default="bench/results", help="folder for the results JSON")
     b.add_argument("--plot", action="store_true", help="also write PNG plots (matplotlib)")
     b.add_argument("--reps", type=int, default=10, help="timed repetitions on CPU")

@@ -35,7 +35,7 @@ import platform
 
 import torch
 
-from .common import acc_dtype, fwd_outputs, new, x_matrix
+from .common import acc_dtype, fwd_outputs, mm, new, x_matrix
 
 LN2 = math.log(2.0)
 
@@ -52,6 +52,27 @@ CHUNK_ELEMS = 1 << 20
 ROW_BLOCK_ELEMS = 1 << 18
 #: Whether the forward's bf16 scores get the second (``lo``) GEMM; see the module docstring.
 FWD_REFINE = False
+
+
+class Work:
+    """Scratch buffers that a call's class chunks (and weight-row blocks) reuse, by name.
+
+    Every pass that returned a fresh chunk-sized tensor paid a page fault per 4 KB of it: 1.0-2.0
+    ns an element on the 2-core CPU against 0.03-0.07 ns for the same pass into a buffer already
+    touched (2026-12-01, fp32 mul of 2^18-2^20 elements), which made the elementwise passes, not
+    the GEMMs, most of the time at 9,605 classes. A buffer is allocated once per call at its
+    largest size; a request for fewer elements gets a view of its start."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._bufs: dict = {}
+
+    def get(self, name: str, shape, dtype: torch.dtype) -> torch.Tensor:
+        n = math.prod(shape)
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = self._bufs[name] = torch.empty(n, dtype=dtype, device=self.device)
+        return buf[:n].view(shape)
 
 
 @functools.cache
@@ -98,31 +119,33 @@ def head_mm(w3, x2, out, add=None, beta=1.0):
         out2 = out
     for h in range(w3.shape[0]):
         if add is None:
-            torch.mm(w3[h], x2, out=out2[h])
+            mm(w3[h], x2, out=out2[h])
         else:
             torch.addmm(add[h], w3[h], x2, beta=beta, out=out2[h])
     return out
 
 
-def products(w3, x2, acc, refine=True, hi=None, keep=None):
+def products(w3, x2, acc, refine=True, hi=None, keep=None, work=None):
     """``w3 @ x2`` in ``acc``: w3 (H, Cc, D) and x2 (D, B*N) in the GEMM dtype; (H, Cc, B*N).
 
     bf16 operands: the fp32 sum to ~2^-17 relative (two GEMMs, see the module docstring), or,
     with ``refine=False``, rounded to bf16 (one GEMM). ``hi``: the (rounded) product, already
-    computed (the forward's, kept); ``keep``: an (H, Cc, B*N) view that receives it."""
+    computed (the forward's, kept); ``keep``: an (H, Cc, B*N) view that receives it. ``work``
+    (:class:`Work`): where the products and the sum go (buffers "hi", "lo", "s"); fresh tensors
+    without it."""
     H, Cc, _ = w3.shape
     shape = (H, Cc, x2.shape[1])
-
-    def new():
-        return torch.empty(shape, dtype=w3.dtype, device=w3.device)
+    work = work or Work(w3.device)
     if w3.dtype != torch.bfloat16:          # fp32/fp64: the sum itself, kept or computed
-        return hi if hi is not None else head_mm(w3, x2, keep if keep is not None else new())
+        if hi is not None:
+            return hi
+        return head_mm(w3, x2, keep if keep is not None else work.get("s", shape, w3.dtype))
     if hi is None:
-        hi = head_mm(w3, x2, keep if keep is not None else new())
-    if not refine:
-        return hi.to(acc)
-    lo = head_mm(w3, x2, new(), add=hi, beta=-1.0)     # W x - hi: -hi joins the fp32 sum
-    return hi.to(acc).add_(lo)
+        hi = head_mm(w3, x2, keep if keep is not None else work.get("hi", shape, w3.dtype))
+    out = work.get("s", shape, acc).copy_(hi)
+    if refine:     # W x - hi: -hi joins the fp32 sum
+        out.add_(head_mm(w3, x2, work.get("lo", shape, w3.dtype), add=hi, beta=-1.0))
+    return out
 
 
 def gemm_operands(x, weight):
@@ -136,48 +159,55 @@ def gemm_operands(x, weight):
 
 
 def scores(x, weight, temps, inv_n, c0, c1, acc, refine=True, operands=None, hi=None,
-           keep=None):
+           keep=None, work=None):
     """Scores (H, c1-c0, B, N) in ``acc``, and the temperatures as (H, 1, 1, 1): whether a head
     is a max head, and T (1 for a max head). ``operands`` from :func:`gemm_operands`; ``hi`` and
-    ``keep`` as for :func:`products`."""
+    ``keep`` as for :func:`products`; the scores go to ``work``'s buffer "s" (fresh without
+    it)."""
     H, _, _ = weight.shape
     B, _, N = x.shape
     x2, w_chunk = operands or gemm_operands(x, weight)
-    p = products(w_chunk(c0, c1), x2, acc, refine, hi, keep)
+    work = work or Work(x.device)
+    p = products(w_chunk(c0, c1), x2, acc, refine, hi, keep, work)
     scale = inv_n[:, c0:c1, None, None]
-    if p.dtype == acc and p is not hi and p is not keep:
+    if p is not hi and p is not keep:       # the sum in "s" (or autograd's own tensor)
         s = p.view(H, c1 - c0, B, N).mul_(scale)
     else:                                   # never scale the kept products in place
-        s = p.view(H, c1 - c0, B, N) * scale
+        s = torch.mul(p.view(H, c1 - c0, B, N), scale,
+                      out=work.get("s", (H, c1 - c0, B, N), acc))
     t = temps.to(device=x.device, dtype=acc).view(H, 1, 1, 1)
     is_max = torch.isinf(t)
     t_fin = torch.where(is_max, torch.ones_like(t), t)
     return s, is_max, t_fin
 
 
-def inv_norms(weight, normalize, acc, out=None):
+def inv_norms(weight, normalize, acc, out=None, work=None):
     """(H, C) inverse row norms in ``acc`` (ones without normalisation), into ``out`` if given.
-    Blocks of rows (``ROW_BLOCK_ELEMS``), so that the fp32 copy is cache-sized: converting the
-    whole weight at once cost 0.7 ms at 80 classes and 0.13 s at 9,605 on the 2-core CPU."""
+    Blocks of rows (``ROW_BLOCK_ELEMS``) converted into one reused buffer of ``work``: converting
+    the whole weight at once cost 0.7 ms at 80 classes and 0.13 s at 9,605 on the 2-core CPU,
+    and a fresh block per step 6 ms at 9,605 (page faults)."""
     H, C, D = weight.shape
     if out is None:
         out = torch.empty((H, C), dtype=acc, device=weight.device)
     if not normalize:
         return out.fill_(1.0)
+    work = work or Work(weight.device)
     step = max(1, ROW_BLOCK_ELEMS // max(1, H * D))
     for c0 in range(0, C, step):
         c1 = min(C, c0 + step)
-        out[:, c0:c1] = torch.linalg.vector_norm(weight[:, c0:c1], dim=-1, dtype=acc)
+        w = weight[:, c0:c1]
+        if w.dtype != acc and not w.requires_grad:
+            w = work.get("w", w.shape, acc).copy_(w)
+        out[:, c0:c1] = torch.linalg.vector_norm(w, dim=-1, dtype=acc)
     return out.reciprocal_()
 
 
-def _softmax(s, t_fin):
+def _softmax(s, t_fin, work):
     """Per row of s (..., N), z = T log2(e) s: m = max_j z_j and l = sum_j 2^(z_j - m) (both
-    (..., 1)), and the softmax weights p (..., N)."""
-    z = s * (t_fin / LN2)
-    zmax = z.amax(dim=-1, keepdim=True)
-    p = torch.exp2(z.sub_(zmax))
-    l_c = p.sum(-1, keepdim=True)
+    (..., 1)), and the softmax weights p (..., N), in ``work``'s buffer "p"."""
+    p = torch.mul(s, t_fin / LN2, out=work.get("p", s.shape, s.dtype))
+    zmax = p.amax(dim=-1, keepdim=True)
+    l_c = p.sub_(zmax).exp2_().sum(-1, keepdim=True)
     return zmax, l_c, p.div_(l_c)
 
 
@@ -189,16 +219,17 @@ def fwd(x, weight, temps, lam, normalize, chunk, outs, kept=None):
     y, m, l, att, amax, inv_n = outs
     C = y.shape[1]
     acc = inv_n.dtype
-    inv_norms(weight, normalize, acc, out=inv_n)
+    work = Work(x.device)
+    inv_norms(weight, normalize, acc, out=inv_n, work=work)
     operands = gemm_operands(x, weight)
     for c0 in range(0, C, chunk):
         c1 = min(C, c0 + chunk)
         keep = None if kept is None else kept.view(weight.shape[0], C, -1)[:, c0:c1]
         s, is_max, t_fin = scores(x, weight, temps, inv_n, c0, c1, acc, FWD_REFINE, operands,
-                                  keep=keep)
-        zmax, l_c, p = _softmax(s, t_fin)                           # (H, Cc, B, 1|N)
+                                  keep=keep, work=work)
+        zmax, l_c, p = _softmax(s, t_fin, work)                     # (H, Cc, B, 1|N)
         best, best_j = s.max(dim=-1)
-        a = torch.where(is_max[..., 0], best, torch.linalg.vecdot(p, s))
+        a = torch.where(is_max[..., 0], best, p.mul_(s).sum(-1))   # p . s (p is spent)
         y[:, c0:c1] = (s.mean(-1) + lam * a).sum(0).t().to(x.dtype)
         m[:, :, c0:c1] = zmax[..., 0].permute(2, 0, 1)
         l[:, :, c0:c1] = l_c[..., 0].permute(2, 0, 1)
@@ -243,33 +274,41 @@ def exact_first_max(sk, x, w_rows, inv_n, rel=2.0 ** -15, block=4096):
     return j
 
 
-def ds_chunk(x, weight, temps, grad_y, inv_n, lam, c0, c1, out, operands=None, hi=None):
+def ds_chunk(x, weight, temps, grad_y, inv_n, lam, c0, c1, out, operands=None, hi=None,
+             work=None):
     """Writes dS' = inv_n * dy/ds for classes [c0, c1) into ``out`` (H, c1-c0, B, N).
 
     The softmax statistics (m, l, att, argmax) are recomputed from this chunk's scores, which
     hold every position, rather than read from the forward's state: the backward is then exact
     for its own fp32 scores even where the forward ran on bf16-rounded ones, for a max and a sum
     more. ``hi``: the forward's products of these classes (H, c1-c0, B*N), if kept: then the
-    bf16 path runs one GEMM (``lo``) instead of two, and the fp32 path none."""
+    bf16 path runs one GEMM (``lo``) instead of two, and the fp32 path none. ``work``: the
+    :class:`Work` whose buffers the chunk's passes reuse."""
     B, D, N = x.shape
     acc = inv_n.dtype
     operands = operands or gemm_operands(x, weight)
+    work = work or Work(x.device)
     x2, w_chunk = operands
-    s, is_max, t_fin = scores(x, weight, temps, inv_n, c0, c1, acc, True, operands, hi)
+    s, is_max, t_fin = scores(x, weight, temps, inv_n, c0, c1, acc, True, operands, hi,
+                              work=work)
     max_heads = [k for k, t in enumerate(temps.tolist()) if math.isinf(t)]
     if x2.dtype == torch.bfloat16 and max_heads:
         w_rows = w_chunk(c0, c1)
         best_j = {k: exact_first_max(s[k], x, w_rows[k], inv_n[k, c0:c1]) for k in max_heads}
     else:
         best_j = {k: s[k].argmax(-1) for k in max_heads}        # first maximum, as the kernels
-    _, _, p = _softmax(s, t_fin)
-    att_c = torch.linalg.vecdot(p, s)[..., None]
+    _, _, p = _softmax(s, t_fin, work)
+    att_c = torch.mul(p, s, out=work.get("t", s.shape, acc)).sum(-1, keepdim=True)   # p . s
     d_att = p.mul_(s.sub_(att_c).mul_(t_fin).add_(1.0))         # s is spent here
     pos = torch.arange(N, device=x.device)
     for k, j in best_j.items():
         torch.eq(pos, j[..., None], out=d_att[k])               # one-hot at the argmax
     g = grad_y[:, c0:c1].t().to(acc) * inv_n[:, c0:c1, None]     # (H, Cc, B)
-    torch.mul(d_att.mul_(lam).add_(1.0 / N), g[..., None], out=out)    # rounded to out's dtype
+    d_att.mul_(lam).add_(1.0 / N)
+    if out.dtype == acc:
+        torch.mul(d_att, g[..., None], out=out)
+    else:   # in place, then rounded: a broadcast multiply into bf16 took 4-10x longer
+        out.copy_(d_att.mul_(g[..., None]))
 
 
 def forward_graph(x, weight, temps, lam, normalize, first_max=False):
@@ -348,6 +387,9 @@ class Backward:
     recomputed from the scores, GEMMs in :func:`gemm_dtype`, the weight gradient projected per
     chunk while its rows are in cache."""
 
+    #: the product G = dS' x^T of the backward loop (common.mm: oneDNN's fp32 GEMM on CPU)
+    mm = staticmethod(mm)
+
     def __init__(self, grad_y, x, weight, state, inv_n, kept, temps, lam, normalize,
                  scores=None, lam_t=None):
         B, D, N = x.shape
@@ -369,18 +411,19 @@ class Backward:
         # bf16 products are rounded once per chunk; over several chunks dx sums them in acc
         self.dx_dtype = acc if (self.gemm != acc and self.chunk < C) else self.gemm
         self.ws = new((H * self.chunk * B * N,), self.gemm, x.device)
+        self.work = Work(x.device)
 
     def ds(self, c0, c1, out):
         H, C, _ = self.weight.shape
         kept = self.kept
         hi = kept.view(H, C, -1)[:, c0:c1] if kept.numel() else None
         ds_chunk(self.x, self.weight, self.temps, self.grad_y, self.inv_n, self.lam, c0, c1, out,
-                 self.operands, hi)
+                 self.operands, hi, self.work)
 
     def chunk_done(self, G, dW, c0, c1):
         """These classes' dW while their G is in cache (a pass over all of G and W afterwards
         read both from memory again: ~0.1 s of a 1.3 s step at 9,605 classes on CPU)."""
-        weight_grad(G, self.weight, self.inv_n, self.normalize, self.acc, dW, c0, c1)
+        weight_grad(G, self.weight, self.inv_n, self.normalize, self.acc, dW, c0, c1, self.work)
 
     def new_weight_grad(self, G):
         return G if G.dtype == self.weight.dtype else torch.empty_like(self.weight)
@@ -389,23 +432,28 @@ class Backward:
         return dW
 
 
-def weight_grad(G, weight, inv_n, normalize, acc, out, c0, c1):
+def weight_grad(G, weight, inv_n, normalize, acc, out, c0, c1, work=None):
     """dL/dW of classes [c0, c1) into ``out`` (H, C, D, weight's dtype; may be G itself) from
     G = dS' x^T (H, C, D): through the row normalisation, G - W (W.G) inv_n^2, computed in
-    ``acc`` blocks of rows at a time. No weight-sized fp32 temporaries: at 9,605 classes the
-    three of them were ~1 GB of the GPU's peak, and ~0.3 s of page faults on CPU."""
+    ``acc`` blocks of rows at a time, in ``work``'s buffers. No weight-sized fp32 temporaries:
+    at 9,605 classes the three of them were ~1 GB of the GPU's peak, and ~0.3 s of page faults
+    on CPU."""
     H, C, D = weight.shape
     if not normalize:
         if out is not G:
             out[:, c0:c1] = G[:, c0:c1]
         return
+    work = work or Work(weight.device)
     step = max(1, ROW_BLOCK_ELEMS // (H * D))
     for b0 in range(c0, c1, step):
         b1 = min(c1, b0 + step)
-        g = G[:, b0:b1].to(acc)
-        w = weight[:, b0:b1].to(acc)
-        coef = torch.linalg.vecdot(w, g).mul_(inv_n[:, b0:b1].square())
+        g, w = G[:, b0:b1], weight[:, b0:b1]
+        if g.dtype != acc:                  # else g is that block of G, updated in place
+            g = work.get("g", g.shape, acc).copy_(g)
+        if w.dtype != acc:
+            w = work.get("w", w.shape, acc).copy_(w)
+        coef = torch.mul(w, g, out=work.get("t", w.shape, acc)).sum(-1)       # W . G
         # (a broadcast multiply and subtract was 18x slower than addcmul_ on CPU)
-        g.addcmul_(w, coef[..., None], value=-1.0)
+        g.addcmul_(w, coef.mul_(inv_n[:, b0:b1].square())[..., None], value=-1.0)
         if g.data_ptr() != out[:, b0:b1].data_ptr():      # else g is that block of out already
             out[:, b0:b1] = g

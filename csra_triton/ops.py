@@ -51,7 +51,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_
 
 from . import archs, fallback, triton_impl
 from .common import (acc_dtype, channels_inner, check_lam, check_temperatures, dx_view, empty,
-                     fwd_outputs, kernel_temperatures, new, op_temperatures)
+                     fwd_outputs, kernel_temperatures, mm_plain, new, op_temperatures)
 
 _BACKENDS = ("auto", "triton", "torch")
 #: The backend ``use_backend`` forces, per thread: a new thread starts at "auto", and one
@@ -191,9 +191,9 @@ def _backward_loop(grad_y, x, weight, m, l, att, amax, inv_n, kept, scores, temp
         # out= views), which is also what a traced graph (the CUDA triton_op) wants.
         ds = bw.ws.view(H * C, B * N)             # the workspace is one chunk: every class
         bw.ds(0, C, ds.view(H, C, B, N))
-        G = torch.mm(ds, x_dk.t()).view(H, C, D)
+        G = bw.mm(ds, x_dk.t()).view(H, C, D)
         w2 = w_gemm.reshape(H * C, D)
-        dx = torch.mm(ds.t(), w2) if inner else torch.mm(w2.t(), ds)
+        dx = bw.mm(ds.t(), w2) if inner else bw.mm(w2.t(), ds)
         dW = bw.new_weight_grad(G)
         bw.chunk_done(G, dW, 0, C)
         dW = bw.finish(G, dW)
@@ -205,6 +205,12 @@ def _backward_loop(grad_y, x, weight, m, l, att, amax, inv_n, kept, scores, temp
     # in a wider dtype than its GEMMs (the fallback's bf16 products), each chunk is added.
     several = bw.dx_dtype != bw.gemm
     dx = new((B * N, D) if inner else (D, B * N), bw.dx_dtype, x.device)
+    # The Triton path sums chunks inside the GEMM (addmm_); the fallback's products (common.mm:
+    # oneDNN's fp32 GEMM, no accumulating form) go through one buffer, and its transposed
+    # operands through another (fresh tensors per chunk paid page faults).
+    fused = bw.mm is mm_plain and not several
+    part = None if fused else torch.empty(dx.shape, dtype=bw.gemm, device=x.device)
+    tbuf = None if fused else torch.empty(chunk * max(D, B * N), dtype=bw.gemm, device=x.device)
     for i, c0 in enumerate(range(0, C, chunk)):
         c1 = min(C, c0 + chunk)
         rows = H * (c1 - c0)
@@ -216,13 +222,16 @@ def _backward_loop(grad_y, x, weight, m, l, att, amax, inv_n, kept, scores, temp
         if c1 - c0 == C:
             ds3, w3, G3 = ds3.reshape(1, rows, -1), w3.reshape(1, rows, D), G3.view(1, rows, D)
         for h in range(ds3.shape[0]):
-            torch.mm(ds3[h], x_dk.t(), out=G3[h])
+            bw.mm(ds3[h], x_dk.t(), out=G3[h])
             a, b = (ds3[h].t(), w3[h]) if inner else (w3[h].t(), ds3[h])
             first = i == 0 and h == 0
-            if several:
-                dx.copy_(a @ b) if first else dx.add_(a @ b)
-            else:   # beta=0 ignores the (poisoned) buffer's contents
+            if fused:       # beta=0 ignores the (poisoned) buffer's contents
                 dx.addmm_(a, b, beta=0.0 if first else 1.0)
+            elif first and not several:
+                bw.mm(a, b, out=dx, buf=tbuf)
+            else:
+                bw.mm(a, b, out=part, buf=tbuf)
+                dx.copy_(part) if first else dx.add_(part)
         bw.chunk_done(G, dW, c0, c1)
     dW = bw.finish(G, dW)
     return dx_view(dx.to(x.dtype), B, D, N, inner), dW

@@ -31,8 +31,8 @@ import torch
 from torch import Tensor
 
 from . import archs, tuning
-from .common import (BoundedCache, acc_dtype, cdiv, empty, fwd_outputs, new, pow2, pow2_divisor,
-                     rel_err, x_matrix)
+from .common import (BoundedCache, acc_dtype, cdiv, empty, fwd_outputs, mm_plain, new, pow2,
+                     pow2_divisor, rel_err, x_matrix)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 #: Launch compiled kernels directly on repeat calls (see the module docstring).
@@ -628,6 +628,9 @@ def scores_output(x: Tensor, H: int, C: int, keep: bool, alloc=new) -> Tensor:
 class Backward:
     """The Triton side of the op's backward loop (see ops.csra_bwd): dS' of a class chunk from
     the kernels, the GEMMs in x's dtype, the weight gradient in one projection launch."""
+
+    #: the product G = dS' x^T of the backward loop
+    mm = staticmethod(mm_plain)
 
     def __init__(self, grad_y, x, weight, state, inv_n, kept, temps, lam, normalize,
                  scores=None, lam_t=None):

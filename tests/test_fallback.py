@@ -152,3 +152,81 @@ def test_max_head_gaps_below_two_gemms():
     want = (w.double() @ x[0].double()).argmax(-1).view(C, 1)
     assert (want == 1).all()
     assert torch.equal(fallback.exact_first_max(s, x, w, inv_n), want)
+
+
+@pytest.mark.parametrize("layout", ["rows", "transposed", "transposed-buf", "transposed-small-buf"])
+def test_mm_through_onednn_matches_float64(layout):
+    """common.mm (oneDNN's fp32 GEMM on CPU) against float64: within the fp32 accumulation bound
+    |err| <= K u (|a| |b|) with u = 2^-24 (doubled for the output's rounding), every operand
+    layout the backward hands it, into ``out`` or fresh; bf16 stays torch.mm, bit for bit."""
+    from csra_triton.common import mm, onednn_fp32
+
+    gen = torch.Generator().manual_seed(3)
+    M, K, N = 37, 300, 45
+    a = torch.randn(K, M, generator=gen).t() if layout != "rows" else torch.randn(
+        M, K, generator=gen)
+    b = torch.randn(K, N, generator=gen)
+    buf = {"transposed-buf": torch.empty(M * K + 5),
+           "transposed-small-buf": torch.empty(M * K - 1)}.get(layout)
+    exact = a.double() @ b.double()
+    bound = 2 * K * 2.0 ** -24 * (a.double().abs() @ b.double().abs())
+    for out in (None, torch.full((M, N), math.nan)):
+        r = mm(a, b, out=out, buf=buf)
+        assert r.shape == (M, N) and r.dtype == torch.float32
+        assert ((r.double() - exact).abs() <= bound).all()
+        if out is not None:
+            assert r is out
+    ab, bb = a.bfloat16(), b.bfloat16()
+    assert torch.equal(mm(ab, bb), torch.mm(ab, bb))
+    if buf is not None and buf.numel() >= M * K:
+        assert torch.equal(buf[:M * K].view(M, K), a)         # the copy went to the buffer
+    assert isinstance(onednn_fp32(), bool)
+
+
+def test_mm_keeps_autograd():
+    """Under autograd common.mm is torch.mm (oneDNN's linear op has no derivative here)."""
+    from csra_triton.common import mm
+
+    a = torch.randn(5, 7, dtype=torch.float32, requires_grad=True)
+    b = torch.randn(7, 3)
+    r = mm(a, b)
+    r.sum().backward()
+    assert torch.allclose(a.grad, b.sum(1).expand(5, 7))
+
+
+def _chunk_allocations(run, chunk_bytes):
+    from torch.profiler import profile
+
+    with profile(profile_memory=True) as prof:
+        run()
+    return sum(1 for e in prof.events() if e.self_cpu_memory_usage >= chunk_bytes)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_chunk_passes_reuse_buffers(dtype, bf16_gemm, monkeypatch):
+    """The class chunks' elementwise passes write into buffers allocated once per call
+    (fallback.Work): a fresh chunk-sized tensor per pass paid a page fault per 4 KB (1-2 ns an
+    element, 30x an in-place pass) and was most of the time at 9,605 classes. The number of
+    chunk-sized allocations of a forward and of a forward+backward does not grow with the
+    number of chunks (2 against 8 here)."""
+    B, D, N, H = 2, 16, 25, 4
+    monkeypatch.setattr(fallback, "CHUNK_ELEMS", H * 8 * B * N)      # 8 classes a chunk
+    chunk_bytes = H * 8 * B * N * 4 // 2
+    temps = [1.0, 2.0, 4.0, math.inf]
+    counts = {}
+    for C in (16, 64):
+        assert fallback.chunk_classes(H, C, B, N) == 8
+        gen = torch.Generator().manual_seed(C)
+        x = torch.randn(B, D, N, generator=gen).to(dtype)
+        w = torch.randn(H, C, D, generator=gen).to(dtype).requires_grad_(True)
+        xg = x.view(B, D, 5, 5).clone().requires_grad_(True)
+        g = torch.randn(B, C, generator=gen).to(dtype)
+
+        def train():
+            csra_triton.csra(xg, w, temps, 0.1).backward(g)
+
+        with torch.no_grad():
+            fwd = _chunk_allocations(lambda: fallback.forward(x, w, temps, 0.1, True, False),
+                                     chunk_bytes)
+        counts[C] = fwd
+    assert counts[64] == counts[16], counts

@@ -142,7 +142,7 @@ def _bench(args) -> int:
     plain = [i for i in impls if "compile" not in i]
     compiled = [i for i in impls if "compile" in i]
     if device.type != "cuda":   # every implementation of a shape and pass in alternation
-        plain, compiled = plain + compiled, []
+        plain, compiled = list(impls), []
     groups = [plain] if device.type != "cuda" else [[i] for i in plain]
     runs = [(s, p, g) for s in shapes for p in passes for g in groups]
     runs += [(s, p, [c]) for c in compiled for s in shapes for p in passes]

@@ -50,7 +50,7 @@ def test_bench_cli_writes_design_json(tmp_path, capsys):
     doc = json.loads(path.read_text())
     assert set(doc) >= {"device", "torch", "triton", "commit", "rows"}
     assert (doc["device"] == "cpu") != cuda
-    impls = bm.IMPLS if cuda else ("eager", "triton")
+    impls = bm.IMPLS if cuda else ("eager", "compile", "triton")
     assert {(r["pass"], r["impl"]) for r in doc["rows"]} == {
         (p, i) for p in ("fwd", "fwd+bwd") for i in impls}
     for r in doc["rows"]:
@@ -61,10 +61,11 @@ def test_bench_cli_writes_design_json(tmp_path, capsys):
     table = out[out.index("| shape | pass"):]
     assert table.count("\n| coco-r101-448@") == 2 + 2 * len(impls) and "×" in table
     assert "| host µs | device µs |" in table
-    if not cuda:    # what the fallback followed, and eager/triton timed in alternation
+    if not cuda:    # what the fallback followed, eager/compile/ours timed in alternation, the floor
         assert "capability" in doc["cpu"] and "native bf16" in doc["cpu"]
         assert doc["bf16_gemm"] in ("bfloat16", "float32") and "native bf16" in out
-        assert all(r["interleaved"] == ["eager", "triton"] for r in doc["rows"])
+        assert all(r["interleaved"] == list(impls) for r in doc["rows"])
+        assert all(r["floor_ms"] > 0 for r in doc["rows"])
 
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="needs matplotlib")

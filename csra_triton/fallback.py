@@ -21,7 +21,8 @@ from ``hi + lo`` (:func:`ds_chunk`), and settles a max head's near-tied maxima, 
 ``hi + lo`` resolves, in float64 (:func:`exact_first_max`): its gradients are those of the fp32
 sum (2.9e-3 vs float64 at the benchmark shapes, as the GPU kernels), where rounded scores flip
 maxima (the official eager head: 6.5e-2 to 1.2e-1). When the products have no more elements
-than x, the forward hands them to the backward (:func:`keeps_scores`), which then skips a GEMM.
+than x, or at most ``KEEP_BYTES`` (256 MB), the forward hands them to the backward
+(:func:`keeps_scores`), which then skips a GEMM.
 
 The op layer calls :func:`forward` and :class:`Backward`, the interface the Triton
 implementation (``triton_impl.py``) has too.
@@ -52,6 +53,14 @@ CHUNK_ELEMS = 1 << 20
 ROW_BLOCK_ELEMS = 1 << 18
 #: Whether the forward's bf16 scores get the second (``lo``) GEMM; see the module docstring.
 FWD_REFINE = False
+#: Bytes of score products a training forward may keep for its backward beyond x's size
+#: (:func:`keeps_scores`). Recomputing them is the backward's costliest step at 9,605 classes:
+#: 5 GEMMs against the official head's 3, which lost to its torch.compile (0.95x, fwd+bwd at
+#: openimages-r101-448@B=2, 2026-12-01); kept, 4 (1.15-1.2x). 256 MB holds them to B=17 at
+#: 9,605 classes x 4 heads x 14x14 (bf16); the official head keeps at least as much (its
+#: convolutions' outputs) at every shape. ``CSRA_TRITON_CPU_KEEP_MB`` sets it (0: only when
+#: no larger than x).
+KEEP_BYTES = int(float(os.environ.get("CSRA_TRITON_CPU_KEEP_MB", "256")) * 2**20)
 
 
 class Work:
@@ -347,11 +356,15 @@ def chunk_classes(H: int, C: int, B: int, N: int) -> int:
 def keeps_scores(x, H: int, C: int, keep: bool = True) -> bool:
     """Whether the forward returns its score products (W x, before the row norms, in the GEMM
     dtype) for the backward: on CPU, when a backward will run (``keep``) and they have no more
-    elements than x (H*C <= D), which autograd keeps anyway. The backward then skips a GEMM:
-    its bf16 path runs one (the ``lo`` correction) instead of two, its fp32 path none instead of
-    one. Never at 9,605 classes: the kept memory is bounded by x's, never by classes x
-    positions."""
-    return keep and x.device.type == "cpu" and H * C <= x.shape[1]
+    elements than x (H*C <= D), which autograd keeps anyway, or take at most ``KEEP_BYTES``.
+    The backward then skips a GEMM: its bf16 path runs one (the ``lo`` correction) instead of
+    two, its fp32 path none instead of one. What is kept is bounded by the larger of x's size
+    and ``KEEP_BYTES``, never by classes x positions alone."""
+    if not keep or x.device.type != "cpu":
+        return False
+    B, D, N = x.shape
+    size = H * C * B * N * gemm_dtype(x.dtype, x.device).itemsize
+    return H * C <= D or size <= KEEP_BYTES
 
 
 def kept_output(x, weight, keep: bool, alloc=new):

@@ -105,6 +105,39 @@ def test_blocks_and_chunks(dtype, bf16_gemm, monkeypatch):
     assert rel_err(runs[1][2], runs[0][2]) <= 1e-6        # the projection is row-local
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_products_kept_within_the_byte_budget(dtype, bf16_gemm, monkeypatch):
+    """More score rows than channels (H*C = 44 > 8): the products are kept for the backward
+    exactly when their bytes fit fallback.KEEP_BYTES, read by chunk, and the gradients agree
+    with float64 (TOL) whether kept or recomputed; the backward runs one GEMM fewer when kept
+    (the recomputed ``hi``)."""
+    x = torch.randn(2, 8, 3, 5).to(dtype).requires_grad_()
+    weight = torch.randn(4, 11, 8, requires_grad=True)
+    temps = [1.0, 2.0, 4.0, math.inf]
+    g = torch.randn(2, 11).to(dtype)
+    size = 4 * 11 * 2 * 15 * fallback.gemm_dtype(dtype, x.device).itemsize
+    monkeypatch.setattr(fallback, "CHUNK_ELEMS", 4 * 2 * 15 * 3)      # chunks of 3 classes
+    y64, dx, dw = ref64(x, weight, temps, 0.2, grad=g.float())
+    gemms, grads = {}, {}
+    for budget in (size, size - 1):
+        monkeypatch.setattr(fallback, "KEEP_BYTES", budget)
+        assert fallback.keeps_scores(x.flatten(2), 4, 11) == (budget == size)
+        x.grad = weight.grad = None
+        y = csra_triton.csra(x, weight, temps, 0.2)
+        with torch.profiler.profile() as prof:
+            y.backward(g)
+        gemms[budget] = sum(e.count for e in prof.key_averages()
+                            if e.key in ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise"))
+        assert rel_err(y, y64) <= TOL[dtype]
+        assert rel_err(x.grad, dx) <= TOL[dtype] and rel_err(weight.grad, dw) <= TOL[dtype]
+        grads[budget] = (x.grad, weight.grad)
+    # 4 chunks x 4 heads: the recomputed products are one GEMM per head and chunk
+    assert gemms[size - 1] - gemms[size] == 16, gemms
+    # the same products either way (same GEMMs): bitwise the same gradients. (A bf16 ``hi`` of
+    # the wrong classes would still pass TOL: ``lo`` = W x - hi corrects it to 2^-9 |lo|.)
+    assert all(torch.equal(a, b) for a, b in zip(grads[size], grads[size - 1]))
+
+
 def test_x_matrix_copies_only_when_needed():
     x = torch.randn(3, 8, 5)
     tokens = torch.randn(3, 5, 8).transpose(1, 2)        # channels innermost

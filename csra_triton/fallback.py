@@ -138,7 +138,8 @@ def products(w3, x2, acc, refine=True, hi=None, keep=None, work=None):
     """``w3 @ x2`` in ``acc``: w3 (H, Cc, D) and x2 (D, B*N) in the GEMM dtype; (H, Cc, B*N).
 
     bf16 operands: the fp32 sum to ~2^-17 relative (two GEMMs, see the module docstring), or,
-    with ``refine=False``, rounded to bf16 (one GEMM). ``hi``: the (rounded) product, already
+    with ``refine=False``, rounded to bf16 (one GEMM); ``refine`` a list of heads: those heads
+    refined, the others rounded. ``hi``: the (rounded) product, already
     computed (the forward's, kept); ``keep``: an (H, Cc, B*N) view that receives it. ``work``
     (:class:`Work`): where the products and the sum go (buffers "hi", "lo", "s"); fresh tensors
     without it."""
@@ -152,8 +153,13 @@ def products(w3, x2, acc, refine=True, hi=None, keep=None, work=None):
     if hi is None:
         hi = head_mm(w3, x2, keep if keep is not None else work.get("hi", shape, w3.dtype))
     out = work.get("s", shape, acc).copy_(hi)
-    if refine:     # W x - hi: -hi joins the fp32 sum
-        out.add_(head_mm(w3, x2, work.get("lo", shape, w3.dtype), add=hi, beta=-1.0))
+    heads = range(H) if refine is True else (refine or ())
+    lo = work.get("lo", shape, w3.dtype)
+    if len(heads) == H:     # W x - hi: -hi joins the fp32 sum
+        out.add_(head_mm(w3, x2, lo, add=hi, beta=-1.0))
+    else:
+        for k in heads:
+            out[k].add_(head_mm(w3[k:k + 1], x2, lo[k:k + 1], add=hi[k:k + 1], beta=-1.0)[0])
     return out
 
 
@@ -247,10 +253,12 @@ def fwd(x, weight, temps, lam, normalize, chunk, outs, kept=None):
     return outs
 
 
-def exact_first_max(sk, x, w_rows, inv_n, rel=2.0 ** -15, block=4096):
+def exact_first_max(sk, x, w_rows, inv_n, rel=2.0 ** -15, block=4096, rounded=False):
     """First position of the maximum of the exact sums W x for scores ``sk`` = inv_n W x
     (Cc, B, N) from the two bf16 GEMMs (``products``); w_rows (Cc, D) and x (B, D, N) are their
-    bf16 operands, inv_n (Cc,) the rows' scales.
+    bf16 operands, inv_n (Cc,) the rows' scales. ``rounded``: ``sk`` is from the one rounded
+    GEMM (``hi`` alone), each score within 2^-8 (1 + 2^-8) of its magnitude of the fp32 sum,
+    so the window widens by twice that of the row's largest magnitude.
 
     Two GEMMs resolve ~2^-17 |w||x| (the rounding of lo, plus fp32 accumulation, ~2^-18.5 at
     d=2048, typically); a max head's argmax flips on smaller gaps, and one flipped position
@@ -268,7 +276,13 @@ def exact_first_max(sk, x, w_rows, inv_n, rel=2.0 ** -15, block=4096):
     # with a margin for their rounding
     w_norm = torch.linalg.vector_norm(w_rows, dim=-1).float() * (1 + 2.0 ** -7)
     slack = (rel * x_max) * (inv_n * w_norm)[:, None, None]
-    cand = sk >= sk.amax(-1, keepdim=True) - slack                    # (Cc, B, N)
+    if rounded:     # bf16 rounding of both the maximum and a candidate: 2 x 2^-8 of max|s|
+        lo_s, hi_s = torch.aminmax(sk, dim=-1, keepdim=True)
+        top = hi_s
+        slack = slack + torch.maximum(hi_s, -lo_s) * (2.0 ** -7 * (1 + 2.0 ** -8))
+    else:
+        top = sk.amax(-1, keepdim=True)
+    cand = sk >= top - slack                                           # (Cc, B, N)
     rows = (cand.sum(-1) > 1).nonzero()                                # (r, 2): class, batch
     if rows.numel() == 0:
         return j
@@ -298,12 +312,17 @@ def ds_chunk(x, weight, temps, grad_y, inv_n, lam, c0, c1, out, operands=None, h
     operands = operands or gemm_operands(x, weight)
     work = work or Work(x.device)
     x2, w_chunk = operands
-    s, is_max, t_fin = scores(x, weight, temps, inv_n, c0, c1, acc, True, operands, hi,
-                              work=work)
     max_heads = [k for k, t in enumerate(temps.tolist()) if math.isinf(t)]
-    if x2.dtype == torch.bfloat16 and max_heads:
+    bf16 = x2.dtype == torch.bfloat16
+    # a max head's scores serve only its argmax, which exact_first_max settles from hi alone
+    # (a wider window): its lo GEMM is skipped (a quarter of them at 4 heads)
+    refine = [k for k in range(len(temps)) if k not in max_heads] if bf16 and max_heads else True
+    s, is_max, t_fin = scores(x, weight, temps, inv_n, c0, c1, acc, refine, operands, hi,
+                              work=work)
+    if bf16 and max_heads:
         w_rows = w_chunk(c0, c1)
-        best_j = {k: exact_first_max(s[k], x, w_rows[k], inv_n[k, c0:c1]) for k in max_heads}
+        best_j = {k: exact_first_max(s[k], x, w_rows[k], inv_n[k, c0:c1], rounded=True)
+                  for k in max_heads}
     else:
         best_j = {k: s[k].argmax(-1) for k in max_heads}        # first maximum, as the kernels
     _, _, p = _softmax(s, t_fin, work)

@@ -153,13 +153,16 @@ def products(w3, x2, acc, refine=True, hi=None, keep=None, work=None):
     if hi is None:
         hi = head_mm(w3, x2, keep if keep is not None else work.get("hi", shape, w3.dtype))
     out = work.get("s", shape, acc).copy_(hi)
-    heads = range(H) if refine is True else (refine or ())
+    heads = sorted(range(H) if refine is True else (refine or ()))
     lo = work.get("lo", shape, w3.dtype)
-    if len(heads) == H:     # W x - hi: -hi joins the fp32 sum
-        out.add_(head_mm(w3, x2, lo, add=hi, beta=-1.0))
-    else:
-        for k in heads:
-            out[k].add_(head_mm(w3[k:k + 1], x2, lo[k:k + 1], add=hi[k:k + 1], beta=-1.0)[0])
+    # W x - hi: -hi joins the fp32 sum. Runs of consecutive heads go as one product each (the
+    # official temperatures put the max head last: heads 0..H-2 in one GEMM).
+    runs = [[k] for k in heads[:1]]
+    for k in heads[1:]:
+        runs[-1].append(k) if k == runs[-1][-1] + 1 else runs.append([k])
+    for run in runs:
+        a, b = run[0], run[-1] + 1
+        out[a:b].add_(head_mm(w3[a:b], x2, lo[a:b], add=hi[a:b], beta=-1.0))
     return out
 
 

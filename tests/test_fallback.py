@@ -139,24 +139,28 @@ def test_products_kept_within_the_byte_budget(dtype, bf16_gemm, monkeypatch):
 
 
 def test_max_heads_skip_the_lo_gemm(bf16_gemm, monkeypatch):
-    """bf16 GEMMs, 4 heads of which one is a max head, in chunks: the backward's lo correction
-    runs for the 3 softmax heads only (a max head's scores serve only its argmax, settled from
-    hi with a window of one bf16 rounding), and the gradients agree with float64. With a second
-    max head, 2 per chunk."""
+    """bf16 GEMMs with max heads: the backward's lo correction runs for the softmax heads only
+    (a max head's scores serve only its argmax, settled from hi with a window of one bf16
+    rounding), the gradients agree with float64. In one chunk (every class: the heads' rows
+    are one matrix) a run of consecutive softmax heads is one GEMM (the official temperatures
+    put the max head last); in chunks of classes, one GEMM per softmax head and chunk."""
     x = torch.randn(2, 8, 3, 5).bfloat16().requires_grad_()
     weight = torch.randn(4, 11, 8, requires_grad=True)
     g = torch.randn(2, 11).bfloat16()
-    monkeypatch.setattr(fallback, "CHUNK_ELEMS", 4 * 2 * 15 * 3)      # 4 chunks of 3 classes
-    for temps, lo_per_chunk in (([1.0, 2.0, 4.0, math.inf], 3), ([1.0, math.inf, 4.0, math.inf], 2)):
-        x.grad = weight.grad = None
-        y = csra_triton.csra(x, weight, temps, 0.2)
-        with torch.profiler.profile() as prof:
-            y.backward(g)
-        addmm = sum(e.count for e in prof.key_averages() if e.key == "aten::addmm")
-        assert addmm == 4 * lo_per_chunk, (temps, addmm)
-        _, dx, dw = ref64(x, weight, temps, 0.2, grad=g.float())
-        assert rel_err(x.grad, dx) <= TOL[torch.bfloat16]
-        assert rel_err(weight.grad, dw) <= TOL[torch.bfloat16]
+    for chunks, elems in ((1, 1 << 20), (4, 4 * 2 * 15 * 3)):      # chunks of 3 classes
+        monkeypatch.setattr(fallback, "CHUNK_ELEMS", elems)
+        for temps, runs, softmax in (([1.0, 2.0, 4.0, math.inf], 1, 3),
+                                     ([1.0, math.inf, 4.0, 2.0], 2, 3),
+                                     ([math.inf, 1.0, math.inf, math.inf], 1, 1)):
+            x.grad = weight.grad = None
+            y = csra_triton.csra(x, weight, temps, 0.2)
+            with torch.profiler.profile() as prof:
+                y.backward(g)
+            addmm = sum(e.count for e in prof.key_averages() if e.key == "aten::addmm")
+            assert addmm == (runs if chunks == 1 else chunks * softmax), (temps, chunks, addmm)
+            _, dx, dw = ref64(x, weight, temps, 0.2, grad=g.float())
+            assert rel_err(x.grad, dx) <= TOL[torch.bfloat16]
+            assert rel_err(weight.grad, dw) <= TOL[torch.bfloat16]
 
 
 def test_x_matrix_copies_only_when_needed():

@@ -17,8 +17,9 @@ fp32 accumulator before rounding, so only the small ``lo`` is rounded (:func:`pr
 The forward uses ``hi`` alone (``FWD_REFINE``): y moves by about one bf16 rounding of the output
 (1.6e-3 -> 1.9e-3 relative vs float64 at coco-r101-448@B=2), and one GEMM instead of two is
 what makes it faster than the official head. The backward recomputes its softmax statistics
-from ``hi + lo`` (:func:`ds_chunk`), and settles a max head's near-tied maxima, closer than
-``hi + lo`` resolves, in float64 (:func:`exact_first_max`): its gradients are those of the fp32
+from ``hi + lo`` (:func:`ds_chunk`) for the softmax heads; a max head's scores serve only its
+argmax, which ``hi`` alone gives up to near-ties (within one bf16 rounding), and those are
+settled in float64 (:func:`exact_first_max`): its gradients are those of the fp32
 sum (2.9e-3 vs float64 at the benchmark shapes, as the GPU kernels), where rounded scores flip
 maxima (the official eager head: 6.5e-2 to 1.2e-1). When the products have no more elements
 than x, or at most ``KEEP_BYTES`` (256 MB), the forward hands them to the backward

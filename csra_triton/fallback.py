@@ -61,7 +61,18 @@ FWD_REFINE = False
 #: 9,605 classes x 4 heads x 14x14 (bf16); the official head keeps at least as much (its
 #: convolutions' outputs) at every shape. ``CSRA_TRITON_CPU_KEEP_MB`` sets it (0: only when
 #: no larger than x).
-KEEP_BYTES = int(float(os.environ.get("CSRA_TRITON_CPU_KEEP_MB", "256")) * 2**20)
+def _keep_bytes(env: str) -> int:
+    """``CSRA_TRITON_CPU_KEEP_MB`` as bytes: a number of MB >= 0."""
+    try:
+        mb = float(env)
+    except ValueError:
+        mb = math.nan
+    if not mb >= 0 or math.isinf(mb):
+        raise ValueError(f"CSRA_TRITON_CPU_KEEP_MB: expected a number of MB >= 0, got {env!r}")
+    return int(mb * 2**20)
+
+
+KEEP_BYTES = _keep_bytes(os.environ.get("CSRA_TRITON_CPU_KEEP_MB", "256"))
 
 
 class Work:
@@ -158,9 +169,12 @@ def products(w3, x2, acc, refine=True, hi=None, keep=None, work=None):
     lo = work.get("lo", shape, w3.dtype)
     # W x - hi: -hi joins the fp32 sum. Runs of consecutive heads go as one product each (the
     # official temperatures put the max head last: heads 0..H-2 in one GEMM).
-    runs = [[k] for k in heads[:1]]
-    for k in heads[1:]:
-        runs[-1].append(k) if k == runs[-1][-1] + 1 else runs.append([k])
+    runs: list[list[int]] = []
+    for k in heads:
+        if runs and k == runs[-1][-1] + 1:
+            runs[-1].append(k)
+        else:
+            runs.append([k])
     for run in runs:
         a, b = run[0], run[-1] + 1
         out[a:b].add_(head_mm(w3[a:b], x2, lo[a:b], add=hi[a:b], beta=-1.0))
@@ -260,9 +274,11 @@ def fwd(x, weight, temps, lam, normalize, chunk, outs, kept=None):
 def exact_first_max(sk, x, w_rows, inv_n, rel=2.0 ** -15, block=4096, rounded=False):
     """First position of the maximum of the exact sums W x for scores ``sk`` = inv_n W x
     (Cc, B, N) from the two bf16 GEMMs (``products``); w_rows (Cc, D) and x (B, D, N) are their
-    bf16 operands, inv_n (Cc,) the rows' scales. ``rounded``: ``sk`` is from the one rounded
-    GEMM (``hi`` alone), each score within 2^-8 (1 + 2^-8) of its magnitude of the fp32 sum,
-    so the window widens by twice that of the row's largest magnitude.
+    bf16 operands, inv_n (Cc,) the rows' scales. ``rounded``: ``sk`` comes from the rounded
+    GEMM alone (``hi``), each score within 2^-8 (1 + 2^-8) |s| of its fp32 sum; rounding is
+    monotonic, so only a tie or a gap within the fp32 sums' own error hides the true maximum,
+    behind one rounding at most: the window widens by twice 2^-8 (1 + 2^-8) of the row's
+    largest |s|.
 
     Two GEMMs resolve ~2^-17 |w||x| (the rounding of lo, plus fp32 accumulation, ~2^-18.5 at
     d=2048, typically); a max head's argmax flips on smaller gaps, and one flipped position

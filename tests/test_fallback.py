@@ -163,6 +163,16 @@ def test_max_heads_skip_the_lo_gemm(bf16_gemm, monkeypatch):
             assert rel_err(weight.grad, dw) <= TOL[torch.bfloat16]
 
 
+def test_keep_budget_from_the_environment():
+    """CSRA_TRITON_CPU_KEEP_MB in MB (fractions allowed, 0 keeps only what fits in x's size);
+    anything else names the variable."""
+    assert fallback._keep_bytes("256") == 256 << 20 and fallback._keep_bytes("0") == 0
+    assert fallback._keep_bytes("0.5") == 1 << 19
+    for bad in ("", "abc", "-1", "nan", "inf"):
+        with pytest.raises(ValueError, match="CSRA_TRITON_CPU_KEEP_MB"):
+            fallback._keep_bytes(bad)
+
+
 def test_x_matrix_copies_only_when_needed():
     x = torch.randn(3, 8, 5)
     tokens = torch.randn(3, 5, 8).transpose(1, 2)        # channels innermost

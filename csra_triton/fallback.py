@@ -10,7 +10,7 @@ The products follow what the CPU does fast (:func:`gemm_dtype`). Where it multip
 hardware (AVX512-BF16, AMX, Arm BF16; the official head's bf16 1x1 convs are fast there too),
 bf16 x runs bf16 GEMMs, about twice as fast as fp32 ones; elsewhere the products run in fp32. A
 bf16 GEMM accumulates in fp32 but rounds its output to bf16 (no CPU operator returns the fp32
-sum), i.e. up to 2^-9 |s| in every score. Two GEMMs recover the sum to ~2^-17 |s|: ``hi = W x``
+sum), i.e. up to 2^-8 |s| in every score. Two GEMMs recover the sum to ~2^-17 |s|: ``hi = W x``
 (rounded), then ``lo = addmm(hi, W, x, beta=-1)`` = W x - hi, where oneDNN adds ``-hi`` to the
 fp32 accumulator before rounding, so only the small ``lo`` is rounded (:func:`products`).
 
@@ -22,8 +22,8 @@ argmax, which ``hi`` alone gives up to near-ties (within one bf16 rounding), and
 settled in float64 (:func:`exact_first_max`): its gradients are those of the fp32
 sum (2.9e-3 vs float64 at the benchmark shapes, as the GPU kernels), where rounded scores flip
 maxima (the official eager head: 6.5e-2 to 1.2e-1). When the products have no more elements
-than x, or at most ``KEEP_BYTES`` (256 MB), the forward hands them to the backward
-(:func:`keeps_scores`), which then skips a GEMM.
+than x, or at most ``KEEP_RATIO`` (64) times its elements, the forward hands them to the
+backward (:func:`keeps_scores`), which then skips a GEMM.
 
 The op layer calls :func:`forward` and :class:`Backward`, the interface the Triton
 implementation (``triton_impl.py``) has too.
@@ -54,25 +54,31 @@ CHUNK_ELEMS = 1 << 20
 ROW_BLOCK_ELEMS = 1 << 18
 #: Whether the forward's bf16 scores get the second (``lo``) GEMM; see the module docstring.
 FWD_REFINE = False
-#: Bytes of score products a training forward may keep for its backward beyond x's size
-#: (:func:`keeps_scores`). Recomputing them is the backward's costliest step at 9,605 classes:
-#: 5 GEMMs against the official head's 3, which lost to its torch.compile (0.95x, fwd+bwd at
-#: openimages-r101-448@B=2, 2026-12-01); kept, 4 (1.15-1.2x). 256 MB holds them to B=17 at
-#: 9,605 classes x 4 heads x 14x14 (bf16); the official head keeps at least as much (its
-#: convolutions' outputs) at every shape. ``CSRA_TRITON_CPU_KEEP_MB`` sets it (0: only when
-#: no larger than x).
-def _keep_bytes(env: str) -> int:
-    """``CSRA_TRITON_CPU_KEEP_MB`` as bytes: a number of MB >= 0."""
+#: How many times x's elements of score products a training forward may keep for its backward
+#: (:func:`keeps_scores`: H*C <= KEEP_RATIO * D). Recomputing them is the backward's costliest
+#: step at 9,605 classes: 5 GEMMs against the official head's 3, which lost to its
+#: torch.compile (0.95x, fwd+bwd at openimages-r101-448@B=2, 2026-12-01); kept, 4
+#: (1.15-1.2x). 64 covers 9,605 classes x 4 heads at d=2048 (18.8) and x 1 head at d=1024
+#: (9.4). The rule is on static sizes (H, C, D), never on the batch, so a compiled graph's
+#: fake outputs agree with the real ones at any batch (unbacked included). What is kept never
+#: exceeds what the official head keeps (its convolutions' outputs, H*C*B*N in x's dtype), and
+#: is a fraction of what the backbone that made x keeps for its own backward.
+#: ``CSRA_TRITON_CPU_KEEP_RATIO`` sets it (1: only when no larger than x; 0: never).
+
+
+def _keep_ratio(env: str) -> float:
+    """``CSRA_TRITON_CPU_KEEP_RATIO``: a finite number >= 0."""
     try:
-        mb = float(env)
+        ratio = float(env)
     except ValueError:
-        mb = math.nan
-    if not mb >= 0 or math.isinf(mb):
-        raise ValueError(f"CSRA_TRITON_CPU_KEEP_MB: expected a number of MB >= 0, got {env!r}")
-    return int(mb * 2**20)
+        ratio = math.nan
+    if not ratio >= 0 or math.isinf(ratio):
+        raise ValueError(f"CSRA_TRITON_CPU_KEEP_RATIO: expected a finite number >= 0, "
+                         f"got {env!r}")
+    return ratio
 
 
-KEEP_BYTES = _keep_bytes(os.environ.get("CSRA_TRITON_CPU_KEEP_MB", "256"))
+KEEP_RATIO = _keep_ratio(os.environ.get("CSRA_TRITON_CPU_KEEP_RATIO", "64"))
 
 
 class Work:
@@ -166,7 +172,6 @@ def products(w3, x2, acc, refine=True, hi=None, keep=None, work=None):
         hi = head_mm(w3, x2, keep if keep is not None else work.get("hi", shape, w3.dtype))
     out = work.get("s", shape, acc).copy_(hi)
     heads = sorted(range(H) if refine is True else (refine or ()))
-    lo = work.get("lo", shape, w3.dtype)
     # W x - hi: -hi joins the fp32 sum. Runs of consecutive heads go as one product each (the
     # official temperatures put the max head last: heads 0..H-2 in one GEMM).
     runs: list[list[int]] = []
@@ -175,6 +180,7 @@ def products(w3, x2, acc, refine=True, hi=None, keep=None, work=None):
             runs[-1].append(k)
         else:
             runs.append([k])
+    lo = work.get("lo", shape, w3.dtype) if runs else None
     for run in runs:
         a, b = run[0], run[-1] + 1
         out[a:b].add_(head_mm(w3[a:b], x2, lo[a:b], add=hi[a:b], beta=-1.0))
@@ -271,7 +277,7 @@ def fwd(x, weight, temps, lam, normalize, chunk, outs, kept=None):
     return outs
 
 
-def exact_first_max(sk, x, w_rows, inv_n, rel=2.0 ** -15, block=4096, rounded=False):
+def exact_first_max(sk, x, w_rows, inv_n, rel=2.0 ** -15, block=1024, rounded=False):
     """First position of the maximum of the exact sums W x for scores ``sk`` = inv_n W x
     (Cc, B, N) from the two bf16 GEMMs (``products``); w_rows (Cc, D) and x (B, D, N) are their
     bf16 operands, inv_n (Cc,) the rows' scales. ``rounded``: ``sk`` comes from the rounded
@@ -286,7 +292,7 @@ def exact_first_max(sk, x, w_rows, inv_n, rel=2.0 ** -15, block=4096, rounded=Fa
     at openimages-r101-448@B=2, against 1.7e-3). Positions within ``rel`` |w_c| sqrt(D)
     max|x| (>= |w_c||x_bj|) of the row's maximum are candidates; rows with several are
     settled in float64 on the candidates alone (products of bf16 are exact there), in blocks
-    of ``block`` pairs."""
+    of ``block`` pairs (3 x block x D float64 at a time: 48 MB at d=2048)."""
     j = sk.argmax(-1)
     # |x_bj| <= sqrt(D) max|x|: one pass over bf16 x (aminmax: 47 us at 2x2048x196, against
     # 112 for abs().amax() and 2 ms for fp32 column norms)
@@ -395,15 +401,11 @@ def chunk_classes(H: int, C: int, B: int, N: int) -> int:
 def keeps_scores(x, H: int, C: int, keep: bool = True) -> bool:
     """Whether the forward returns its score products (W x, before the row norms, in the GEMM
     dtype) for the backward: on CPU, when a backward will run (``keep``) and they have no more
-    elements than x (H*C <= D), which autograd keeps anyway, or take at most ``KEEP_BYTES``.
-    The backward then skips a GEMM: its bf16 path runs one (the ``lo`` correction) instead of
-    two, its fp32 path none instead of one. What is kept is bounded by the larger of x's size
-    and ``KEEP_BYTES``, never by classes x positions alone."""
-    if not keep or x.device.type != "cpu":
-        return False
-    B, D, N = x.shape
-    size = H * C * B * N * gemm_dtype(x.dtype, x.device).itemsize
-    return H * C <= D or size <= KEEP_BYTES
+    elements than ``KEEP_RATIO`` times x's (H*C <= KEEP_RATIO * D; at 1, what autograd keeps
+    anyway). The backward then skips a GEMM: its bf16 path runs one (the ``lo`` correction)
+    instead of two, its fp32 path none instead of one. Static sizes only: the batch (possibly
+    symbolic under torch.compile) never decides it."""
+    return keep and x.device.type == "cpu" and H * C <= KEEP_RATIO * x.shape[1]
 
 
 def kept_output(x, weight, keep: bool, alloc=new):

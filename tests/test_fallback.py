@@ -2,6 +2,9 @@
 fp32 sum of bf16 products, exact maxima in the backward where bf16 scores would tie, blocked
 passes over the weight rows, and dx summed in fp32 over class chunks. Values against float64."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -106,22 +109,22 @@ def test_blocks_and_chunks(dtype, bf16_gemm, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_products_kept_within_the_byte_budget(dtype, bf16_gemm, monkeypatch):
-    """More score rows than channels (H*C = 44 > 8): the products are kept for the backward
-    exactly when their bytes fit fallback.KEEP_BYTES, read by chunk, and the gradients agree
+def test_products_kept_within_the_ratio(dtype, bf16_gemm, monkeypatch):
+    """More score rows than channels (H*C = 44 = 5.5 x 8): the products are kept for the
+    backward exactly when H*C <= fallback.KEEP_RATIO * D, read by chunk, and the gradients agree
     with float64 (TOL) whether kept or recomputed; the backward runs one GEMM fewer when kept
     (the recomputed ``hi``)."""
     x = torch.randn(2, 8, 3, 5).to(dtype).requires_grad_()
     weight = torch.randn(4, 11, 8, requires_grad=True)
     temps = [1.0, 2.0, 4.0, math.inf]
     g = torch.randn(2, 11).to(dtype)
-    size = 4 * 11 * 2 * 15 * fallback.gemm_dtype(dtype, x.device).itemsize
     monkeypatch.setattr(fallback, "CHUNK_ELEMS", 4 * 2 * 15 * 3)      # chunks of 3 classes
     y64, dx, dw = ref64(x, weight, temps, 0.2, grad=g.float())
     gemms, grads = {}, {}
-    for budget in (size, size - 1):
-        monkeypatch.setattr(fallback, "KEEP_BYTES", budget)
-        assert fallback.keeps_scores(x.flatten(2), 4, 11) == (budget == size)
+    kept, not_kept = 5.5, 5.4
+    for budget in (kept, not_kept):
+        monkeypatch.setattr(fallback, "KEEP_RATIO", budget)
+        assert fallback.keeps_scores(x.flatten(2), 4, 11) == (budget == kept)
         x.grad = weight.grad = None
         y = csra_triton.csra(x, weight, temps, 0.2)
         with torch.profiler.profile() as prof:
@@ -132,10 +135,10 @@ def test_products_kept_within_the_byte_budget(dtype, bf16_gemm, monkeypatch):
         assert rel_err(x.grad, dx) <= TOL[dtype] and rel_err(weight.grad, dw) <= TOL[dtype]
         grads[budget] = (x.grad, weight.grad)
     # 4 chunks x 4 heads: the recomputed products are one GEMM per head and chunk
-    assert gemms[size - 1] - gemms[size] == 16, gemms
+    assert gemms[not_kept] - gemms[kept] == 16, gemms
     # the same products either way (same GEMMs): bitwise the same gradients. (A bf16 ``hi`` of
     # the wrong classes would still pass TOL: ``lo`` = W x - hi corrects it to 2^-9 |lo|.)
-    assert all(torch.equal(a, b) for a, b in zip(grads[size], grads[size - 1]))
+    assert all(torch.equal(a, b) for a, b in zip(grads[kept], grads[not_kept]))
 
 
 def test_max_heads_skip_the_lo_gemm(bf16_gemm, monkeypatch):
@@ -143,7 +146,8 @@ def test_max_heads_skip_the_lo_gemm(bf16_gemm, monkeypatch):
     (a max head's scores serve only its argmax, settled from hi with a window of one bf16
     rounding), the gradients agree with float64. In one chunk (every class: the heads' rows
     are one matrix) a run of consecutive softmax heads is one GEMM (the official temperatures
-    put the max head last); in chunks of classes, one GEMM per softmax head and chunk."""
+    put the max head last); in chunks of classes, one GEMM per softmax head and chunk; none with
+    max heads only."""
     x = torch.randn(2, 8, 3, 5).bfloat16().requires_grad_()
     weight = torch.randn(4, 11, 8, requires_grad=True)
     g = torch.randn(2, 11).bfloat16()
@@ -151,7 +155,8 @@ def test_max_heads_skip_the_lo_gemm(bf16_gemm, monkeypatch):
         monkeypatch.setattr(fallback, "CHUNK_ELEMS", elems)
         for temps, runs, softmax in (([1.0, 2.0, 4.0, math.inf], 1, 3),
                                      ([1.0, math.inf, 4.0, 2.0], 2, 3),
-                                     ([math.inf, 1.0, math.inf, math.inf], 1, 1)):
+                                     ([math.inf, 1.0, math.inf, math.inf], 1, 1),
+                                     ([math.inf] * 4, 0, 0), ([1.0, 2.0, 3.0, 4.0], 1, 4)):
             x.grad = weight.grad = None
             y = csra_triton.csra(x, weight, temps, 0.2)
             with torch.profiler.profile() as prof:
@@ -163,14 +168,32 @@ def test_max_heads_skip_the_lo_gemm(bf16_gemm, monkeypatch):
             assert rel_err(weight.grad, dw) <= TOL[torch.bfloat16]
 
 
-def test_keep_budget_from_the_environment():
-    """CSRA_TRITON_CPU_KEEP_MB in MB (fractions allowed, 0 keeps only what fits in x's size);
-    anything else names the variable."""
-    assert fallback._keep_bytes("256") == 256 << 20 and fallback._keep_bytes("0") == 0
-    assert fallback._keep_bytes("0.5") == 1 << 19
+def test_keep_ratio_from_the_environment():
+    """CSRA_TRITON_CPU_KEEP_RATIO sets fallback.KEEP_RATIO at import (1: no larger than x, 0:
+    never); anything but a finite number >= 0 fails the import with the variable named."""
+    assert fallback._keep_ratio("64") == 64 and fallback._keep_ratio("0") == 0
+    assert fallback._keep_ratio("1.5") == 1.5
     for bad in ("", "abc", "-1", "nan", "inf"):
-        with pytest.raises(ValueError, match="CSRA_TRITON_CPU_KEEP_MB"):
-            fallback._keep_bytes(bad)
+        with pytest.raises(ValueError, match="CSRA_TRITON_CPU_KEEP_RATIO"):
+            fallback._keep_ratio(bad)
+    code = "import csra_triton.fallback as f; print(f.KEEP_RATIO)"
+    for env, want in (("2.5", "2.5"), ("abc", "CSRA_TRITON_CPU_KEEP_RATIO: expected")):
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env=dict(os.environ, CSRA_TRITON_CPU_KEEP_RATIO=env), timeout=300)
+        assert want in run.stdout + run.stderr and (run.returncode == 0) == (env == "2.5")
+
+
+def test_rounded_window_holds_the_maximum_one_rounding_below():
+    """exact_first_max on scores from the rounded GEMM alone (a max head without lo): where the
+    fp32 sums' error and bf16 rounding put the true maximum one bf16 rounding below another
+    position (258 against 256, float64 sums 256.5 and 257), the widened window (``rounded``)
+    holds it and float64 settles it; the window of the two-GEMM scores misses it."""
+    w = torch.ones(1, 2).bfloat16()
+    x = torch.tensor([[256.0, 256.0], [0.5, 1.0]]).bfloat16()[None]        # (B=1, D=2, N=2)
+    sk = torch.tensor([[[258.0, 256.0]]])                                   # (Cc=1, B=1, N=2)
+    inv_n = torch.ones(1)
+    assert fallback.exact_first_max(sk, x, w, inv_n, rounded=True).item() == 1
+    assert fallback.exact_first_max(sk, x, w, inv_n).item() == 0
 
 
 def test_x_matrix_copies_only_when_needed():

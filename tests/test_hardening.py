@@ -97,19 +97,18 @@ def test_backward_deterministic_under_deterministic_algorithms(backend, device, 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("budget", [0, None], ids=["keep_mb=0", "keep_mb=default"])
+@pytest.mark.parametrize("ratio", [1, 64], ids=["keep_ratio=1", "keep_ratio=64"])
 @pytest.mark.parametrize("C", [7, 5, 4])
-def test_saved_for_backward_is_x_weight_and_small_state(C, budget, dtype, backend, device,
+def test_saved_for_backward_is_x_weight_and_small_state(C, ratio, dtype, backend, device,
                                                          monkeypatch):
     """x and the weight themselves, O(B*H*C) state, and what the implementation keeps: the
-    forward's score products only on the CPU fallback and only when no larger than x (H*C <= d:
-    20 rows for C=5, d=20) or within fallback.KEEP_BYTES (``budget``: 0, or the default 256 MB);
-    on the Triton path the prepared weight (H*C, d) in x's dtype and the raw scores, only when
+    forward's score products only on the CPU fallback and only when H*C <= ratio * d
+    (fallback.KEEP_RATIO: 1, no larger than x, 20 rows for C=5, d=20; or the default 64); on
+    the Triton path the prepared weight (H*C, d) in x's dtype and the raw scores, only when
     they have no more elements than x."""
-    if budget is None and backend != "torch":
-        pytest.skip("the byte budget is the fallback's; the kernels keep by x's size alone")
-    if budget is not None:
-        monkeypatch.setattr(fallback, "KEEP_BYTES", budget)
+    if ratio != 1 and backend != "torch":
+        pytest.skip("the keep ratio is the fallback's; the kernels keep by x's size alone")
+    monkeypatch.setattr(fallback, "KEEP_RATIO", ratio)
     B, d, h, w, H = 3, 20, 5, 5, 4
     x = torch.randn(B, d, h, w, device=device).to(dtype).requires_grad_()
     weight = torch.randn(H, C, d, device=device, requires_grad=True)
@@ -130,11 +129,10 @@ def test_saved_for_backward_is_x_weight_and_small_state(C, budget, dtype, backen
     assert len(small) + len(kept) + len(scores) + len(empty) == len(others), others
     assert len(small) == 5                                    # m, l, att, argmax, inv_n
     assert all(t.dtype in (torch.float32, torch.int32) for t in small)
-    if backend == "torch":      # the fallback's products, on CPU, if no larger than x or budget
-        keeps = device == "cpu" and (H * C <= d or budget is None)
+    if backend == "torch":      # the fallback's products, on CPU, within ratio x x's elements
+        keeps = device == "cpu" and H * C <= ratio * d
         assert [tuple(t.shape) for t in kept] == ([(H * C, B * h * w)] if keeps else [])
-        assert all(t.numel() <= x.numel() or t.nbytes <= fallback.KEEP_BYTES for t in kept)
-        assert all(t.element_size() <= 4 for t in kept)
+        assert all(t.numel() <= ratio * x.numel() and t.element_size() <= 4 for t in kept)
         assert scores == []
     else:                       # the kernels' prepared weight: the weight's size in x's dtype
         assert [(tuple(t.shape), t.dtype) for t in kept] == [((H * C, d), dtype)]

@@ -60,9 +60,10 @@ FWD_REFINE = False
 #: torch.compile (0.95x, fwd+bwd at openimages-r101-448@B=2, 2026-12-01); kept, 4
 #: (1.15-1.2x). 64 covers 9,605 classes x 4 heads at d=2048 (18.8) and x 1 head at d=1024
 #: (9.4). The rule is on static sizes (H, C, D), never on the batch, so a compiled graph's
-#: fake outputs agree with the real ones at any batch (unbacked included). What is kept never
-#: exceeds what the official head keeps (its convolutions' outputs, H*C*B*N in x's dtype), and
-#: is a fraction of what the backbone that made x keeps for its own backward.
+#: fake outputs agree with the real ones at any batch (unbacked included). What is kept is the
+#: size of the official head's convolution outputs (H*C*B*N in x's dtype; twice that where bf16
+#: x runs fp32 GEMMs), less than that head keeps in all, and a fraction of what the backbone
+#: that made x keeps for its own backward.
 #: ``CSRA_TRITON_CPU_KEEP_RATIO`` sets it (1: only when no larger than x; 0: never).
 
 

@@ -155,17 +155,23 @@ class BoundedCache:
             self._store(key, value)
 
     def _store(self, key, value) -> None:       # (under the lock)
+        # evict before inserting a new key, so that the bound holds at every instant (a reader
+        # of len() between an insert and its eviction saw maxsize + 1 under threads)
+        if key not in self._d:
+            if self.maxsize <= 0:
+                return
+            while len(self._d) >= self.maxsize:
+                self._d.popitem(last=False)
         self._d[key] = value
         self._d.move_to_end(key)
-        while len(self._d) > self.maxsize:
-            self._d.popitem(last=False)
 
     def clear(self) -> None:
         with self._lock:
             self._d.clear()
 
     def __len__(self) -> int:
-        return len(self._d)
+        with self._lock:
+            return len(self._d)
 
 
 # --------------------------------------------------------------------------- temperatures

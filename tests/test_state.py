@@ -14,6 +14,7 @@ names the bug it fails on; each was seen to fail with that bug put back:
 * one process-wide ``use_backend``; launch-plan caches mutated without a lock; a tune-cache
   temporary file shared by processes; a scalar-parameter cache that grows with every lam.
 """
+import collections
 import json
 import os
 import socket
@@ -515,6 +516,28 @@ def test_host_path_under_threads(monkeypatch):
         errors = _hammer(run, 3)
     assert not errors, errors[:3]
     assert len(plans) <= 2 and len(params) <= 2
+
+
+def test_bounded_cache_never_holds_more_than_its_bound():
+    """The bound holds at every instant, not only after a store returns: a dict that checks
+    its size on every insert never sees maxsize + 1 (the race test below read len() between an
+    insert and its eviction once in a CI run: 9 <= 8 failed). Replacing a key keeps the others;
+    a bound of 0 stores nothing."""
+    class Watched(collections.OrderedDict):
+        def __setitem__(self, key, value):
+            super().__setitem__(key, value)
+            assert len(self) <= 3, len(self)
+
+    cache = BoundedCache(3)
+    cache._d = Watched()
+    for i in range(10):
+        assert cache.put(i, i) == i
+        cache.set(i, -i)
+    assert len(cache) == 3 and [cache.get(k) for k in (7, 8, 9)] == [-7, -8, -9]
+    cache.set(8, 0)
+    assert len(cache) == 3 and cache.get(7) == -7
+    empty = BoundedCache(0)
+    assert empty.put(1, 1) == 1 and len(empty) == 0
 
 
 def test_bounded_cache_under_threads():

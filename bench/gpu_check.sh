@@ -3,7 +3,8 @@
 # an H100/H200; every section has its own time limit and writes into $1 as it goes, so a run
 # cut short still returns what it measured. GPU_CHECK_SECTIONS (default "machine host bench
 # e2e tests extras") picks sections, e.g. for a rerun of what a cut run missed.
-#   machine: versions, GPU, two probes (device copy from HBM and from L2) for the model's rates;
+#   machine: versions, GPU, two probes (device copy from HBM and from L2) for the model's rates,
+#            and the L2 -> SM read rate per SM (bench/l2_probe.py; model v2 assumes 35.3 GB/s);
 #   host:    where one forward and one forward+backward spend host time (bench/profile_op.py:
 #            host µs per call and per launch, the direct-launch path checked bitwise and timed,
 #            cProfile, torch.profiler with stacks) at latency-r101-224 and coco-r101-448;
@@ -63,6 +64,15 @@ print(f"probe: device copy {copy_tbps(2 << 30, 10):.2f} TB/s from HBM (2 GiB x2)
       f"{copy_tbps(12 << 20, 400):.2f} TB/s from L2 (12 MiB x2, resident)")
 EOF
 } 2>&1 | tee "$out/machine.log"
+
+if want machine; then
+  echo "== L2 -> SM probe ($(since) s)"
+  if [ "$dry" = 1 ]; then
+    "$py" bench/l2_probe.py "$out" --dry
+  else
+    timeout 60 "$py" bench/l2_probe.py "$out"
+  fi 2>&1 | tee "$out/l2_probe.log" | tail -n 9
+fi
 
 if want host; then
   echo "== host ($(since) s)"

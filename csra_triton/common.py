@@ -246,6 +246,25 @@ def channels_inner(x: Tensor) -> bool:
     return x.stride(1) == 1 and x.shape[1] > 1
 
 
+def as_bdn(x: Tensor, layout: str) -> Tensor:
+    """x as the ops' (B, D, N) view: ``"nchw"`` (B, D, h, w) flattened, ``"tokens"`` (B, N, D)
+    transposed, ``"bdn"`` as it is (a copy only where an NCHW x's h and w cannot merge)."""
+    if layout == "nchw":
+        return x.flatten(2)
+    if layout == "tokens":
+        return x.transpose(1, 2)
+    return x
+
+
+def from_bdn(g: Tensor, layout: str, shape) -> Tensor:
+    """A (B, D, N) gradient in the layout ``as_bdn`` read x in (``shape``: x's)."""
+    if layout == "nchw":
+        return g.reshape(shape)
+    if layout == "tokens":
+        return g.transpose(1, 2)
+    return g
+
+
 def dx_view(dx: Tensor, B: int, D: int, N: int, inner: bool) -> Tensor:
     """The (B, D, N) view of the backward's dx buffer, (B*N, D) or (D, B*N) (no copy)."""
     if inner:

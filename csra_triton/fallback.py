@@ -446,7 +446,8 @@ class Backward:
     mm = staticmethod(mm)
 
     def __init__(self, grad_y, x, weight, state, inv_n, kept, temps, lam, normalize,
-                 scores=None, lam_t=None):
+                 scores=None, lam_t=None, plan_=None):
+        # (plan_: the Triton implementation's launch plan; none here)
         B, D, N = x.shape
         H, C, _ = weight.shape
         self.acc = acc = acc_dtype(x.dtype)

@@ -240,7 +240,9 @@ def floor_us(fn: Callable[[], None], reps: int = 50) -> float:
 def ratios(shapes: list[Shape], layouts=("nchw",), reps: int = 200) -> list[dict]:
     """Per shape x layout x call (inference, fwd+bwd): host µs of ours (launches stubbed), of
     the bare autograd.Function and of the official eager head, measured in alternation (ours,
-    bare, official, repeated) so that a drift of this CPU hits all three alike."""
+    bare, official, repeated over 10 rounds); each ratio is the median of the rounds' ratios,
+    so that a change of this CPU's speed between rounds (a shared VM's steal time: 2x seen
+    here) hits the three measurements of a round alike instead of skewing medians taken apart."""
     rows = []
     for shape in shapes:
         for layout in layouts:
@@ -248,15 +250,17 @@ def ratios(shapes: list[Shape], layouts=("nchw",), reps: int = 200) -> list[dict
             floors = floor_steps(shape, layout)
             for call in ("inference", "fwd+bwd"):
                 t = {"ours": [], "bare": [], "official": []}
-                for _ in range(5):
-                    t["ours"].append(host_us(ours[call], reps // 5))
-                    t["bare"].append(floor_us(floors["bare"][call], reps // 5))
-                    t["official"].append(floor_us(floors["official"][call], reps // 5))
+                for _ in range(10):
+                    t["ours"].append(host_us(ours[call], max(1, reps // 10)))
+                    t["bare"].append(floor_us(floors["bare"][call], max(1, reps // 10)))
+                    t["official"].append(floor_us(floors["official"][call], max(1, reps // 10)))
                 med = {k: statistics.median(v) for k, v in t.items()}
                 rows.append(dict(shape=shape.name, layout=layout, call=call, ours_us=med["ours"],
                                  bare_us=med["bare"], official_us=med["official"],
-                                 vs_bare=med["ours"] / med["bare"],
-                                 vs_official=med["ours"] / med["official"]))
+                                 vs_bare=statistics.median(
+                                     o / b for o, b in zip(t["ours"], t["bare"])),
+                                 vs_official=statistics.median(
+                                     o / f for o, f in zip(t["ours"], t["official"]))))
     return rows
 
 

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from . import fallback, interop, maps, ops
-from .common import check_lam, check_temperatures, kernel_temperatures, op_temperatures
+from .common import (as_bdn, check_lam, check_temperatures, kernel_temperatures,
+                     op_temperatures)
 from .reference import OFFICIAL_TEMPERATURES
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -28,9 +29,9 @@ def _autocast(x: Tensor) -> Tensor:
     return x
 
 
-def _check_inputs(x, weight, layout: str) -> Tensor:
+def _check_inputs(x, weight, layout: str, view: bool = True) -> Tensor:
     """Validates x and weight; returns x as a (B, D, N) view (no copy for NCHW, NHWC, tokens),
-    cast to the autocast dtype under autocast."""
+    or with ``view=False`` as it is, cast to the autocast dtype under autocast."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     if not isinstance(weight, Tensor):
@@ -54,7 +55,7 @@ def _check_inputs(x, weight, layout: str) -> Tensor:
                              f"(shape {tuple(x.shape)})")
         if x.shape[2] * x.shape[3] == 0:
             raise ValueError(f"x: expected h*w >= 1 positions, got shape {tuple(x.shape)}")
-        return _autocast(x).flatten(2)
+        return as_bdn(_autocast(x), layout) if view else _autocast(x)
     if layout == "tokens":
         if x.dim() != 3:
             raise ValueError(f"x: expected 3-D tokens (B, N, in_ch), got shape {tuple(x.shape)}")
@@ -63,7 +64,7 @@ def _check_inputs(x, weight, layout: str) -> Tensor:
                              f"(shape {tuple(x.shape)})")
         if x.shape[1] == 0:
             raise ValueError(f"x: expected N >= 1 tokens, got shape {tuple(x.shape)}")
-        return _autocast(x).transpose(1, 2)
+        return as_bdn(_autocast(x), layout) if view else _autocast(x)
     raise ValueError(f"layout: expected 'nchw' or 'tokens', got {layout!r}")
 
 
@@ -76,10 +77,10 @@ def csra(x: Tensor, weight: Tensor, temperatures: Sequence[float], lam: float,
     temperatures: one per head; ``math.inf`` or 99 makes a max-pooling head. lam: the weight of
     the attention logit, a number or a one-element tensor on x's device (it gets a gradient). normalize: divide each class's scores by its weight row's L2 norm.
     """
-    x3 = _check_inputs(x, weight, layout)
+    xs = _check_inputs(x, weight, layout, view=False)
     temps = op_temperatures(check_temperatures(temperatures, weight.shape[0]))
     lam = check_lam(lam, x.device)
-    return _run(x3, weight, temps, lam, bool(normalize))
+    return _run(xs, weight, temps, lam, bool(normalize), layout)
 
 
 def _csra_prechecked(x: Tensor, weight: Tensor, op_temps: list[float], lam: float,
@@ -87,27 +88,30 @@ def _csra_prechecked(x: Tensor, weight: Tensor, op_temps: list[float], lam: floa
     """``csra`` for the module, whose temperatures and lam were validated when they were set
     (under ``torch.compile(dynamic=True)`` they arrive as symbolic floats, which cannot be
     re-checked): ``op_temps`` are already in the ops' encoding (``ops.op_temperatures``)."""
-    x3 = _check_inputs(x, weight, layout)
-    if isinstance(lam, Tensor) and lam.device != x3.device:
-        raise ValueError(f"lam: the learnable lam is on {lam.device}, x on {x3.device}")
-    return _run(x3, weight, op_temps, lam, normalize)
+    xs = _check_inputs(x, weight, layout, view=False)
+    if isinstance(lam, Tensor) and lam.device != xs.device:
+        raise ValueError(f"lam: the learnable lam is on {lam.device}, x on {xs.device}")
+    return _run(xs, weight, op_temps, lam, normalize, layout)
 
 
-def _run(x3: Tensor, weight: Tensor, op_temps: list[float], lam: float, normalize: bool) -> Tensor:
+def _run(x: Tensor, weight: Tensor, op_temps: list[float], lam: float, normalize: bool,
+         layout: str) -> Tensor:
     """The op, or under ``torch.onnx.export`` the same math in standard operators (ONNX has no
-    translation for a custom op; ``fallback.forward_graph``)."""
+    translation for a custom op; ``fallback.forward_graph``). x: validated, in ``layout``
+    (the op views it as (B, D, N): ``common.as_bdn``)."""
     # (an ONNX export traces: TorchScript's, or torch.export's under the dynamo exporter; the
     # two C-level checks spare eager calls the export check's Python)
     if ((torch.jit.is_tracing() or torch.compiler.is_compiling())
             and torch.onnx.is_in_onnx_export()):
-        return fallback.forward_graph(x3, weight, kernel_temperatures(op_temps), lam, normalize)
+        return fallback.forward_graph(as_bdn(x, layout), weight, kernel_temperatures(op_temps),
+                                      lam, normalize)
     if ops.functorch_active():        # torch.func (grad, vmap, jacrev): the composite
-        return ops.composite(x3, weight, op_temps, lam, normalize)
+        return ops.composite(as_bdn(x, layout), weight, op_temps, lam, normalize)
     # keep=False when no gradient will be asked for (inference): the op then keeps nothing for
     # a backward and may reuse the prepared weight (one launch instead of two on a GPU)
-    keep = torch.is_grad_enabled() and (x3.requires_grad or weight.requires_grad or (
+    keep = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (
         isinstance(lam, Tensor) and lam.requires_grad))
-    return ops.forward(x3, weight, op_temps, lam, normalize, keep)[0]
+    return ops.forward(x, weight, op_temps, lam, normalize, keep, layout=layout)[0]
 
 
 class CSRATriton(nn.Module):
@@ -232,11 +236,11 @@ class CSRATriton(nn.Module):
                                 self.normalize, "tokens")
 
     def _checked_weight(self) -> Tensor:
-        expected = (self.heads, self.classes, self.in_ch)
-        if tuple(self.weight.shape) != expected:
-            raise ValueError(f"weight: expected shape (heads, classes, in_ch) = {expected}, "
-                             f"got {tuple(self.weight.shape)}")
-        return self.weight
+        w = self.weight
+        if w.shape != (self.heads, self.classes, self.in_ch):     # torch.Size == tuple
+            raise ValueError(f"weight: expected shape (heads, classes, in_ch) = "
+                             f"{(self.heads, self.classes, self.in_ch)}, got {tuple(w.shape)}")
+        return w
 
     def extra_repr(self) -> str:
         temps = [("inf" if math.isinf(t) else f"{t:g}") for t in self.temperatures]

@@ -21,6 +21,7 @@ not there.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import threading
@@ -93,6 +94,24 @@ def _arch(x: Tensor) -> str:
     if x.is_cuda and torch.cuda.is_available():
         return archs.device_arch(x.device)
     return archs.DEFAULT
+
+
+_kmod = None
+
+
+def _k():
+    """The kernels module (imported on first use: importing the package needs no Triton; an
+    import statement per launch cost ~1 µs of the host path)."""
+    global _kmod
+    if _kmod is None:
+        from . import kernels
+        _kmod = kernels
+    return _kmod
+
+
+def _acc_tl(dtype: torch.dtype):
+    """The kernels' accumulation dtype (``tl``) for state in ``dtype``."""
+    return _k().tl.float64 if dtype == torch.float64 else _k().tl.float32
 
 
 def _dtypes(x: Tensor, on_gpu: bool) -> dict:
@@ -257,13 +276,11 @@ def _gpu(on_gpu: bool | None) -> bool:
 def prep_call(x: Tensor, weight: Tensor, normalize: bool, w_op: Tensor, inv_n: Tensor,
               on_gpu: bool | None = None, kw: dict | None = None) -> Call:
     """The prep launch; ``kw``: a :class:`Plan`'s constexprs (its ACC and EMU_BF16), if known."""
-    from .kernels import csra_prep_kernel
-
     H, C, D = weight.shape
     R = H * C
     d = kw if kw is not None else _dtypes(x, _gpu(on_gpu))
     br, bd = row_tiles(D)
-    return Call(csra_prep_kernel, (cdiv(R, br),),
+    return Call(_k().csra_prep_kernel, (cdiv(R, br),),
                 (weight, *weight.stride(), w_op, inv_n, R, C, D),
                 dict(NORMALIZE=bool(normalize), BR=br, BD=bd,
                      ACC=d["ACC"], EMU_BF16=d["EMU_BF16"]), ROW_WARPS, 2)
@@ -275,8 +292,6 @@ def fwd_call(x, w_op, inv_n, params, outs, cfg, H, on_gpu: bool | None = None,
     ``scores`` (H, C, B, N) in the accumulation dtype: where the raw scores go (SAVE_A), if
     given; that launch runs 16 warps where the config has 8 on Hopper (wgmma), where the stores
     spilled at 8 (128 x 256 fp32 accumulators already take 255 registers there)."""
-    from .kernels import csra_fwd_kernel
-
     B, D, N = x.shape
     C = inv_n.shape[-1]
     y, m, l, att, amax = outs[:5]
@@ -288,7 +303,7 @@ def fwd_call(x, w_op, inv_n, params, outs, cfg, H, on_gpu: bool | None = None,
     warps = cfg.num_warps
     if save and warps == 8 and _gpu(on_gpu) and archs.ARCHS[_arch(x)].mma == "wgmma":
         warps = 16
-    return Call(csra_fwd_kernel, _grid(B, n_cb, major),
+    return Call(_k().csra_fwd_kernel, _grid(B, n_cb, major),
                 (x, *x.stride(), w_op, inv_n, params, y, *y.stride(), m, l, att, amax,
                  scores if save else m, B, H, C, D, N, n_cb), dict(kw, SAVE_A=save),
                 warps, cfg.num_stages)
@@ -297,8 +312,6 @@ def fwd_call(x, w_op, inv_n, params, outs, cfg, H, on_gpu: bool | None = None,
 def ds_call(x, w_op, inv_n, params, grad_y, state, c0, c1, out, cfg, H,
             on_gpu: bool | None = None, kw: dict | None = None) -> Call:
     """The dS launch for classes [c0, c1); ``kw`` as for :func:`fwd_call` (the same tiles)."""
-    from .kernels import csra_bwd_ds_kernel
-
     B, D, N = x.shape
     C = inv_n.shape[-1]
     m, l, att, amax = state
@@ -306,7 +319,7 @@ def ds_call(x, w_op, inv_n, params, grad_y, state, c0, c1, out, cfg, H,
     major = cb_major(H, C, D, x.element_size())
     if kw is None:
         kw = _tile_kw(x, cfg, H, D, major, _gpu(on_gpu))
-    return Call(csra_bwd_ds_kernel, _grid(B, n_cb, major),
+    return Call(_k().csra_bwd_ds_kernel, _grid(B, n_cb, major),
                 (x, *x.stride(), w_op, inv_n, params, grad_y, *grad_y.stride(),
                  m, l, att, amax, out, B, H, C, D, N, c0, c1 - c0, n_cb),
                 kw, cfg.num_warps, cfg.num_stages)
@@ -315,17 +328,13 @@ def ds_call(x, w_op, inv_n, params, grad_y, state, c0, c1, out, cfg, H,
 def ds_kept_call(scores, inv_n, params, grad_y, state, c0, c1, out, H,
                  on_gpu: bool | None = None) -> Call:
     """dS' for classes [c0, c1) from the forward's raw scores (H, C, B, N): elementwise."""
-    import triton.language as tl
-
-    from .kernels import csra_bwd_ds_kept_kernel
-
     _, C, B, N = scores.shape
     m, l, att, amax = state
     rows = H * (c1 - c0)
     br, bn = ds_kept_tiles(rows, N)
-    acc = tl.float64 if scores.dtype == torch.float64 else tl.float32
+    acc = _acc_tl(scores.dtype)
     emu = not _gpu(on_gpu) and out.dtype == torch.bfloat16
-    return Call(csra_bwd_ds_kept_kernel, (cdiv(rows, br), B),
+    return Call(_k().csra_bwd_ds_kept_kernel, (cdiv(rows, br), B),
                 (scores, inv_n, params, grad_y, *grad_y.stride(), m, l, att, amax, out,
                  B, H, C, N, c0, c1 - c0),
                 dict(BR=br, BN=bn, ACC=acc, EMU_BF16=emu,
@@ -333,6 +342,7 @@ def ds_kept_call(scores, inv_n, params, grad_y, state, c0, c1, out, H,
                 DS_KEPT_WARPS, 1)
 
 
+@functools.lru_cache(maxsize=CACHE_ENTRIES)
 def ds_kept_tiles(rows: int, N: int) -> tuple[int, int]:
     """(rows, positions) per program of the elementwise dS' kernel for a chunk of ``rows``."""
     bn = min(DS_KEPT_COLS, pow2(max(N, 16)))
@@ -341,19 +351,17 @@ def ds_kept_tiles(rows: int, N: int) -> tuple[int, int]:
 
 def proj_call(G: Tensor, weight: Tensor, inv_n: Tensor, out: Tensor, normalize: bool) -> Call:
     """The weight gradient from G (H*C, D) into ``out`` (H*C, D) in the weight's dtype."""
-    from .kernels import csra_proj_kernel
-    import triton.language as tl
-
     H, C, D = weight.shape
     R = H * C
-    acc = tl.float64 if inv_n.dtype == torch.float64 else tl.float32
+    acc = _acc_tl(inv_n.dtype)
     br, bd = row_tiles(D)
-    return Call(csra_proj_kernel, (cdiv(R, br),),
+    return Call(_k().csra_proj_kernel, (cdiv(R, br),),
                 (G, weight, *weight.stride(), inv_n, out, R, C, D),
                 dict(NORMALIZE=bool(normalize), BR=br, BD=bd, ONE_PASS=D <= bd, ACC=acc),
                 ROW_WARPS, 2)
 
 
+@functools.lru_cache(maxsize=CACHE_ENTRIES)
 def row_tiles(D: int) -> tuple[int, int]:
     """(rows, channels) per program of the weight-row kernels (prep, proj): whole rows when d
     fits ``ROW_ELEMS`` (one load round trip per program, rows over many programs: 160 programs
@@ -548,8 +556,8 @@ def plan(x: Tensor, weight: Tensor, temps: list[float], lam: float) -> Plan:
         cfg = tuning.choose("fwd", H, C, D, N, x)
         return Plan(cfg, params, _tile_kw(x, cfg, H, D, cb_major(H, C, D, x.element_size()),
                                           gpu()))
-    key = (tuple(x.shape), x.stride(), x.dtype, x.device, tuple(weight.shape), tuple(temps),
-           lam, tf32_enabled(x))
+    key = (x.shape, x.stride(), x.dtype, x.device, weight.shape, tuple(temps), lam,
+           tf32_enabled(x))           # (torch.Size hashes as the tuple it is)
     p = _plans.get(key)
     if p is None:
         cfg = fwd_config(x, H, C, D, N)
@@ -580,11 +588,12 @@ def forward(x: Tensor, weight: Tensor, temps: list[float], lam: float, normalize
     :func:`keeps_scores`, else (0,). ``packed`` (the eager path, ``ops``): the state and inverse
     norms are views of one allocation and what is not kept is None (:func:`_forward_packed`;
     custom ops may not return aliased outputs, so the traced path allocates each); the
-    launches and their results are the same."""
+    launches and their results are the same, and the plan comes back as a 9th element (the
+    eager backward's: one plan lookup per forward+backward)."""
     H, C, D = weight.shape
     p = plan(x, weight, temps, lam)
     if packed and x.dtype != torch.float64:
-        return _forward_packed(x, weight, p, normalize, keep, lam_t)
+        return (*_forward_packed(x, weight, p, normalize, keep, lam_t), p)
     outs = fwd_outputs(x, H, C, keep=False)[:5]      # inv_n: the prepared one, if kept
     w_op, inv_n = prep_weight(x, weight, normalize)
     scores = scores_output(x, H, C, keep)
@@ -592,7 +601,7 @@ def forward(x: Tensor, weight: Tensor, temps: list[float], lam: float, normalize
              scores=scores).run()
     inv_n = inv_n.view(H, C) if keep else new((0,), acc_dtype(x.dtype), x.device)
     kept = w_op if keep and keeps_weight(x, weight) else new((0,), x.dtype, x.device)
-    return (*outs, inv_n, kept, scores)
+    return (*outs, inv_n, kept, scores, *((p,) if packed else ()))
 
 
 def _forward_packed(x: Tensor, weight: Tensor, p: "Plan", normalize: bool, keep: bool,
@@ -604,7 +613,7 @@ def _forward_packed(x: Tensor, weight: Tensor, p: "Plan", normalize: bool, keep:
     H, C, _ = weight.shape
     acc = acc_dtype(x.dtype)
     buf = new((4 * B + 1, H, C), acc, x.device)
-    m, l, att, amax, inv_n = torch.split(buf, (B, B, B, B, 1))
+    m, l, att, amax, inv_n = buf.split_with_sizes((B, B, B, B, 1))  # not torch.split: 5 µs
     amax = amax.view(torch.int32)
     y = new((B, C), x.dtype, x.device)
     w_op = new((H * C, D), x.dtype, x.device)
@@ -633,13 +642,18 @@ class Backward:
     mm = staticmethod(mm_plain)
 
     def __init__(self, grad_y, x, weight, state, inv_n, kept, temps, lam, normalize,
-                 scores=None, lam_t=None):
+                 scores=None, lam_t=None, plan_: Plan | None = None):
         B, D, N = x.shape
         H, C, _ = weight.shape
         self.x, self.weight, self.state, self.grad_y = x, weight, state, grad_y
         self.scores = scores if scores is not None and scores.numel() else None
         self.normalize, self.H = normalize, H
-        p = plan(x, weight, temps, lam)
+        # the forward's plan where the caller has it (the eager path), else looked up again
+        if plan_ is not None:
+            p = plan_
+            _hold_if_capturing(p.params)      # a captured backward reads it at every replay
+        else:
+            p = plan(x, weight, temps, lam)
         self.params, fwd_cfg, self.kw = with_lam(p.params, lam_t), p.cfg, p.kw
         self.gemm = self.dx_dtype = x.dtype
         self.chunk = ds_chunk_classes(H, C, B, N, fwd_cfg.BC)

@@ -219,10 +219,13 @@ def floor_steps(shape: Shape, layout: str = "nchw") -> dict:
 
 def floor_us(fn: Callable[[], None], reps: int = 50) -> float:
     """Median host µs per call of ``fn`` after 5 untimed calls, nothing stubbed (profiler off;
-    :func:`host_us` runs it with launches stubbed)."""
+    :func:`host_us` runs it with launches stubbed), on one intra-op thread (as the tables say:
+    the issuing thread's work, not a parallel CPU kernel's)."""
     # stubbed kernels leave their outputs unwritten: denormal garbage there would make the
     # small CPU GEMMs that do run 10x slower than on real values
     flush = torch.set_flush_denormal(True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     times = []
     try:
         for _ in range(5):
@@ -232,6 +235,7 @@ def floor_us(fn: Callable[[], None], reps: int = 50) -> float:
             fn()
             times.append((time.perf_counter() - t0) * 1e6)
     finally:
+        torch.set_num_threads(threads)
         if flush:
             torch.set_flush_denormal(False)
     return statistics.median(times)

@@ -253,3 +253,16 @@ def test_host_ratios_survive_a_cpu_that_changes_speed(monkeypatch):
         # one round in ten is skewed (ours slow, the floors fast): the median of the rounds'
         # ratios is the true one
         assert r["vs_bare"] == pytest.approx(1.5) and r["vs_official"] == pytest.approx(0.1)
+
+
+def test_host_timings_run_on_one_thread(monkeypatch):
+    """`bench --host` says "one thread": its timer runs the calls with one intra-op thread and
+    gives the caller's setting back afterwards (an independent check found the tables timed
+    on the default two)."""
+    seen, before = [], torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        hostpath.floor_us(lambda: seen.append(torch.get_num_threads()), reps=3)
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

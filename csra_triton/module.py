@@ -29,9 +29,9 @@ def _autocast(x: Tensor) -> Tensor:
     return x
 
 
-def _check_inputs(x, weight, layout: str, view: bool = True) -> Tensor:
-    """Validates x and weight; returns x as a (B, D, N) view (no copy for NCHW, NHWC, tokens),
-    or with ``view=False`` as it is, cast to the autocast dtype under autocast."""
+def _check_inputs(x, weight, layout: str) -> Tensor:
+    """Validates x (in ``layout``) and weight; returns x as it is, cast to the autocast dtype
+    under autocast (the op views it as (B, D, N): ``common.as_bdn``)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     if not isinstance(weight, Tensor):
@@ -55,7 +55,7 @@ def _check_inputs(x, weight, layout: str, view: bool = True) -> Tensor:
                              f"(shape {tuple(x.shape)})")
         if x.shape[2] * x.shape[3] == 0:
             raise ValueError(f"x: expected h*w >= 1 positions, got shape {tuple(x.shape)}")
-        return as_bdn(_autocast(x), layout) if view else _autocast(x)
+        return _autocast(x)
     if layout == "tokens":
         if x.dim() != 3:
             raise ValueError(f"x: expected 3-D tokens (B, N, in_ch), got shape {tuple(x.shape)}")
@@ -64,7 +64,7 @@ def _check_inputs(x, weight, layout: str, view: bool = True) -> Tensor:
                              f"(shape {tuple(x.shape)})")
         if x.shape[1] == 0:
             raise ValueError(f"x: expected N >= 1 tokens, got shape {tuple(x.shape)}")
-        return as_bdn(_autocast(x), layout) if view else _autocast(x)
+        return _autocast(x)
     raise ValueError(f"layout: expected 'nchw' or 'tokens', got {layout!r}")
 
 
@@ -77,7 +77,7 @@ def csra(x: Tensor, weight: Tensor, temperatures: Sequence[float], lam: float,
     temperatures: one per head; ``math.inf`` or 99 makes a max-pooling head. lam: the weight of
     the attention logit, a number or a one-element tensor on x's device (it gets a gradient). normalize: divide each class's scores by its weight row's L2 norm.
     """
-    xs = _check_inputs(x, weight, layout, view=False)
+    xs = _check_inputs(x, weight, layout)
     temps = op_temperatures(check_temperatures(temperatures, weight.shape[0]))
     lam = check_lam(lam, x.device)
     return _run(xs, weight, temps, lam, bool(normalize), layout)
@@ -88,7 +88,7 @@ def _csra_prechecked(x: Tensor, weight: Tensor, op_temps: list[float], lam: floa
     """``csra`` for the module, whose temperatures and lam were validated when they were set
     (under ``torch.compile(dynamic=True)`` they arrive as symbolic floats, which cannot be
     re-checked): ``op_temps`` are already in the ops' encoding (``ops.op_temperatures``)."""
-    xs = _check_inputs(x, weight, layout, view=False)
+    xs = _check_inputs(x, weight, layout)
     if isinstance(lam, Tensor) and lam.device != xs.device:
         raise ValueError(f"lam: the learnable lam is on {lam.device}, x on {xs.device}")
     return _run(xs, weight, op_temps, lam, normalize, layout)
@@ -265,7 +265,7 @@ class CSRATriton(nn.Module):
 
     def _map_input(self, x: Tensor) -> Tensor:
         """x validated (and cast under autocast) as for forward, kept (B, in_ch, h, w)."""
-        return _check_inputs(x, self._checked_weight(), "nchw").unflatten(2, x.shape[2:])
+        return _check_inputs(x, self._checked_weight(), "nchw")
 
     def to_official_state_dict(self, prefix: str = "") -> dict:
         """The weight in the official layout: ``{prefix}multi_head.{k}.head.weight`` (C, d, 1, 1)."""

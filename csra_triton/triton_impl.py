@@ -111,14 +111,14 @@ def _k():
 
 def _acc_tl(dtype: torch.dtype):
     """The kernels' accumulation dtype (``tl``) for state in ``dtype``."""
-    return _k().tl.float64 if dtype == torch.float64 else _k().tl.float32
+    tl = _k().tl
+    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def _dtypes(x: Tensor, on_gpu: bool) -> dict:
     """Dtype constexprs of the kernels for x; ``on_gpu`` False means the interpreter's choices."""
-    import triton.language as tl
-
-    acc = tl.float64 if x.dtype == torch.float64 else tl.float32
+    tl = _k().tl
+    acc = _acc_tl(x.dtype)
     # The interpreter's tl.dot is wrong on bf16 operands: products go through fp32 there.
     dot = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16 if on_gpu else tl.float32,
            torch.float32: tl.float32, torch.float64: tl.float64}[x.dtype]

@@ -9,6 +9,14 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Under pytest-xdist (the README's command runs one worker per core), each worker takes its
+# share of the cores for torch's intra-op threads, and Inductor compiles in the worker itself
+# (its pool of compile processes would start per worker and fight the other worker for cores).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 else:  # cuBLAS needs it under torch.use_deterministic_algorithms(True) (the determinism test)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
@@ -22,3 +30,22 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
 
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="csra-inductor-")
     atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "no_triton: the test runs no Triton code (the PyTorch fallback, pure Python): "
+        "its outcome cannot depend on the Triton version (.ci/run's triton 3.6 block skips it)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marks ``no_triton`` the tests parametrized onto the PyTorch fallback (the ``backend``
+    fixture's "torch" params, a ``backend_name`` of "torch"); modules and tests that run no
+    Triton code at all carry the marker themselves."""
+    import pytest
+
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if (params.get("backend") in ("torch", "torch-fp32gemm")
+                or params.get("backend_name") == "torch"):
+            item.add_marker(pytest.mark.no_triton)

@@ -1,7 +1,7 @@
 """Plain helpers shared by the two implementations and the op layer (layer 1 of the data path:
 helpers -> implementations (Triton kernels, PyTorch fallback) -> op -> module -> tools).
 
-Nothing here launches a kernel or imports another module of the package: dtype rules, the
+Nothing here launches a kernel or imports another module of the package but ``settings``: dtype rules, the
 temperature encodings, the error measure, the (optionally poisoned) allocator and the forward's
 output buffers.
 """
@@ -11,15 +11,17 @@ import collections
 import functools
 import math
 import numbers
-import os
 import threading
 
 import torch
 from torch import Tensor
 
+from .settings import ENV
+
 #: Tests set this: every output and workspace is filled with NaN (ints: -2**31 + 1) on
-#: allocation, so that an element a kernel forgets to write fails the comparison.
-POISON = os.environ.get("CSRA_TRITON_POISON", "0") not in ("", "0")
+#: allocation, so that an element a kernel forgets to write fails the comparison
+#: (``CSRA_TRITON_POISON``).
+POISON = ENV.poison
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -31,7 +33,7 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def onednn_fp32() -> bool:
     """Whether fp32 CPU products go through oneDNN's matmul (:func:`mm`): where mkldnn is built
     and its linear op gives a @ b on a small check. ``CSRA_TRITON_ONEDNN_FP32=0`` turns it off."""
-    if os.environ.get("CSRA_TRITON_ONEDNN_FP32", "1") == "0":
+    if not ENV.onednn_fp32:
         return False
     try:
         if not torch.backends.mkldnn.is_available():
@@ -81,12 +83,14 @@ def new(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
     return t
 
 
-def fwd_outputs(x: Tensor, H: int, C: int, alloc=new, keep: bool = True) -> tuple:
-    """The forward's outputs: y (B, C) in x's dtype; m, l, att (B, H, C) in the accumulation
-    dtype; argmax (B, H, C) int32; inv_norm (H, C) in the accumulation dtype, or (0,) when the
-    caller keeps nothing for a backward (``keep=False``: inference)."""
+def fwd_outputs(x: Tensor, H: int, C: int, alloc=new, keep: bool = True,
+                y_dtype: torch.dtype | None = None) -> tuple:
+    """The forward's outputs: y (B, C) in ``y_dtype`` (default x's dtype); m, l, att (B, H, C)
+    in the accumulation dtype; argmax (B, H, C) int32; inv_norm (H, C) in the accumulation
+    dtype, or (0,) when the caller keeps nothing for a backward (``keep=False``: inference)."""
     B, acc = x.shape[0], acc_dtype(x.dtype)
-    return (alloc((B, C), x.dtype, x.device), *(alloc((B, H, C), acc, x.device) for _ in range(3)),
+    return (alloc((B, C), y_dtype or x.dtype, x.device),
+            *(alloc((B, H, C), acc, x.device) for _ in range(3)),
             alloc((B, H, C), torch.int32, x.device),
             alloc((H, C) if keep else (0,), acc, x.device))
 

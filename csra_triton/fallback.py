@@ -32,19 +32,18 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import platform
 
 import torch
 
 from .common import acc_dtype, fwd_outputs, mm, new, x_matrix
+from .settings import ENV
 
 LN2 = math.log(2.0)
 
 #: ``None`` follows the CPU (:func:`native_bf16`); True/False force bf16/fp32 GEMMs for bf16 x
-#: (the tests run both). ``CSRA_TRITON_CPU_BF16_GEMM=0`` or ``1`` sets it at import.
-BF16_GEMM: bool | None = {"0": False, "1": True}.get(
-    os.environ.get("CSRA_TRITON_CPU_BF16_GEMM", ""))
+#: (the tests run both). ``CSRA_TRITON_CPU_BF16_GEMM`` (auto, 0 or 1) sets it at import.
+BF16_GEMM: bool | None = ENV.cpu_bf16_gemm
 #: Scores per class chunk (elements of fp32): the chunk's elementwise passes stay in cache.
 CHUNK_ELEMS = 1 << 20
 #: Weight elements per block of the passes over weight rows (inverse norms, the weight gradient's
@@ -66,20 +65,7 @@ FWD_REFINE = False
 #: that made x keeps for its own backward.
 #: ``CSRA_TRITON_CPU_KEEP_RATIO`` sets it (1: only when no larger than x; 0: never).
 
-
-def _keep_ratio(env: str) -> float:
-    """``CSRA_TRITON_CPU_KEEP_RATIO``: a finite number >= 0."""
-    try:
-        ratio = float(env)
-    except ValueError:
-        ratio = math.nan
-    if not ratio >= 0 or math.isinf(ratio):
-        raise ValueError(f"CSRA_TRITON_CPU_KEEP_RATIO: expected a finite number >= 0, "
-                         f"got {env!r}")
-    return ratio
-
-
-KEEP_RATIO = _keep_ratio(os.environ.get("CSRA_TRITON_CPU_KEEP_RATIO", "64"))
+KEEP_RATIO = ENV.cpu_keep_ratio
 
 
 class Work:
@@ -270,7 +256,7 @@ def fwd(x, weight, temps, lam, normalize, chunk, outs, kept=None):
         zmax, l_c, p = _softmax(s, t_fin, work)                     # (H, Cc, B, 1|N)
         best, best_j = s.max(dim=-1)
         a = torch.where(is_max[..., 0], best, p.mul_(s).sum(-1))   # p . s (p is spent)
-        y[:, c0:c1] = (s.mean(-1) + lam * a).sum(0).t().to(x.dtype)
+        y[:, c0:c1] = (s.mean(-1) + lam * a).sum(0).t().to(y.dtype)
         m[:, :, c0:c1] = zmax[..., 0].permute(2, 0, 1)
         l[:, :, c0:c1] = l_c[..., 0].permute(2, 0, 1)
         att[:, :, c0:c1] = a.permute(2, 0, 1)
@@ -366,7 +352,7 @@ def ds_chunk(x, weight, temps, grad_y, inv_n, lam, c0, c1, out, operands=None, h
         out.copy_(d_att.mul_(g[..., None]))
 
 
-def forward_graph(x, weight, temps, lam, normalize, first_max=False):
+def forward_graph(x, weight, temps, lam, normalize, first_max=False, y_dtype=None):
     """y (B, C) in x's dtype as one graph of standard operators, for exporters that cannot call
     the custom op (ONNX) and for what needs autograd through every step (double backward,
     torch.func): the same math and operand rounding as the kernels, in fp32 (fp64 for fp64 x).
@@ -386,7 +372,7 @@ def forward_graph(x, weight, temps, lam, normalize, first_max=False):
         else:
             att = (torch.softmax(sk * t, dim=-1) * sk).sum(-1)
         heads.append(sk.mean(-1) + lam * att)
-    return torch.stack(heads, 0).sum(0).to(x.dtype)
+    return torch.stack(heads, 0).sum(0).to(y_dtype or x.dtype)
 
 
 # --------------------------------------------------------------------------- the op's interface
@@ -396,7 +382,7 @@ def chunk_classes(H: int, C: int, B: int, N: int) -> int:
     """Classes per chunk: about CHUNK_ELEMS scores (cache-sized; chunks the size of the
     kernels' workspace made every elementwise pass over the scores memory-bound, 0.3 s of
     1.7 s at openimages-r101-448@B=2)."""
-    return min(C, max(1, CHUNK_ELEMS // max(1, H * B * N)))
+    return max(1, min(C, CHUNK_ELEMS // max(1, H * B * N)))   # (1 for C == 0: no chunk runs)
 
 
 def keeps_scores(x, H: int, C: int, keep: bool = True) -> bool:
@@ -419,17 +405,18 @@ def kept_output(x, weight, keep: bool, alloc=new):
     return alloc((H * C, B * N), gemm_dtype(x.dtype, x.device), x.device)
 
 
-def forward(x, weight, temps, lam, normalize, keep, lam_t=None):
+def forward(x, weight, temps, lam, normalize, keep, lam_t=None, y_dtype=None):
     """(y, m, l, att, argmax, inv_n, kept, scores), as the Triton implementation returns them
     (``scores`` always empty: ``kept`` holds the products this implementation keeps). ``lam_t``:
-    lam as a one-element tensor (a learnable lam), used instead of ``lam``."""
+    lam as a one-element tensor (a learnable lam), used instead of ``lam``; ``y_dtype``: y's
+    dtype if not x's (rounded once, from the accumulation dtype)."""
     B, D, N = x.shape
     H, C, _ = weight.shape
     acc = acc_dtype(x.dtype)
     if lam_t is not None:
         lam = lam_t.detach().reshape(()).to(acc)
     kept = kept_output(x, weight, keep)
-    outs = fwd_outputs(x, H, C)
+    outs = fwd_outputs(x, H, C, y_dtype=y_dtype)
     fwd(x, weight, torch.tensor(temps, dtype=acc), lam, normalize, chunk_classes(H, C, B, N),
         outs, kept=kept if kept.numel() else None)
     if not keep:

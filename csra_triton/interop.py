@@ -79,9 +79,16 @@ def official_to_weight(state_dict: Mapping[str, Tensor], prefix: str | None = No
             raise OfficialCheckpointError(f"official checkpoint: missing key "
                                           f"{official_key(pre, k, layout)!r} "
                                           f"(expected {n} heads)")
+    for k in range(n):
+        t = state_dict[keys[k]]
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            got = (f"has shape {tuple(t.shape)}" if isinstance(t, Tensor)
+                   else f"is a {type(t).__name__}")
+            raise OfficialCheckpointError(f"official checkpoint: {keys[k]!r} {got}, expected a "
+                                          f"(classes, in_ch, 1, 1) tensor")
     first = state_dict[keys[0]]
     expect = (classes if classes is not None else first.shape[0],
-              in_ch if in_ch is not None else (first.shape[1] if first.dim() > 1 else -1), 1, 1)
+              in_ch if in_ch is not None else first.shape[1], 1, 1)
     ws = []
     for k in range(n):
         t = state_dict[keys[k]]

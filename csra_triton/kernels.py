@@ -47,14 +47,13 @@ of the shape given next to it. Outputs written with implicit strides are contigu
 """
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
 from . import _compat
+from .settings import ENV
 
-if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+if ENV.triton_interpret:
     _compat.patch_interpreter()
 
 BIG = tl.constexpr(2147483647)  # int32 max: "no position" in the argmax reduction
@@ -71,9 +70,11 @@ def _bf16_rtne(v):
 
 @triton.jit
 def _round_to(v, dtype: tl.constexpr, EMU_BF16: tl.constexpr):
-    """Cast ``v`` to ``dtype`` with round-to-nearest-even, also under the interpreter."""
+    """Cast ``v`` to ``dtype`` with round-to-nearest-even, also under the interpreter
+    (``EMU_BF16``: bf16 operands there; a wider ``dtype`` is cast as it is)."""
     if EMU_BF16:
-        v = _bf16_rtne(v)
+        if dtype == tl.bfloat16:
+            v = _bf16_rtne(v)
     return v.to(dtype)
 
 
@@ -273,7 +274,11 @@ def _half_stats(a, nn, N, cz):
     n_ok = (nn < N)[None, :]
     best = tl.max(tl.where(n_ok, a, float("-inf")), axis=1)
     best_j = tl.min(tl.where((a == best[:, None]) & n_ok, nn[None, :], BIG), axis=1)
-    m = best * cz
+    # A half with no position (N <= HALF) has best = -inf, and m must be -inf too for _merge:
+    # best * cz would be NaN where cz is 0 (an inverse norm of 0 from a weight row whose norm
+    # overflows, or a temperature that rounds to 0 in ACC: then every z is 0, a uniform
+    # softmax, as the official head computes it).
+    m = tl.where(best == float("-inf"), best, best * cz)
     p = tl.where(n_ok, tl.exp2(a * cz[:, None] - m[:, None]), 0.0)
     return tl.sum(a, axis=1), best, best_j, m, tl.sum(p, axis=1), tl.sum(p * a, axis=1)
 

@@ -182,7 +182,13 @@ def describe_official(state_dict: Mapping[str, Tensor]) -> dict:
                                       "'classifier.multi_head.{k}.head.weight'")
     if heads != list(range(len(heads))):
         raise OfficialCheckpointError(f"classifier.multi_head: heads {heads} are not 0..{len(heads) - 1}")
-    C, d = sd["classifier.multi_head.0.head.weight"].shape[:2]
+    w0 = sd["classifier.multi_head.0.head.weight"]
+    if not isinstance(w0, Tensor) or w0.dim() != 4:
+        got = (f"has shape {tuple(w0.shape)}" if isinstance(w0, Tensor)
+               else f"is a {type(w0).__name__}")
+        raise OfficialCheckpointError(f"'classifier.multi_head.0.head.weight' {got}, expected a "
+                                      f"(classes, in_ch, 1, 1) tensor")
+    C, d = w0.shape[:2]
     out = dict(num_heads=len(heads), num_classes=int(C), input_dim=int(d))
     if "blocks.0.attn.qkv.weight" in sd:
         blocks = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.")}

@@ -21,11 +21,13 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def _autocast(x: Tensor) -> Tensor:
     """Under autocast, x goes to the autocast dtype as a 1x1 conv's input would (the official
-    head is a conv). The weight stays as it is: the kernels round it to x's dtype for the
-    products and take the row norms from it in fp32, as the official code does under autocast."""
+    head is a conv; autocast casts every floating input but fp64). The weight stays as it is:
+    the kernels round it to x's dtype for the products and take the row norms from it in
+    fp32, as the official code does under autocast."""
     dev = x.device.type
-    if x.dtype == torch.float32 and torch.is_autocast_enabled(dev):
-        return x.to(torch.get_autocast_dtype(dev))
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
+        return x if x.dtype == dtype else x.to(dtype)
     return x
 
 
@@ -41,8 +43,9 @@ def _check_inputs(x, weight, layout: str) -> Tensor:
     if weight.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"weight: expected dtype float16, bfloat16, float32 or float64, "
                         f"got {weight.dtype}")
-    if weight.dim() != 3:
-        raise ValueError(f"weight: expected shape (heads, classes, in_ch), got {tuple(weight.shape)}")
+    if weight.dim() != 3 or weight.shape[0] == 0 or weight.shape[2] == 0:
+        raise ValueError(f"weight: expected shape (heads, classes, in_ch) with heads >= 1 and "
+                         f"in_ch >= 1, got {tuple(weight.shape)}")
     if x.device != weight.device:
         raise ValueError(f"x and weight must be on the same device: x on {x.device}, "
                          f"weight on {weight.device}")
@@ -84,34 +87,56 @@ def csra(x: Tensor, weight: Tensor, temperatures: Sequence[float], lam: float,
 
 
 def _csra_prechecked(x: Tensor, weight: Tensor, op_temps: list[float], lam: float,
-                     normalize: bool, layout: str) -> Tensor:
-    """``csra`` for the module, whose temperatures and lam were validated when they were set
-    (under ``torch.compile(dynamic=True)`` they arrive as symbolic floats, which cannot be
-    re-checked): ``op_temps`` are already in the ops' encoding (``ops.op_temperatures``)."""
+                     normalize: bool, layout: str, scalars: Tensor | None = None,
+                     compiling: bool | None = None) -> Tensor:
+    """``csra`` for the module, whose temperatures and lam were validated when they were set:
+    ``op_temps`` are already in the ops' encoding (``ops.op_temperatures``); ``scalars``: the
+    module's mirror of them as a tensor (``ops.scalars_tensor``), which a compiled module
+    passes instead (``op_temps`` and ``lam`` are then placeholders); ``compiling``: whether
+    torch.compile is tracing, where the caller knows (None: asked)."""
     xs = _check_inputs(x, weight, layout)
     if isinstance(lam, Tensor) and lam.device != xs.device:
         raise ValueError(f"lam: the learnable lam is on {lam.device}, x on {xs.device}")
-    return _run(xs, weight, op_temps, lam, normalize, layout)
+    return _run(xs, weight, op_temps, lam, normalize, layout, scalars, compiling)
+
+
+def _autocast_logits_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
+    """Under autocast the official head's logits are its conv output (the autocast dtype, x's
+    here) divided by ``torch.norm`` of its weight, and that division promotes: the norm is
+    fp32 on CUDA (autocast computes ``linalg_vector_norm`` in fp32 for fp16, bf16 and fp32
+    weights; fp64 stays fp64) and in the weight's own dtype on the CPU. That dtype if it is not
+    x's (the kernels then round their fp32 sums to it once), else None."""
+    norm = weight.dtype
+    if x.device.type == "cuda" and norm != torch.float64:
+        norm = torch.float32
+    out = torch.promote_types(x.dtype, norm)
+    return None if out == x.dtype else out
 
 
 def _run(x: Tensor, weight: Tensor, op_temps: list[float], lam: float, normalize: bool,
-         layout: str) -> Tensor:
+         layout: str, scalars: Tensor | None = None, compiling: bool | None = None) -> Tensor:
     """The op, or under ``torch.onnx.export`` the same math in standard operators (ONNX has no
     translation for a custom op; ``fallback.forward_graph``). x: validated, in ``layout``
-    (the op views it as (B, D, N): ``common.as_bdn``)."""
+    (the op views it as (B, D, N): ``common.as_bdn``); ``scalars``, ``compiling``: see
+    :func:`_csra_prechecked`."""
+    y_dtype = None
+    if normalize and torch.is_autocast_enabled(x.device.type):
+        y_dtype = _autocast_logits_dtype(x, weight)
     # (an ONNX export traces: TorchScript's, or torch.export's under the dynamo exporter; the
     # two C-level checks spare eager calls the export check's Python)
-    if ((torch.jit.is_tracing() or torch.compiler.is_compiling())
+    if ((torch.jit.is_tracing() or (torch.compiler.is_compiling() if compiling is None
+                                    else compiling))
             and torch.onnx.is_in_onnx_export()):
         return fallback.forward_graph(as_bdn(x, layout), weight, kernel_temperatures(op_temps),
-                                      lam, normalize)
+                                      lam, normalize, y_dtype=y_dtype)
     if ops.functorch_active():        # torch.func (grad, vmap, jacrev): the composite
-        return ops.composite(as_bdn(x, layout), weight, op_temps, lam, normalize)
-    # keep=False when no gradient will be asked for (inference): the op then keeps nothing for
-    # a backward and may reuse the prepared weight (one launch instead of two on a GPU)
+        return ops.composite(as_bdn(x, layout), weight, op_temps, lam, normalize, y_dtype)
+    # keep=False when no gradient will be asked for (inference): the op then keeps nothing
+    # for a backward (inv_norm, the prepared weight and the scores are not returned)
     keep = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (
         isinstance(lam, Tensor) and lam.requires_grad))
-    return ops.forward(x, weight, op_temps, lam, normalize, keep, layout=layout)[0]
+    return ops.forward(x, weight, op_temps, lam, normalize, keep, layout=layout,
+                       y_dtype=y_dtype, scalars=scalars)[0]
 
 
 class CSRATriton(nn.Module):
@@ -139,6 +164,10 @@ class CSRATriton(nn.Module):
                                  f"{sorted(OFFICIAL_TEMPERATURES)}); pass temperatures explicitly")
             temperatures = OFFICIAL_TEMPERATURES[heads]
         self.in_ch, self.classes, self.heads = in_ch, classes, heads
+        # temperatures and lam as a tensor, for compiled calls (see _traced_forward); written
+        # from the Python values at every assignment and device or dtype move, never read back
+        self.register_buffer("_scalars", torch.zeros(heads + 1, dtype=torch.int64),
+                             persistent=False)
         self.temperatures = temperatures
         self.lam = lam
         self.normalize = normalize
@@ -169,6 +198,37 @@ class CSRATriton(nn.Module):
         super().__setstate__(state)
         for k, v in old.items():
             setattr(self, k, v)
+        if "_scalars" not in self._buffers:           # pickled before the mirror existed
+            self.register_buffer("_scalars", torch.zeros(self.heads + 1, dtype=torch.int64,
+                                                         device=self.weight.device),
+                                 persistent=False)
+            self._sync_scalars()
+
+    def _sync_scalars(self) -> None:
+        """Writes the temperatures and lam into the ``_scalars`` buffer (a learnable lam's slot
+        holds 0: the parameter itself reaches the ops). On a GPU each element is filled by a
+        small kernel, so that an assignment never waits for the device."""
+        buf = self._buffers.get("_scalars")
+        temps = self.__dict__.get("_temperatures")
+        if buf is None or temps is None or buf.is_meta:    # (during __init__; no data on meta)
+            return
+        lam = self.__dict__.get("_lam")
+        vals = ops.scalars_tensor(temps, lam if isinstance(lam, float) else 0.0)
+        if buf.shape != vals.shape:
+            raise RuntimeError("_scalars: expected one element per head and one for lam")
+        with torch.no_grad():
+            if buf.device.type == "cpu":
+                buf.copy_(vals)
+            else:
+                for i, v in enumerate(vals.tolist()):
+                    buf[i].fill_(v)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .cuda(), to_empty(), ...: the mirror is rewritten on its new device (to_empty
+        # leaves it uninitialised; int64 bits are untouched by dtype casts anyway)
+        out = super()._apply(fn, *args, **kwargs)
+        self._sync_scalars()
+        return out
 
     @property
     def temperatures(self) -> tuple[float, ...]:
@@ -181,6 +241,7 @@ class CSRATriton(nn.Module):
         temps = check_temperatures(value, self.heads)
         self.__dict__["_temperatures"] = tuple(temps)
         self.__dict__["_op_temperatures"] = op_temperatures(temps)
+        self._sync_scalars()
 
     @property
     def lam(self) -> float | nn.Parameter:
@@ -207,6 +268,7 @@ class CSRATriton(nn.Module):
         else:
             self.__dict__["_lam"] = check_lam(value)
             self._parameters.pop("lam", None)
+        self._sync_scalars()
 
     @property
     def normalize(self) -> bool:
@@ -227,13 +289,32 @@ class CSRATriton(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, in_ch, h, w) -> logits (B, classes) in x's dtype."""
+        if torch.compiler.is_compiling():
+            return self._traced_forward(x, "nchw")
         return _csra_prechecked(x, self._checked_weight(), self._op_temperatures, self.lam,
-                                self.normalize, "nchw")
+                                self.normalize, "nchw", None, False)
 
     def forward_tokens(self, x: Tensor) -> Tensor:
         """x (B, N, in_ch) tokens (e.g. a ViT's patch tokens, class token dropped) -> (B, classes)."""
+        if torch.compiler.is_compiling():
+            return self._traced_forward(x, "tokens")
         return _csra_prechecked(x, self._checked_weight(), self._op_temperatures, self.lam,
-                                self.normalize, "tokens")
+                                self.normalize, "tokens", None, False)
+
+    def _traced_forward(self, x: Tensor, layout: str) -> Tensor:
+        """Under torch.compile and torch.export: the temperatures and lam reach the ops as the
+        ``_scalars`` buffer, a graph input, so that the graph holds no Python float of them
+        and assigning new ones costs no recompile (a float would be a guarded constant). The
+        ONNX exporter takes the floats (its graph is standard operators)."""
+        if torch.onnx.is_in_onnx_export():
+            return _csra_prechecked(x, self._checked_weight(), self._op_temperatures, self.lam,
+                                    self.normalize, layout, None, True)
+        lam = self._parameters.get("lam")
+        if lam is None and getattr(self, "_is_replica", False):   # nn.DataParallel's replica
+            lam = self.__dict__["_lam"]
+        return _csra_prechecked(x, self._checked_weight(), [1.0] * self.heads,
+                                lam if lam is not None else 0.0, self.normalize, layout,
+                                self._buffers["_scalars"], True)
 
     def _checked_weight(self) -> Tensor:
         w = self.weight

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
+import math
 import threading
 import warnings
 from typing import Iterator
@@ -53,6 +53,7 @@ from . import archs, fallback, triton_impl
 from .common import (acc_dtype, as_bdn, channels_inner, check_lam, check_temperatures, dx_view,
                      empty, from_bdn, fwd_outputs, kernel_temperatures, mm_plain, new,
                      op_temperatures)
+from .settings import ENV
 
 _BACKENDS = ("auto", "triton", "torch")
 #: The backend ``use_backend`` forces, per thread: a new thread starts at "auto", and one
@@ -138,32 +139,61 @@ def _scores_like(x: Tensor, weight: Tensor, keep: bool, backend: str, alloc) -> 
 @torch.library.custom_op("csra_triton::csra_fwd", mutates_args=(), tags=_TAGS)
 def csra_fwd(x: Tensor, weight: Tensor, temperatures: list[float], lam: float,
              normalize: bool, keep: bool = True, backend: str = "auto",
-             lam_t: Tensor | None = None
+             lam_t: Tensor | None = None, y_dtype: torch.dtype | None = None,
+             scalars: Tensor | None = None
              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _forward_impl(x, weight, kernel_temperatures(temperatures), lam, normalize, keep,
-                         backend, lam_t)
+                         backend, lam_t, y_dtype=y_dtype, scalars=scalars)
 
 
-def _forward_impl(x, weight, temps, lam, normalize, keep, backend, lam_t, packed=False):
+def scalars_tensor(temps, lam: float, device="cpu") -> Tensor:
+    """The temperatures (kernels' encoding: inf = max head) and lam as one (H + 1,) int64
+    tensor holding their float64 bits: what a compiled module passes the ops (``scalars``)
+    instead of Python floats, so that new values reach a compiled graph without a recompile.
+    int64, so that ``module.to(dtype)`` leaves the values exact."""
+    vals = [math.inf if math.isinf(t) else float(t) for t in temps] + [float(lam)]
+    return torch.tensor(vals, dtype=torch.float64, device=device).view(torch.int64)
+
+
+def _host_scalars(x: Tensor, scalars: Tensor, temps, lam):
+    """(temps, lam, scalars) for an implementation: read from ``scalars`` on the host (a CPU
+    custom op reads them for free), except while tracing (the CUDA triton_op under
+    torch.compile), where the tensor stays and the kernels' parameters are made from it on
+    the device (``triton_impl.with_lam``)."""
+    if triton_impl.tracing(x):
+        return temps, lam, scalars
+    vals = scalars.view(torch.float64).tolist()
+    return vals[:-1], vals[-1], None
+
+
+def _forward_impl(x, weight, temps, lam, normalize, keep, backend, lam_t, packed=False,
+                  y_dtype=None, scalars=None):
     """What every forward path computes (the custom op, the triton_op, the eager path):
     ``temps`` in the kernels' encoding; ``packed``: the eager path's allocation (see
     ``triton_impl.forward``), and a 9th element: the Triton launch plan the backward reuses
-    (None on the fallback), so that a forward+backward looks its problem up once."""
+    (None on the fallback), so that a forward+backward looks its problem up once;
+    ``y_dtype``: y's dtype where it is not x's (the official head's under autocast);
+    ``scalars``: the temperatures and lam as a tensor (:func:`scalars_tensor`), which then
+    replace ``temps`` and ``lam``."""
+    if scalars is not None:
+        temps, lam, scalars = _host_scalars(x, scalars, temps, lam)
     impl = implementation(x, backend)
     if x.shape[0] == 0 and impl is triton_impl:     # no programs to launch: the fallback's zeros
-        *outs, _, _ = fallback.forward(x, weight, temps, lam, normalize, keep, lam_t)
+        *outs, _, _ = fallback.forward(x, weight, temps, lam, normalize, keep, lam_t, y_dtype)
         return (*outs, _kept_like(x, weight, keep, backend, new),
                 _scores_like(x, weight, keep, backend, new), *((None,) if packed else ()))
     if impl is triton_impl:
-        return triton_impl.forward(x, weight, temps, lam, normalize, keep, lam_t, packed)
-    out = fallback.forward(x, weight, temps, lam, normalize, keep, lam_t)
+        return triton_impl.forward(x, weight, temps, lam, normalize, keep, lam_t, packed,
+                                   y_dtype, scalars)
+    out = fallback.forward(x, weight, temps, lam, normalize, keep, lam_t, y_dtype)
     return (*out, None) if packed else out
 
 
 @csra_fwd.register_fake
-def _(x, weight, temperatures, lam, normalize, keep=True, backend="auto", lam_t=None):
+def _(x, weight, temperatures, lam, normalize, keep=True, backend="auto", lam_t=None,
+      y_dtype=None, scalars=None):
     H, C, _ = weight.shape
-    outs = fwd_outputs(x, H, C, empty, keep)
+    outs = fwd_outputs(x, H, C, empty, keep, y_dtype)
     return (*outs, _kept_like(x, weight, keep, backend, empty),
             _scores_like(x, weight, keep, backend, empty))
 
@@ -172,22 +202,27 @@ def _(x, weight, temperatures, lam, normalize, keep=True, backend="auto", lam_t=
 def csra_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, m: Tensor, l: Tensor, att: Tensor,
              amax: Tensor, inv_n: Tensor, kept: Tensor, scores: Tensor,
              temperatures: list[float], lam: float, normalize: bool, backend: str = "auto",
-             lam_t: Tensor | None = None) -> tuple[Tensor, Tensor]:
+             lam_t: Tensor | None = None, scalars: Tensor | None = None
+             ) -> tuple[Tensor, Tensor]:
     return _backward_loop(grad_y, x, weight, m, l, att, amax, inv_n, kept, scores,
-                          temperatures, lam, normalize, backend, lam_t)
+                          temperatures, lam, normalize, backend, lam_t, scalars=scalars)
 
 
 def _backward_loop(grad_y, x, weight, m, l, att, amax, inv_n, kept, scores, temperatures, lam,
-                   normalize, backend, lam_t=None, plan=None):
+                   normalize, backend, lam_t=None, plan=None, scalars=None):
     B, D, N = x.shape
     H, C, _ = weight.shape
     inner = channels_inner(x)
-    if B == 0:
+    if B == 0 or C == 0:        # nothing to launch: zero gradients (an empty one for C == 0)
         dx = x.new_zeros((B * N, D) if inner else (D, B * N))
         return dx_view(dx, B, D, N, inner), torch.zeros_like(weight)
+    kw = {}
+    if scalars is not None:
+        temperatures, lam, scalars = _host_scalars(x, scalars, temperatures, lam)
+        kw = {} if scalars is None else {"scalars": scalars}      # (traced: the Triton side)
     bw = implementation(x, backend).Backward(grad_y, x, weight, (m, l, att, amax), inv_n, kept,
                                              kernel_temperatures(temperatures), lam, normalize,
-                                             scores, lam_t, plan)
+                                             scores, lam_t, plan, **kw)
     chunk, x_dk, w_gemm = bw.chunk, bw.x_dk, bw.w_gemm
     if chunk >= C:
         # One chunk holds every class: one GEMM each over all heads, written functionally (no
@@ -242,7 +277,7 @@ def _backward_loop(grad_y, x, weight, m, l, att, amax, inv_n, kept, scores, temp
 
 @csra_bwd.register_fake
 def _(grad_y, x, weight, m, l, att, amax, inv_n, kept, scores, temperatures, lam, normalize,
-      backend="auto", lam_t=None):
+      backend="auto", lam_t=None, scalars=None):
     B, D, N = x.shape
     inner = channels_inner(x)
     dx = x.new_empty((B * N, D) if inner else (D, B * N))
@@ -260,19 +295,21 @@ def _(grad_y, x, weight, m, l, att, amax, inv_n, kept, scores, temperatures, lam
 
 @torch.library.triton_op("csra_triton::csra_fwd_cuda", mutates_args=())
 def csra_fwd_cuda(x: Tensor, weight: Tensor, temperatures: list[float], lam: float,
-                  normalize: bool, keep: bool = True, lam_t: Tensor | None = None
+                  normalize: bool, keep: bool = True, lam_t: Tensor | None = None,
+                  y_dtype: torch.dtype | None = None, scalars: Tensor | None = None
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _forward_impl(x, weight, kernel_temperatures(temperatures), lam, normalize, keep,
-                         "triton", lam_t)
+                         "triton", lam_t, y_dtype=y_dtype, scalars=scalars)
 
 
 @torch.library.triton_op("csra_triton::csra_bwd_cuda", mutates_args=())
 def csra_bwd_cuda(grad_y: Tensor, x: Tensor, weight: Tensor, m: Tensor, l: Tensor, att: Tensor,
                   amax: Tensor, inv_n: Tensor, kept: Tensor, scores: Tensor,
                   temperatures: list[float], lam: float, normalize: bool,
-                  lam_t: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                  lam_t: Tensor | None = None, scalars: Tensor | None = None
+                  ) -> tuple[Tensor, Tensor]:
     return _backward_loop(grad_y, x, weight, m, l, att, amax, inv_n, kept, scores,
-                          temperatures, lam, normalize, "triton", lam_t)
+                          temperatures, lam, normalize, "triton", lam_t, scalars=scalars)
 
 
 def use_cuda_ops(x: Tensor, backend: str) -> bool:
@@ -281,7 +318,8 @@ def use_cuda_ops(x: Tensor, backend: str) -> bool:
 
 
 def forward(x: Tensor, weight: Tensor, op_temps: list[float], lam, normalize: bool,
-            keep: bool, backend: str = "auto", eager: bool = True, layout: str = "bdn") -> tuple:
+            keep: bool, backend: str = "auto", eager: bool = True, layout: str = "bdn",
+            y_dtype: torch.dtype | None = None, scalars: Tensor | None = None) -> tuple:
     """The forward op for this call (resolved once, when the module calls or traces it).
     ``lam`` is a Python number, or a one-element tensor (a learnable lam: it reaches the op
     as ``lam_t``, and its gradient is sum_b,c g * sum_k att from the forward's state).
@@ -289,28 +327,45 @@ def forward(x: Tensor, weight: Tensor, op_temps: list[float], lam, normalize: bo
     a training call returns ``(y,)`` from :class:`_EagerCSRA`; ``eager=False`` always calls
     the ops (every output). ``layout``: how x holds (B, D, N) (:func:`common.as_bdn`); the
     eager training call takes x as it is and views it inside, so that autograd records no
-    view node (~17 µs of a forward+backward on the CPU proxy)."""
+    view node (~17 µs of a forward+backward on the CPU proxy). ``y_dtype``: y's dtype where
+    it is not x's (None: x's). ``scalars`` (:func:`scalars_tensor`): the temperatures and lam
+    as a tensor, which replace ``op_temps`` and ``lam`` (a compiled module's: always the ops)."""
     backend = backend_for(x.device, x.dtype) if backend == "auto" else backend
     lam, lam_t = (0.0, lam) if isinstance(lam, Tensor) else (lam, None)
-    if eager and EAGER and _eager(x, weight, lam_t):
+    if eager and EAGER and scalars is None and _eager(x, weight, lam_t):
         if not keep:              # inference: nothing for autograd to record
             return _forward_impl(as_bdn(x, layout), weight, kernel_temperatures(op_temps), lam,
-                                 normalize, False, backend, lam_t, packed=True)
-        return (_EagerCSRA.apply(x, weight, lam_t, (op_temps, lam, normalize, backend, layout)),)
+                                 normalize, False, backend, lam_t, True, y_dtype)
+        return (_EagerCSRA.apply(x, weight, lam_t,
+                                 (op_temps, lam, normalize, backend, layout, y_dtype)),)
     x = as_bdn(x, layout)
     if use_cuda_ops(x, backend):
         return torch.ops.csra_triton.csra_fwd_cuda(x, weight, op_temps, lam, normalize, keep,
-                                                   lam_t)
+                                                   lam_t, y_dtype, scalars)
     return torch.ops.csra_triton.csra_fwd(x, weight, op_temps, lam, normalize, keep, backend,
-                                          lam_t)
+                                          lam_t, y_dtype, scalars)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, temperatures, lam, normalize, _keep, *rest = inputs
-    backend, lam_t = (rest if len(rest) == 2 else ("cuda", *rest))  # the triton_op: no backend
+    """The custom op's (csra_fwd): ``inputs`` by its schema, all passed (defaults filled in)."""
+    x, weight, temperatures, lam, normalize, _keep, backend, lam_t, _y_dtype, scalars = inputs
+    _save_op_state(ctx, x, weight, temperatures, lam, normalize, backend, lam_t, scalars, output)
+
+
+def _setup_context_cuda(ctx, inputs, output):
+    """The CUDA triton_op's (csra_fwd_cuda: no backend argument); its backward is
+    csra_bwd_cuda, named "cuda" on ``ctx.backend``."""
+    x, weight, temperatures, lam, normalize, _keep, lam_t, _y_dtype, scalars = inputs
+    _save_op_state(ctx, x, weight, temperatures, lam, normalize, "cuda", lam_t, scalars, output)
+
+
+def _save_op_state(ctx, x, weight, temperatures, lam, normalize, backend, lam_t, scalars,
+                   output):
     _, *state = output
     ctx.has_lam_t = lam_t is not None
-    ctx.save_for_backward(x, weight, *state, *((lam_t,) if ctx.has_lam_t else ()))
+    ctx.has_scalars = scalars is not None
+    ctx.save_for_backward(x, weight, *state, *((lam_t,) if ctx.has_lam_t else ()),
+                          *((scalars,) if ctx.has_scalars else ()))
     ctx.temperatures, ctx.lam, ctx.normalize = list(temperatures), float(lam), bool(normalize)
     ctx.backend = backend
     ctx.mark_non_differentiable(*state)
@@ -327,15 +382,16 @@ def functorch_active() -> bool:
             and torch._C._functorch.peek_interpreter_stack() is not None)
 
 
-def composite(x: Tensor, weight: Tensor, op_temps: list[float], lam, normalize: bool) -> Tensor:
+def composite(x: Tensor, weight: Tensor, op_temps: list[float], lam, normalize: bool,
+              y_dtype: torch.dtype | None = None) -> Tensor:
     """y through standard operators with autograd at every step (``fallback.forward_graph``,
     first-maximum routing as the op's): what torch.func transforms and double backward
     differentiate. Same values as the op to rounding; it holds the (B, H, C, N) scores."""
     return fallback.forward_graph(x, weight, kernel_temperatures(op_temps), lam, normalize,
-                                  first_max=True)
+                                  first_max=True, y_dtype=y_dtype)
 
 
-def _differentiable_backward(ctx, x, weight, lam_t, grad_y, need, layout="bdn"):
+def _differentiable_backward(ctx, x, weight, lam_t, grad_y, need, layout="bdn", scalars=None):
     """The backward when its own graph is recorded (``create_graph=True``: a gradient
     penalty, Hessian-vector products): the first derivatives through :func:`composite`, so
     that autograd differentiates them again exactly (double backward on both backends).
@@ -345,9 +401,13 @@ def _differentiable_backward(ctx, x, weight, lam_t, grad_y, need, layout="bdn"):
     grads = [None, None, None]
     if not slots:
         return tuple(grads)
+    temps, lam = ctx.temperatures, ctx.lam
+    if scalars is not None:           # a compiled module's: the values, read on the host
+        vals = scalars.view(torch.float64).tolist()
+        temps, lam = op_temperatures(vals[:-1]), vals[-1]
     with torch.enable_grad():
-        y = composite(as_bdn(x, layout), weight, ctx.temperatures,
-                      lam_t if lam_t is not None else ctx.lam, ctx.normalize)
+        y = composite(as_bdn(x, layout), weight, temps, lam_t if lam_t is not None else lam,
+                      ctx.normalize)
         got = torch.autograd.grad(y, [t for _, t in slots], grad_y, create_graph=True,
                                   allow_unused=True)
     for (i, t), g in zip(slots, got):
@@ -355,28 +415,56 @@ def _differentiable_backward(ctx, x, weight, lam_t, grad_y, need, layout="bdn"):
     return tuple(grads)
 
 
-def lam_grad(grad_y: Tensor, att: Tensor, lam_t: Tensor) -> Tensor:
+def lam_grad(grad_y: Tensor, att: Tensor, lam_t: Tensor, batched: bool = False) -> Tensor:
     """d loss / d lam = sum_b,c g[b, c] * sum_k att[b, k, c] (att: the forward's attention
-    logits, in score units, every head's), in lam_t's dtype and shape."""
+    logits, in score units, every head's), in lam_t's dtype and shape. ``batched``: grad_y is
+    vmap's batched tensor (``is_grads_batched``), which einsum has no batching rule for."""
     g = grad_y.to(att.dtype)
-    return torch.einsum("bc,bhc->", g, att).to(lam_t.dtype).reshape(lam_t.shape)
+    s = (g.unsqueeze(1) * att).sum() if batched else torch.einsum("bc,bhc->", g, att)
+    return s.to(lam_t.dtype).reshape(lam_t.shape)
 
 
-def _backward(ctx, grad_y, *_state_grads):
-    """The custom ops' (and CSRAFunction's) backward: the backward op."""
-    n_args = 7 if ctx.backend == "cuda" else 8      # the op's inputs (lam_t last)
-    need = ctx.needs_input_grad         # shorter where trailing defaults were not passed
-    need_lam = len(need) >= n_args and need[n_args - 1]
-    gx, gw, glam = _grads(ctx, grad_y, (need[0], need[1], need_lam), _backward_op)
-    return (gx, gw, *(None,) * (n_args - 3), glam)
+def _backward_batched(ctx, grad_y, x, weight, state, lam_t, scalars=None):
+    """The backward for a batch of gradients (``autograd.grad(..., is_grads_batched=True)``,
+    ``jacobian(vectorize=True)``: grad_y is vmap's batched tensor): the backward op, which
+    vmap runs once per gradient (the loop and the kernels read storage, which a batched
+    tensor has not). The eager path's state may hold None for what it did not keep."""
+    m, l, att, amax, inv_n, kept, scores = state
+    kept = x.new_empty((0,)) if kept is None else kept
+    scores = att.new_empty((0,)) if scores is None else scores
+    args = (grad_y, x, weight, m, l, att, amax, inv_n, kept, scores, ctx.temperatures, ctx.lam,
+            ctx.normalize)
+    if ctx.backend == "cuda" or use_cuda_ops(x, ctx.backend):
+        return torch.ops.csra_triton.csra_bwd_cuda(*args, lam_t, scalars)
+    return torch.ops.csra_triton.csra_bwd(*args, ctx.backend, lam_t, scalars)
 
 
-def _backward_op(ctx, grad_y, x, weight, state, lam_t):
+def _op_backward(lam_slot: int, n_args: int):
+    """The custom op's backward (and the triton_op's): gradients for x (slot 0), the weight
+    (slot 1) and lam_t (``lam_slot``), None for the op's other ``n_args - 3`` inputs."""
+    def backward(ctx, grad_y, *_state_grads):
+        need = ctx.needs_input_grad      # shorter where trailing defaults were not passed
+        need_lam = len(need) > lam_slot and need[lam_slot]
+        gx, gw, glam = _grads(ctx, grad_y, (need[0], need[1], need_lam), _backward_op)
+        grads = [None] * n_args
+        grads[0], grads[1], grads[lam_slot] = gx, gw, glam
+        return tuple(grads)
+    return backward
+
+
+def _backward_op(ctx, grad_y, x, weight, state, lam_t, scalars=None):
     if ctx.backend == "cuda":
         return torch.ops.csra_triton.csra_bwd_cuda(
-            grad_y, x, weight, *state, ctx.temperatures, ctx.lam, ctx.normalize, lam_t)
+            grad_y, x, weight, *state, ctx.temperatures, ctx.lam, ctx.normalize, lam_t, scalars)
     return torch.ops.csra_triton.csra_bwd(
-        grad_y, x, weight, *state, ctx.temperatures, ctx.lam, ctx.normalize, ctx.backend, lam_t)
+        grad_y, x, weight, *state, ctx.temperatures, ctx.lam, ctx.normalize, ctx.backend, lam_t,
+        scalars)
+
+
+#: vmap's batched tensors: ``autograd.grad(..., is_grads_batched=True)`` hands an
+#: autograd.Function's backward the legacy "Batched" kind; torch.func's is FuncTorchBatched.
+_BATCHED = torch._C._dispatch_key_parse("Batched")
+_FUNCTORCH_BATCHED = torch._C.DispatchKey.FuncTorchBatched
 
 
 def _grads(ctx, grad_y, need: tuple, backward, layout: str = "bdn") -> tuple:
@@ -385,17 +473,26 @@ def _grads(ctx, grad_y, need: tuple, backward, layout: str = "bdn") -> tuple:
     lam_t)`` gives (dx, dW) for x as (B, D, N) (the saved x read in ``layout``, dx returned in
     it). Under ``create_graph=True``: through the composite (differentiable again)."""
     x, weight, *state = ctx.saved_tensors
+    scalars = state.pop() if getattr(ctx, "has_scalars", False) else None
     lam_t = state.pop() if ctx.has_lam_t else None
     if grad_y is None:
         return None, None, None
     if torch.is_grad_enabled():                     # create_graph=True
-        return _differentiable_backward(ctx, x, weight, lam_t, grad_y, need, layout)
+        return _differentiable_backward(ctx, x, weight, lam_t, grad_y, need, layout, scalars)
     grad_x = grad_w = None
+    keys = torch._C._dispatch_keys(grad_y)           # (inline: no Python call per backward)
+    batched = keys.has(_BATCHED) or keys.has(_FUNCTORCH_BATCHED)
     if need[0] or need[1]:
-        grad_x, grad_w = backward(ctx, grad_y, as_bdn(x, layout), weight, state, lam_t)
+        if scalars is not None:     # (only the ops' backward: the eager path has none)
+            grad_x, grad_w = (_backward_batched if batched else _backward_op)(
+                ctx, grad_y, as_bdn(x, layout), weight, state, lam_t, scalars)
+        else:
+            grad_x, grad_w = (_backward_batched if batched else backward)(
+                ctx, grad_y, as_bdn(x, layout), weight, state, lam_t)
         if need[0] and layout != "bdn":
             grad_x = from_bdn(grad_x, layout, x.shape)
-    grad_lam = lam_grad(grad_y, state[2], lam_t) if lam_t is not None and need[2] else None
+    grad_lam = (lam_grad(grad_y, state[2], lam_t, batched) if lam_t is not None and need[2]
+                else None)
     return grad_x if need[0] else None, grad_w if need[1] else None, grad_lam
 
 
@@ -406,7 +503,7 @@ def _grads(ctx, grad_y, need: tuple, backward, layout: str = "bdn") -> tuple:
 # above. Both run _forward_impl and _backward_loop: the same launches, the same results.
 
 #: ``CSRA_TRITON_EAGER=0`` sends eager calls through the custom ops too.
-EAGER = os.environ.get("CSRA_TRITON_EAGER", "1") not in ("", "0")
+EAGER = ENV.eager
 
 
 def _eager(x: Tensor, weight: Tensor, lam_t) -> bool:
@@ -425,15 +522,15 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 class _EagerCSRA(torch.autograd.Function):
     """The training forward in eager mode: y, with the op's state saved for the backward
     (views of one allocation: ``triton_impl.forward(packed=True)``). ``spec``: (op_temps,
-    lam, normalize, backend, layout) as one argument (``apply`` costs per argument); x comes
+    lam, normalize, backend, layout, y_dtype) as one argument (``apply`` costs per argument); x comes
     in the caller's ``layout`` and is viewed as (B, D, N) here, dx returned in that layout."""
 
     @staticmethod
     def forward(ctx, x, weight, lam_t, spec):
-        op_temps, lam, normalize, backend, layout = spec
+        op_temps, lam, normalize, backend, layout, y_dtype = spec
         y, *state, ctx.plan = _forward_impl(as_bdn(x, layout), weight,
                                             kernel_temperatures(op_temps), lam, normalize, True,
-                                            backend, lam_t, packed=True)
+                                            backend, lam_t, True, y_dtype)
         ctx.has_lam_t = lam_t is not None
         ctx.save_for_backward(x, weight, *state, *((lam_t,) if ctx.has_lam_t else ()))
         ctx.temperatures, ctx.lam, ctx.normalize, ctx.backend = op_temps, lam, normalize, backend
@@ -452,8 +549,11 @@ def _backward_direct(ctx, grad_y, x, weight, state, lam_t):
                           ctx.backend, lam_t, ctx.plan)
 
 
-csra_fwd.register_autograd(_backward, setup_context=_setup_context)
-csra_fwd_cuda.register_autograd(_backward, setup_context=_setup_context)
+# slots: csra_fwd (x, weight, temperatures, lam, normalize, keep, backend, lam_t, y_dtype,
+# scalars), csra_fwd_cuda (x, weight, temperatures, lam, normalize, keep, lam_t, y_dtype,
+# scalars)
+csra_fwd.register_autograd(_op_backward(7, 10), setup_context=_setup_context)
+csra_fwd_cuda.register_autograd(_op_backward(6, 9), setup_context=_setup_context_cuda)
 
 
 class CSRAFunction(torch.autograd.Function):
@@ -505,9 +605,10 @@ class CSRAFunction(torch.autograd.Function):
 
 
 def _check_function_args(x, weight) -> None:
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 3:
-        raise ValueError(f"weight: expected a (heads, classes, in_ch) tensor, got "
-                         f"{getattr(weight, 'shape', type(weight).__name__)}")
+    if (not isinstance(weight, torch.Tensor) or weight.dim() != 3 or weight.shape[0] == 0
+            or weight.shape[2] == 0):
+        raise ValueError(f"weight: expected a (heads, classes, in_ch) tensor with heads >= 1 "
+                         f"and in_ch >= 1, got {getattr(weight, 'shape', type(weight).__name__)}")
     if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] != weight.shape[2]:
         raise ValueError(f"x: expected a (B, {weight.shape[2]}, N) tensor, got "
                          f"{getattr(x, 'shape', type(x).__name__)}")

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 import threading
 import warnings
 from typing import NamedTuple
@@ -34,24 +33,25 @@ from torch import Tensor
 from . import archs, tuning
 from .common import (BoundedCache, acc_dtype, cdiv, empty, fwd_outputs, mm_plain, new, pow2,
                      pow2_divisor, rel_err, x_matrix)
+from .settings import ENV
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+INTERPRET = ENV.triton_interpret
 #: Launch compiled kernels directly on repeat calls (see the module docstring).
-DIRECT_LAUNCH = os.environ.get("CSRA_TRITON_DIRECT_LAUNCH", "0") not in ("", "0")
+DIRECT_LAUNCH = ENV.direct_launch
 
 #: Largest number of dS' elements alive at once in the backward (class chunking bound).
-DS_WORKSPACE_ELEMS = int(os.environ.get("CSRA_TRITON_DS_ELEMS", 1 << 25))
+DS_WORKSPACE_ELEMS = ENV.ds_elems
 #: Prepared weights (w_op, x's dtype) up to this size are handed by the forward to the backward
 #: (1.3 MB at coco-r101-448); beyond it (157 MB at 9,605 classes) the backward prepares its own
 #: (:func:`keeps_weight`).
-KEEP_WEIGHT_BYTES = int(os.environ.get("CSRA_TRITON_KEEP_WEIGHT_BYTES", 32 << 20))
+KEEP_WEIGHT_BYTES = ENV.keep_weight_bytes
 #: A training forward writes its raw scores for the backward when they have no more elements
 #: than x (:func:`keeps_scores`); ``CSRA_TRITON_KEEP_SCORES=0`` turns it off (dS' recomputed).
-KEEP_SCORES = os.environ.get("CSRA_TRITON_KEEP_SCORES", "1") not in ("", "0")
+KEEP_SCORES = ENV.keep_scores
 #: Weights (in the operand dtype) above this size are launched class-block-major, so that each
 #: weight block is read from HBM once and x stays in L2 (see kernels.py, "Launch order").
 #: ``CSRA_TRITON_CB_MAJOR_BYTES`` overrides it (the tests force the order at small shapes).
-CB_MAJOR_BYTES = int(os.environ.get("CSRA_TRITON_CB_MAJOR_BYTES", 8 << 20))
+CB_MAJOR_BYTES = ENV.cb_major_bytes
 
 #: Weight-row kernels (prep, proj): elements per program, whole rows when d fits
 #: (:func:`row_tiles`; v1b's 8 rows in 256-channel steps, 40 programs, took 10.4 µs for the
@@ -571,17 +571,22 @@ def plan(x: Tensor, weight: Tensor, temps: list[float], lam: float) -> Plan:
 # --------------------------------------------------------------------------- entry points
 
 
-def with_lam(params: Tensor, lam_t: Tensor | None) -> Tensor:
+def with_lam(params: Tensor, lam_t: Tensor | None, scalars: Tensor | None = None) -> Tensor:
     """The scalar parameters with lam read from the tensor ``lam_t`` (a learnable lam: one
-    small device op per call, nothing read on the host), or ``params`` as they are."""
+    small device op per call, nothing read on the host), and with the temperatures and lam
+    read from ``scalars`` (``ops.scalars_tensor``: a compiled module's, traced; one more small
+    device op), or ``params`` as they are."""
+    H = params.shape[0] - 2
+    if scalars is not None:
+        params = torch.cat((scalars.view(torch.float64).to(params.dtype), params[H + 1:]))
     if lam_t is None:
         return params
-    H = params.shape[0] - 2
     return torch.cat((params[:H], lam_t.detach().reshape(1).to(params.dtype), params[H + 1:]))
 
 
 def forward(x: Tensor, weight: Tensor, temps: list[float], lam: float, normalize: bool,
-            keep: bool, lam_t: Tensor | None = None, packed: bool = False) -> tuple:
+            keep: bool, lam_t: Tensor | None = None, packed: bool = False,
+            y_dtype: torch.dtype | None = None, scalars: Tensor | None = None) -> tuple:
     """(y, m, l, att, argmax, inv_n, kept, scores): two launches (prep, fwd), the weight
     prepared from its current values. ``kept`` is the prepared weight when ``keep`` and it is
     small (:func:`keeps_weight`), else (0,); ``scores`` the raw scores when ``keep`` and
@@ -589,15 +594,18 @@ def forward(x: Tensor, weight: Tensor, temps: list[float], lam: float, normalize
     norms are views of one allocation and what is not kept is None (:func:`_forward_packed`;
     custom ops may not return aliased outputs, so the traced path allocates each); the
     launches and their results are the same, and the plan comes back as a 9th element (the
-    eager backward's: one plan lookup per forward+backward)."""
+    eager backward's: one plan lookup per forward+backward). ``y_dtype``: y's dtype if not x's
+    (the kernel rounds its fp32 sum to it once); ``scalars``: temperatures and lam as a tensor
+    (traced calls of a compiled module; :func:`with_lam`)."""
     H, C, D = weight.shape
     p = plan(x, weight, temps, lam)
     if packed and x.dtype != torch.float64:
-        return (*_forward_packed(x, weight, p, normalize, keep, lam_t), p)
-    outs = fwd_outputs(x, H, C, keep=False)[:5]      # inv_n: the prepared one, if kept
+        return (*_forward_packed(x, weight, p, normalize, keep, lam_t, y_dtype), p)
+    # inv_n: the prepared one, if kept
+    outs = fwd_outputs(x, H, C, keep=False, y_dtype=y_dtype)[:5]
     w_op, inv_n = prep_weight(x, weight, normalize)
     scores = scores_output(x, H, C, keep)
-    fwd_call(x, w_op, inv_n, with_lam(p.params, lam_t), outs, p.cfg, H, kw=p.kw,
+    fwd_call(x, w_op, inv_n, with_lam(p.params, lam_t, scalars), outs, p.cfg, H, kw=p.kw,
              scores=scores).run()
     inv_n = inv_n.view(H, C) if keep else new((0,), acc_dtype(x.dtype), x.device)
     kept = w_op if keep and keeps_weight(x, weight) else new((0,), x.dtype, x.device)
@@ -605,7 +613,7 @@ def forward(x: Tensor, weight: Tensor, temps: list[float], lam: float, normalize
 
 
 def _forward_packed(x: Tensor, weight: Tensor, p: "Plan", normalize: bool, keep: bool,
-                    lam_t: Tensor | None) -> tuple:
+                    lam_t: Tensor | None, y_dtype: torch.dtype | None) -> tuple:
     """The eager path's forward: the same two launches as :func:`forward`, with m, l, att,
     argmax (an int32 view) and inv_n as views of one allocation, and None for what is not
     kept (``kept``, ``scores``): 3 allocations instead of 10 (4 with kept scores)."""
@@ -615,7 +623,7 @@ def _forward_packed(x: Tensor, weight: Tensor, p: "Plan", normalize: bool, keep:
     buf = new((4 * B + 1, H, C), acc, x.device)
     m, l, att, amax, inv_n = buf.split_with_sizes((B, B, B, B, 1))  # not torch.split: 5 µs
     amax = amax.view(torch.int32)
-    y = new((B, C), x.dtype, x.device)
+    y = new((B, C), y_dtype or x.dtype, x.device)
     w_op = new((H * C, D), x.dtype, x.device)
     scores = new((H, C, B, N), acc, x.device) if keep and keeps_scores(x, H, C) else None
     prep_call(x, weight, normalize, w_op, inv_n, kw=p.kw).run()
@@ -642,7 +650,8 @@ class Backward:
     mm = staticmethod(mm_plain)
 
     def __init__(self, grad_y, x, weight, state, inv_n, kept, temps, lam, normalize,
-                 scores=None, lam_t=None, plan_: Plan | None = None):
+                 scores=None, lam_t=None, plan_: Plan | None = None,
+                 scalars: Tensor | None = None):
         B, D, N = x.shape
         H, C, _ = weight.shape
         self.x, self.weight, self.state, self.grad_y = x, weight, state, grad_y
@@ -654,7 +663,7 @@ class Backward:
             _hold_if_capturing(p.params)      # a captured backward reads it at every replay
         else:
             p = plan(x, weight, temps, lam)
-        self.params, fwd_cfg, self.kw = with_lam(p.params, lam_t), p.cfg, p.kw
+        self.params, fwd_cfg, self.kw = with_lam(p.params, lam_t, scalars), p.cfg, p.kw
         self.gemm = self.dx_dtype = x.dtype
         self.chunk = ds_chunk_classes(H, C, B, N, fwd_cfg.BC)
         if kept is not None and kept.numel():    # the forward's prepared weight, bit for bit

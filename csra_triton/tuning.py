@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from . import archs
+from . import archs, settings
 from .common import BoundedCache, pow2
 
 try:                                      # POSIX: processes merge their writes under a file lock
@@ -185,7 +185,7 @@ def base_config(kernel: str, H: int, C: int, D: int, N: int, itemsize: int = 2,
 
 
 def cache_path() -> Path:
-    env = os.environ.get("CSRA_TRITON_TUNE_CACHE")
+    env = settings.from_environ(os.environ).tune_cache
     if env:
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -307,7 +307,7 @@ def choose(kernel: str, H: int, C: int, D: int, N: int, x: torch.Tensor, bench=N
     gpu = x.is_cuda and torch.cuda.is_available()      # (fake CUDA tensors trace without one)
     arch = archs.device_arch(x.device) if gpu else archs.DEFAULT
     fallback = base_config(kernel, H, C, D, N, x.element_size(), tiles, arch)
-    if not gpu or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if not gpu or settings.triton_interpret(os.environ):
         _memory.set(key, fallback)  # one valid config; nothing is benchmarked without a GPU
         return fallback
     env = environment(x.device)
@@ -319,7 +319,7 @@ def choose(kernel: str, H: int, C: int, D: int, N: int, x: torch.Tensor, bench=N
     if cfg is not None and (tiles is None or cfg.tiles() == tuple(tiles)):
         return cfg
     cfg = fallback
-    if bench is not None and os.environ.get("CSRA_TRITON_AUTOTUNE", "0") not in ("", "0"):
+    if bench is not None and settings.from_environ(os.environ).autotune:
         from .shapes import Shape
 
         space, known = drop_known_spills(
@@ -370,7 +370,7 @@ def triton_version() -> str:
 
 
 def inspect_cache_path() -> Path:
-    env = os.environ.get("CSRA_TRITON_INSPECT_CACHE")
+    env = settings.from_environ(os.environ).inspect_cache
     return Path(env) if env else cache_path().with_name("inspect.json")
 
 

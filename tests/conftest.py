@@ -75,25 +75,42 @@ def _seed(request):
 FAILLOG = os.environ.get("CSRA_TRITON_FAILLOG")
 
 
-def pytest_runtest_logreport(report):
-    """With CSRA_TRITON_FAILLOG=path, each failure is appended there as it happens (xdist
-    workers included), so a run cut short by a time limit still says what failed and why."""
-    if FAILLOG and report.failed:
-        with open(FAILLOG, "a") as f:
-            f.write(f"=== {report.nodeid} ({report.when})\n{str(report.longrepr)[-3000:]}\n")
-
-
 def pytest_runtest_makereport(item, call):
     if (call.when == "call" and call.excinfo is not None
             and not call.excinfo.errisinstance(pytest.skip.Exception)):
         for k, v in item.user_properties:
             if k == "seed":
                 print(f"\n[{item.nodeid}] torch seed was {v}")
+    if call.when == "call" and WORST and os.environ.get("PYTEST_XDIST_WORKER"):
+        # an xdist worker's property-test tally travels to the controller with the report
+        item.user_properties.append(("csra_worst", {k: list(v) for k, v in WORST.items()}))
+
+
+#: the latest tally of each xdist worker (under xdist the controller holds no WORST of its own)
+_WORKER_WORST: dict = {}
+
+
+def pytest_runtest_logreport(report):
+    """With CSRA_TRITON_FAILLOG=path, each failure is appended there as it happens (xdist
+    workers included), so a run cut short by a time limit still says what failed and why.
+    Collects the workers' property-test tallies (see pytest_runtest_makereport)."""
+    if FAILLOG and report.failed:
+        with open(FAILLOG, "a") as f:
+            f.write(f"=== {report.nodeid} ({report.when})\n{str(report.longrepr)[-3000:]}\n")
+    node = getattr(report, "node", None)
+    for k, v in getattr(report, "user_properties", ()):
+        if k == "csra_worst" and node is not None:
+            _WORKER_WORST[node.gateway.id] = v
 
 
 def pytest_terminal_summary(terminalreporter):
-    if WORST:
+    worst = {k: list(v) for k, v in WORST.items()}
+    for tally in _WORKER_WORST.values():
+        for dtype, (n, fwd, dx, dw) in tally.items():
+            w = worst.setdefault(dtype, [0, 0.0, 0.0, 0.0])
+            w[:] = [w[0] + n, max(w[1], fwd), max(w[2], dx), max(w[3], dw)]
+    if worst:
         terminalreporter.write_line("property tests, worst relative error vs float64 "
                                     "(examples: fwd / dx / dW):")
-        for dtype, (n, fwd, dx, dw) in sorted(WORST.items()):
+        for dtype, (n, fwd, dx, dw) in sorted(worst.items()):
             terminalreporter.write_line(f"  {dtype}: {n} examples: {fwd:.2e} / {dx:.2e} / {dw:.2e}")

@@ -14,6 +14,8 @@ import csra_triton
 from csra_triton import CSRATriton
 from helpers import rel_err
 
+pytestmark = pytest.mark.no_triton   # ONNX and AOTInductor on the PyTorch fallback
+
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")

@@ -13,7 +13,10 @@ import torch
 import csra_triton
 import csra_triton.fallback as fallback
 import csra_triton.ops as ops
+from csra_triton import settings
 from helpers import TOL, error_scales, ref64, rel_err
+
+pytestmark = pytest.mark.no_triton   # the PyTorch fallback only
 
 
 @pytest.fixture
@@ -174,12 +177,15 @@ def test_max_heads_skip_the_lo_gemm(bf16_gemm, monkeypatch):
 
 def test_keep_ratio_from_the_environment():
     """CSRA_TRITON_CPU_KEEP_RATIO sets fallback.KEEP_RATIO at import (1: no larger than x, 0:
-    never); anything but a finite number >= 0 fails the import with the variable named."""
-    assert fallback._keep_ratio("64") == 64 and fallback._keep_ratio("0") == 0
-    assert fallback._keep_ratio("1.5") == 1.5
-    for bad in ("", "abc", "-1", "nan", "inf"):
+    never; unset or empty: 64); anything but a finite number >= 0 fails the import with the
+    variable named."""
+    def ratio(v):
+        return settings.from_environ({"CSRA_TRITON_CPU_KEEP_RATIO": v}).cpu_keep_ratio
+
+    assert ratio("64") == 64 and ratio("0") == 0 and ratio("1.5") == 1.5 and ratio("") == 64
+    for bad in ("abc", "-1", "nan", "inf"):
         with pytest.raises(ValueError, match="CSRA_TRITON_CPU_KEEP_RATIO"):
-            fallback._keep_ratio(bad)
+            ratio(bad)
     code = "import csra_triton.fallback as f; print(f.KEEP_RATIO)"
     for env, want in (("2.5", "2.5"), ("abc", "CSRA_TRITON_CPU_KEEP_RATIO: expected")):
         run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

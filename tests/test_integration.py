@@ -114,8 +114,8 @@ def test_export(device):
 def test_autocast_bf16(device):
     """Under autocast the head computes like the official 1x1 conv does: bf16 features, fp32
     weights (rounded for the products, norms from fp32). Outputs match the official module run
-    under the same autocast; gradients match float64 on the same operands and come back in the
-    leaves' dtypes."""
+    under the same autocast, in its dtype (fp32: the official head divides by fp32 norms);
+    gradients match float64 on the same operands and come back in the leaves' dtypes."""
     model = _conv_model(device)
     head = model[2]
     official = MHA.from_weight(head.weight.detach(), head.temperatures, head.lam).to(device)
@@ -124,7 +124,7 @@ def test_autocast_bf16(device):
         feats = model[1](model[0](x))
         y = head(feats)
         y_official = official(feats)
-    assert feats.dtype == torch.bfloat16 and y.dtype == torch.bfloat16
+    assert feats.dtype == torch.bfloat16 and y.dtype == y_official.dtype == torch.float32
     assert rel_err(y, y_official) <= TOL[torch.bfloat16]
     # gradients: fp32 features into the head under autocast
     f32 = feats.detach().float().requires_grad_()

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.no_triton   # the import contract, pure Python
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -38,10 +38,16 @@ def pytest_configure(config):
         "its outcome cannot depend on the Triton version (.ci/run's triton 3.6 block skips it)")
 
 
+#: Run first (xdist hands out work in collection order): the compile report's slices, minutes
+#: each, then the real-backbone compiles, so that no long test starts when the other worker has
+#: nothing left to do.
+_FIRST = ("tests/test_compiled.py", "tests/test_models.py")
+
+
 def pytest_collection_modifyitems(config, items):
     """Marks ``no_triton`` the tests parametrized onto the PyTorch fallback (the ``backend``
     fixture's "torch" params, a ``backend_name`` of "torch"); modules and tests that run no
-    Triton code at all carry the marker themselves."""
+    Triton code at all carry the marker themselves. Puts the long tests first (``_FIRST``)."""
     import pytest
 
     for item in items:
@@ -49,3 +55,9 @@ def pytest_collection_modifyitems(config, items):
         if (params.get("backend") in ("torch", "torch-fp32gemm")
                 or params.get("backend_name") == "torch"):
             item.add_marker(pytest.mark.no_triton)
+
+    def rank(item):
+        path = item.nodeid.split("::")[0]
+        return _FIRST.index(path) if path in _FIRST else len(_FIRST)
+
+    items.sort(key=rank)        # (stable: the order within each rank is kept)

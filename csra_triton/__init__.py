@@ -9,10 +9,9 @@ official full models) -> tools (``benchmark``, ``compiled``, ``hostpath``, CLI).
 from .interop import OfficialCheckpointError
 from .module import CSRATriton, csra, load_official
 from .ops import CSRAFunction, use_backend
-from .triton_impl import clear_weight_cache
 from .reference import OFFICIAL_TEMPERATURES, csra_reference
 from . import reference
 
 __all__ = ["CSRATriton", "csra", "CSRAFunction", "use_backend", "reference", "csra_reference",
-           "OFFICIAL_TEMPERATURES", "load_official", "OfficialCheckpointError", "clear_weight_cache"]
+           "OFFICIAL_TEMPERATURES", "load_official", "OfficialCheckpointError"]
 __version__ = "0.1.0"

@@ -240,7 +240,7 @@ def measure_interleaved(shape: Shape, pass_: str, impls: list[str], device: torc
                         reps: int = 10) -> list[dict]:
     """Rows for several implementations timed in alternation on CPU (one call of each per
     round, ``reps`` rounds): the host's speed drifts over minutes on a shared 2-core machine
-    (2x within one run, 2026-11-27), which biased ratios of implementations timed one after
+    (2x within one run: bench/NOTES.md), which biased ratios of implementations timed one after
     the other. The same rows as :func:`measure`; ``interleaved`` records how."""
     benches = {i: Bench(shape, i, device) for i in impls}
     fns = {i: b.step(pass_) for i, b in benches.items()}

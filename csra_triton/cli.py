@@ -1,4 +1,4 @@
-"""Command line (stage 5 of reference -> kernels -> op -> module -> CLI).
+"""Command line (the tools layer, docs/ARCHITECTURE.md).
 
 ``python -m csra_triton`` (or ``python -m csra_triton verify``) prints a verification table: for
 each dtype, the max relative error of the forward, dx and dW against a float64 computation, and the

@@ -305,7 +305,7 @@ MEASURED_H200 = {("fwd", "coco-r101-448"): 81.0, ("ds", "coco-r101-448"): 75.5,
 
 def model_v2(kernel: str, shape: Shape, dtype: torch.dtype, cfg: tuning.Config, regs: int,
              smem: int, gpu: str = "h200", row_tiles: tuple | None = None) -> dict:
-    """Time of one kernel's launches from its compiled resources and its tiles (issue 20).
+    """Time of one kernel's launches from its compiled resources and its tiles (model v2, bench/NOTES.md).
 
     * CTAs per SM: the fewest the registers (regs x threads), shared memory, warps and the CTA
       cap allow; the grid then runs in ``waves`` of ``SMs x CTAs per SM`` programs, a partial
@@ -455,7 +455,7 @@ def _own_dtype(shape: Shape, arch: str) -> torch.dtype:
 
 
 def check(rows: list[dict]) -> list[str]:
-    """What breaks the arch matrix's rules (issue 19) in ``rows``: spills (fp64 excepted: a
+    """What breaks the arch matrix's rules (shared DESIGN.md) in ``rows``: spills (fp64 excepted: a
     gradcheck-only path), shared memory beyond the arch's per-block limit, a product off the
     arch's tensor-core instruction (16-bit and TF32 products; sm_75 has none in Triton: FMA)."""
     bad = []
@@ -483,28 +483,6 @@ def _label(kernel: str, cfg: tuning.Config) -> str:
     if kernel == "ds_kept":
         return f"BR x BN = {triton_impl.DS_KEPT_ELEMS} warps={triton_impl.DS_KEPT_WARPS}"
     return cfg.label()
-
-
-def gpus_table(rows: list[dict], shape: str = "coco-r101-448") -> str:
-    """Markdown, one row per arch: its GPUs, dtypes, MMA, the default tiles and the forward /
-    dS kernels' registers, spills and shared memory at ``shape`` in NCHW (README "GPUs")."""
-    from .archs import ARCHS as info
-
-    lines = ["| arch | GPUs | dtypes | MMA | default tiles (fwd, dS) | regs fwd / dS | spill B | "
-             "smem KB (limit) | checked |", "|---|---|---|---|---|---|---|---|---|"]
-    for arch, a in info.items():
-        got = {r["kernel"]: r for r in rows if r["arch"] == arch and r["shape"] == shape
-               and r.get("layout", "nchw") == "nchw" and r["kernel"] in ("fwd", "ds")
-               and r["default"] and r["dtype"] in ("bfloat16", "float16")}
-        if set(got) != {"fwd", "ds"}:
-            continue
-        f, d = got["fwd"], got["ds"]
-        measured = "measured (H200)" if arch == "sm_90a" else "compile-checked"
-        lines.append(f"| {arch} | {a.gpus} | {', '.join(a.dtypes)} | {f['mma']} | "
-                     f"{f['config']} | {f['regs']} / {d['regs']} | "
-                     f"{f['spill_bytes']} / {d['spill_bytes']} | "
-                     f"{f['smem_bytes'] // 1024} ({a.smem_kb}) | {measured} |")
-    return "\n".join(lines)
 
 
 def table(rows: list[dict]) -> str:

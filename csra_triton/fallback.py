@@ -56,7 +56,7 @@ FWD_REFINE = False
 #: How many times x's elements of score products a training forward may keep for its backward
 #: (:func:`keeps_scores`: H*C <= KEEP_RATIO * D). Recomputing them is the backward's costliest
 #: step at 9,605 classes: 5 GEMMs against the official head's 3, which lost to its
-#: torch.compile (0.95x, fwd+bwd at openimages-r101-448@B=2, 2026-12-01); kept, 4
+#: torch.compile (0.95x, fwd+bwd at openimages-r101-448@B=2, bench/NOTES.md); kept, 4
 #: (1.15-1.2x). 64 covers 9,605 classes x 4 heads at d=2048 (18.8) and x 1 head at d=1024
 #: (9.4). The rule is on static sizes (H, C, D), never on the batch, so a compiled graph's
 #: fake outputs agree with the real ones at any batch (unbacked included). What is kept is the
@@ -73,7 +73,7 @@ class Work:
 
     Every pass that returned a fresh chunk-sized tensor paid a page fault per 4 KB of it: 1.0-2.0
     ns an element on the 2-core CPU against 0.03-0.07 ns for the same pass into a buffer already
-    touched (2026-12-01, fp32 mul of 2^18-2^20 elements), which made the elementwise passes, not
+    touched (fp32 mul of 2^18-2^20 elements, bench/NOTES.md), which made the elementwise passes, not
     the GEMMs, most of the time at 9,605 classes. A buffer is allocated once per call at its
     largest size; a request for fewer elements gets a view of its start."""
 
@@ -241,7 +241,7 @@ def fwd(x, weight, temps, lam, normalize, chunk, outs, kept=None):
     """Fills and returns ``outs`` = (y (B, C), m, l, att (B, H, C), argmax (B, H, C) int32,
     inv_n (H, C)): the kernel's state, in base 2 (z = T log2(e) s, m = max_j z_j,
     l = sum_j 2^(z_j - m)). ``kept`` (H*C, B*N) in the GEMM dtype, if given, receives the
-    products (ops.keeps_scores)."""
+    products (:func:`keeps_scores`)."""
     y, m, l, att, amax, inv_n = outs
     C = y.shape[1]
     acc = inv_n.dtype

@@ -1,4 +1,4 @@
-"""The host path on CPU (issue 18): the GPU path's launches and host time without a GPU.
+"""The host path on CPU: the GPU path's launches and host time without a GPU.
 
 The op runs its Triton implementation on CPU tensors with every kernel launch stubbed out
 (``triton_impl.stub_launches``): nothing is computed, but everything the host does for a GPU

@@ -1,4 +1,4 @@
-"""Triton kernels for multi-head CSRA (stage 2 of reference -> kernels -> op -> module -> CLI).
+"""Triton kernels for multi-head CSRA (the kernels layer, docs/ARCHITECTURE.md).
 
 Notation (see bench/NOTES.md): B batch, D channels (in_ch), N = h*w positions, H heads, C classes.
 A "row" is one (head, class) pair. Five kernels:
@@ -132,7 +132,7 @@ def csra_proj_kernel(
 ):
     """Grid (cdiv(R, BR),). The weight gradient from G = dS' x^T through the row normalisation,
     dW = G - W (W . G) inv_n^2 (G itself without it), in ACC, written in the weight's dtype:
-    one launch where four elementwise passes and a copy ran before (issue 18). ONE_PASS
+    in one launch. ONE_PASS
     (D <= BD): whole rows loaded once; else two passes over d in steps of BD."""
     r = tl.program_id(0) * BR + tl.arange(0, BR)
     r_ok = r < R

@@ -1,4 +1,4 @@
-"""Functional form and ``nn.Module`` (stage 4 of reference -> kernels -> op -> module -> CLI).
+"""Functional form and ``nn.Module`` (the module layer, docs/ARCHITECTURE.md).
 
 Validation of user input lives here, at the public entry points; the ops below assume it.
 """

@@ -1,22 +1,25 @@
-"""Custom ops and autograd (layer 3 of helpers -> implementations -> op -> module -> tools).
+"""Custom ops and autograd (the op layer, docs/ARCHITECTURE.md).
 
 Two ops in the ``csra_triton`` namespace, both with fake (meta) implementations so that
 ``torch.compile(fullgraph=True)`` and ``torch.export`` trace through them:
 
-* ``csra_triton::csra_fwd(x, weight, temperatures, lam, normalize, keep=True, backend="auto")``
-    -> ``(y, m, l, att, argmax, inv_norm, kept, scores)``; x is (B, D, N) with any strides,
-    weight (H, C, D). y (B, C) has x's dtype; m, l, att, argmax are the O(B*H*C) state that the
-    backward needs (see kernels.py: softmax max and sum in base 2, attention logit, argmax);
-    inv_norm (H, C) the inverse row norms. ``kept`` is what the implementation hands its
-    backward: the prepared weight on the Triton path (``triton_impl.keeps_weight``), the score
-    products on the CPU fallback (``fallback.keeps_scores``), else empty (0,). ``scores``: the
-    Triton path's raw scores (H, C, B, N) in the accumulation dtype when they have no more
-    elements than x (``triton_impl.keeps_scores``; its backward's dS' is then elementwise), else
-    empty (0,). ``keep=False`` (inference: the module passes it when no gradient is needed)
-    keeps nothing: inv_norm, kept and scores are empty, and the Triton path may reuse a
-    prepared weight (one launch instead of two).
+* ``csra_triton::csra_fwd(x, weight, temperatures, lam, normalize, keep=True, backend="auto",
+  lam_t=None, y_dtype=None, scalars=None)`` -> ``(y, m, l, att, argmax, inv_norm, kept,
+  scores)``; x is (B, D, N) with any strides, weight (H, C, D). y (B, C) has x's dtype (or
+  ``y_dtype``: the official head's under autocast); m, l, att, argmax are the O(B*H*C) state
+  that the backward needs (see kernels.py: softmax max and sum in base 2, attention logit,
+  argmax); inv_norm (H, C) the inverse row norms. ``kept`` is what the implementation hands its
+  backward: the prepared weight on the Triton path (``triton_impl.keeps_weight``), the score
+  products on the CPU fallback (``fallback.keeps_scores``), else empty (0,). ``scores``: the
+  Triton path's raw scores (H, C, B, N) in the accumulation dtype when they have no more
+  elements than x (``triton_impl.keeps_scores``; its backward's dS' is then elementwise), else
+  empty (0,). ``keep=False`` (inference: the module passes it when no gradient is needed)
+  keeps nothing: inv_norm, kept and scores are empty. ``lam_t``: a learnable lam (a
+  one-element tensor, used instead of ``lam``); ``scalars``: the temperatures and lam as a
+  tensor (:func:`scalars_tensor`, a compiled module's), used instead of both.
 * ``csra_triton::csra_bwd(grad_y, x, weight, m, l, att, argmax, inv_norm, kept, scores,
-  temperatures, lam, normalize, backend="auto")`` -> ``(grad_x, grad_weight)``.
+  temperatures, lam, normalize, backend="auto", lam_t=None, scalars=None)`` ->
+  ``(grad_x, grad_weight)``.
 
 ``backend`` names the implementation ("triton", "torch"; "auto": :func:`backend_for`). The
 module resolves it when it calls (or traces) the op, so that the shapes of the outputs, which

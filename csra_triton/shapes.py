@@ -63,7 +63,7 @@ SHAPES = {s.name: s for s in [
     Shape("coco-r101-448-fp32", 64, 2048, 14, 14, 80, 4, "float32"),
 ]}
 HEADLINE = "coco-r101-448"
-#: What the CPU runs by default (issue 31's set): the latency shape, the headline at small batches,
+#: What the CPU runs by default: the latency shape, the headline at small batches,
 #: 9,605 classes, and fp32.
 CPU_DEFAULT = "latency-r101-224,coco-r101-448@B=2"
 #: CI smoke shapes: every code path at sizes the interpreter and a 2-core CPU finish quickly.

@@ -1,8 +1,9 @@
-"""The Triton implementation (layer 2, beside the PyTorch fallback in ``fallback.py``): launch
+"""The Triton implementation (the implementations layer, beside the PyTorch fallback in
+``fallback.py``, docs/ARCHITECTURE.md): launch
 plans for the kernels in ``kernels.py`` and the two entry points the op layer calls,
 :func:`forward` and :class:`Backward` (the fallback exposes the same two).
 
-Host path (issue 18). A training step of the head is, at coco-r101-448 in bf16, 2 launches
+Host path. A training step of the head is, at coco-r101-448 in bf16, 2 launches
 forward (prep, fwd) and 5 backward (dS, x's NCHW copy for the GEMMs, the two GEMMs, the weight
 gradient's projection); inference is 2 as well (prep, fwd): every call prepares the weight it is
 given, from its current values (nothing derived from a tensor's values is kept between calls).
@@ -24,7 +25,6 @@ import contextlib
 import functools
 import math
 import threading
-import warnings
 from typing import NamedTuple
 
 import torch
@@ -392,13 +392,6 @@ def prep_weight(x: Tensor, weight: Tensor, normalize: bool, inv_n: Tensor | None
         inv_n = alloc((H, C), acc_dtype(x.dtype), x.device)
     prep_call(x, weight, normalize, w_op, inv_n).run()
     return w_op, inv_n
-
-
-def clear_weight_cache() -> None:
-    """Deprecated, does nothing: no prepared weight is kept between calls any more (every call
-    computes from the weight's current values), so there is nothing to clear."""
-    warnings.warn("csra_triton.clear_weight_cache() is deprecated and does nothing: no "
-                  "prepared weight is kept between calls", DeprecationWarning, stacklevel=2)
 
 
 def keeps_weight(x: Tensor, weight: Tensor) -> bool:

@@ -14,8 +14,9 @@ Choice order for a key (kernel, H, C, D, N, dtype): this process' memory, then t
 torch or triton version are ignored), then autotuning if ``CSRA_TRITON_AUTOTUNE=1`` (on CUDA
 only), else the default heuristic. Without a GPU, or under TRITON_INTERPRET=1, exactly one config
 (the default) is used and nothing is benchmarked. No kernel accumulates into its outputs (no
-atomics), so trials need no resets; tuning happens inside the custom op, invisible to
-torch.compile.
+atomics), so trials need no resets. Tuning runs on the host when a launch plan is first built
+(``triton_impl.plan``), never while torch.compile traces (a traced plan takes the cached or
+default config).
 """
 from __future__ import annotations
 

@@ -37,41 +37,69 @@ def _inspect(tmp_path_factory, *args, **env_over):
     return json.loads(path.read_text()), proc.stdout
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    return _inspect(tmp_path_factory, "--arch", "all")
-
-
-@pytest.fixture(scope="module")
-def layouts_report(tmp_path_factory):
-    return _inspect(tmp_path_factory, "--arch", "all", "--shapes", HEADLINE, "--layouts",
-                    "nchw,channels_last,tokens", "--dtypes", "bf16,fp16,fp32",
-                    "--kernels", "fwd,ds")
-
-
 #: elementwise kernels (over weight rows, or over kept scores): no product
 NO_PRODUCT = ("prep", "proj", "ds_kept")
 ARCHS = ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90a", "sm_100a", "sm_120", "gfx90a", "gfx942",
          "gfx950")
+#: The ten archs in three slices, each compiled by its own reports: every benchmark shape
+#: ("report") and the headline in every layout and dtype ("layouts"). Each (report, slice) is an
+#: xdist group of its own, so that the two workers compile slices side by side; a worker builds
+#: a report once (``_REPORTS``) for every test of its group.
+SLICES = {"nvidia-75-89": ("sm_75", "sm_80", "sm_86", "sm_89"),
+          "nvidia-90-120": ("sm_90a", "sm_100a", "sm_120"),
+          "amd": ("gfx90a", "gfx942", "gfx950")}
+assert sorted(a for archs in SLICES.values() for a in archs) == sorted(ARCHS)
+_REPORTS: dict = {}
 
 
-def test_every_arch_keeps_the_rules(report, layouts_report):
-    """0 spills, shared memory within the arch's limit, tensor cores for every product."""
-    for doc, _ in (report, layouts_report):
-        assert doc["broken"] == [], "\n".join(doc["broken"])
-        assert {r["arch"] for r in doc["rows"]} == set(ARCHS)
-    layouts = {(r["arch"], r["layout"], r["dtype"]) for r in layouts_report[0]["rows"]}
-    for arch in ARCHS:
+def _report(tmp_path_factory, slice_: str, kind: str = "report"):
+    key = (kind, slice_)
+    if key not in _REPORTS:
+        archs = ",".join(SLICES[slice_])
+        extra = (() if kind == "report" else
+                 ("--shapes", HEADLINE, "--layouts", "nchw,channels_last,tokens", "--dtypes",
+                  "bf16,fp16,fp32", "--kernels", "fwd,ds"))
+        _REPORTS[key] = _inspect(tmp_path_factory, "--arch", archs, *extra)
+    return _REPORTS[key]
+
+
+def _slices(kind: str = "report", only=None):
+    """Parametrises a test over the slices (``only``: the slice holding that arch), each in its
+    report's xdist group."""
+    names = [s for s in SLICES if only is None or only in SLICES[s]]
+    return pytest.mark.parametrize("slice_", [
+        pytest.param(s, marks=pytest.mark.xdist_group(f"compile-{kind}-{s}")) for s in names])
+
+
+@_slices()
+def test_every_arch_keeps_the_rules(slice_, tmp_path_factory):
+    """0 spills, shared memory within the arch's limit, tensor cores for every product: every
+    benchmark shape."""
+    doc, _ = _report(tmp_path_factory, slice_)
+    assert doc["broken"] == [], "\n".join(doc["broken"])
+    assert {r["arch"] for r in doc["rows"]} == set(SLICES[slice_])
+
+
+@_slices("layouts")
+def test_every_layout_and_dtype_keeps_the_rules(slice_, tmp_path_factory):
+    """The same rules for the headline in NCHW, channels-last and tokens, bf16, fp16 and fp32
+    (fp16 and fp32 on sm_75)."""
+    doc, _ = _report(tmp_path_factory, slice_, "layouts")
+    assert doc["broken"] == [], "\n".join(doc["broken"])
+    assert {r["arch"] for r in doc["rows"]} == set(SLICES[slice_])
+    layouts = {(r["arch"], r["layout"], r["dtype"]) for r in doc["rows"]}
+    for arch in SLICES[slice_]:
         dtypes = ("float16", "float32") if arch == "sm_75" else ("bfloat16", "float16", "float32")
         for layout in ("nchw", "channels_last", "tokens"):
             for dt in dtypes:
                 assert (arch, layout, dt) in layouts, (arch, layout, dt)
 
 
-def test_products_are_counted_per_site(report):
+@_slices()
+def test_products_are_counted_per_site(slice_, tmp_path_factory):
     """The MMA column counts each product (tl.dot site after pipelining), so that one product
     off the tensor cores would show as 'mixed'."""
-    for r in report[0]["rows"]:
+    for r in _report(tmp_path_factory, slice_)[0]["rows"]:
         if r["kernel"] in ("fwd", "fwd_keep", "ds"):
             assert sum(r["mma_sites"].values()) >= 2, r
             assert r["mma"] == r["mma_expected"] or r["dtype"] == "float32", r
@@ -110,11 +138,12 @@ def test_class_block_major_order_compiles_spill_free(tmp_path_factory):
             assert r["mma"] == "wgmma", r
 
 
-def test_every_kernel_of_every_shape_is_reported(report):
-    doc, table = report
+@_slices()
+def test_every_kernel_of_every_shape_is_reported(slice_, tmp_path_factory):
+    doc, table = _report(tmp_path_factory, slice_)
     rows = doc["rows"]
     assert doc["triton"] and "| kernel | arch |" in table
-    for arch in ARCHS:
+    for arch in SLICES[slice_]:
         for name, shape in SHAPES.items():
             got = {r["kernel"] for r in rows if r["arch"] == arch and r["shape"] == name}
             # the training forward that keeps its scores and dS' from them: where they have no
@@ -127,8 +156,9 @@ def test_every_kernel_of_every_shape_is_reported(report):
         assert r["default"] and r["regs"] > 0 and r["model"]["hbm_bytes"] > 0
 
 
-def test_hopper_defaults_spill_free_on_wgmma(report):
-    for r in report[0]["rows"]:
+@_slices(only="sm_90a")
+def test_hopper_defaults_spill_free_on_wgmma(slice_, tmp_path_factory):
+    for r in _report(tmp_path_factory, slice_)[0]["rows"]:
         if r["arch"] != "sm_90a":
             continue
         assert r["spill_bytes"] == 0, r
@@ -136,14 +166,16 @@ def test_hopper_defaults_spill_free_on_wgmma(report):
             assert r["mma"] == "wgmma", r
 
 
-def test_ampere_defaults_use_tensor_cores(report):
-    for r in report[0]["rows"]:
+@_slices(only="sm_80")
+def test_ampere_defaults_use_tensor_cores(slice_, tmp_path_factory):
+    for r in _report(tmp_path_factory, slice_)[0]["rows"]:
         if r["arch"] == "sm_80" and r["kernel"] not in NO_PRODUCT:
             assert r["mma"] == "mma", r
 
 
-def test_headline_traffic_model(report):
-    rows = {r["kernel"]: r for r in report[0]["rows"]
+@_slices(only="sm_90a")
+def test_headline_traffic_model(slice_, tmp_path_factory):
+    rows = {r["kernel"]: r for r in _report(tmp_path_factory, slice_)[0]["rows"]
             if r["arch"] == "sm_90a" and r["shape"] == HEADLINE}
     for kernel in ("fwd", "ds"):
         assert rows[kernel]["model"]["sm_bytes"] <= 0.3e9, rows[kernel]
@@ -151,7 +183,8 @@ def test_headline_traffic_model(report):
     assert rows["fwd"]["model"]["floor_us"] >= 16.4e9 / 798e12 * 1e6
 
 
-def test_model_v2_is_calibrated_on_the_h200(report):
+@_slices(only="sm_90a")
+def test_model_v2_is_calibrated_on_the_h200(slice_, tmp_path_factory):
     """Model v2 (CTAs per SM, waves, per-SM rates, pipelined or serial loads) against the H200
     measurements of the v1 kernels: each headline kernel within +-25%, and the other measured
     rows (kernel sums: openimages forward 2.90 ms, vitl16 forward 0.21 ms). The forward and dS
@@ -162,8 +195,8 @@ def test_model_v2_is_calibrated_on_the_h200(report):
     from csra_triton.shapes import SHAPES as ALL
     from csra_triton import tuning
 
-    rows = {(r["kernel"], r["shape"]): r["model_v2"]["time_us"] for r in report[0]["rows"]
-            if r["arch"] == "sm_90a"}
+    rows = {(r["kernel"], r["shape"]): r["model_v2"]["time_us"]
+            for r in _report(tmp_path_factory, slice_)[0]["rows"] if r["arch"] == "sm_90a"}
 
     def prep_v1(name):
         shape = ALL[name]

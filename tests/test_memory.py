@@ -11,6 +11,9 @@ import pytest
 import csra_triton
 from csra_triton import shapes
 
+# one worker builds the module-scoped fixture for every test here
+pytestmark = pytest.mark.xdist_group("test_memory")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

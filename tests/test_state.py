@@ -641,8 +641,3 @@ def test_cuda_graph_keeps_its_scalars_alive(monkeypatch):
         graph.replay()
     torch.cuda.synchronize()
     assert rel_err(y, ref64(x, head.weight, head.temperatures, 0.3)) <= 1e-2
-
-
-def test_clear_weight_cache_is_a_deprecated_no_op():
-    with pytest.warns(DeprecationWarning, match="does nothing"):
-        csra_triton.clear_weight_cache()

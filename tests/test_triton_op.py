@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# one worker builds the module-scoped fixture for every test here
+pytestmark = pytest.mark.xdist_group("test_triton_op")
+
 SCRIPT = Path(__file__).parent / "scripts" / "trace_cuda_ops.py"
 
 
@@ -57,3 +60,16 @@ def test_backward_graph_launches_the_kernels_and_two_gemms(traced, which):
     assert "aten._to_copy.default" not in bwd["aten"]
     # no out= views written back into buffers (each would be a copy in Inductor's code)
     assert not [a for a in bwd["aten"] if "scatter" in a], bwd["aten"]
+
+
+@pytest.mark.parametrize("which", ["fwd_scalars", "bwd_scalars"])
+def test_compiled_modules_scalars_reach_the_kernels_on_the_device(traced, which):
+    """A compiled module passes its temperatures and lam as the _scalars buffer: the traced
+    graph makes the kernels' parameter tensor from it on the device (a dtype view, a cast and a
+    cat), with no host tensor lifted into the graph, and launches the same kernels."""
+    got = traced[which]
+    want = (["csra_prep_kernel", "csra_fwd_kernel"] if which == "fwd_scalars"
+            else ["csra_bwd_ds_kept_kernel", "csra_proj_kernel"])
+    assert got["kernels"] == want
+    assert "aten.cat.default" in got["aten"]
+    assert "aten.lift_fresh_copy.default" not in got["aten"], got["aten"]

@@ -57,6 +57,8 @@ with mode:
                                                            dtype=torch.bfloat16))
     scores = torch.empty(H, C, B, h * w, device="cuda")      # kept by a training forward
     none = torch.empty(0, device="cuda")                     # not kept: dS' recomputed
+    # a compiled module's temperatures and lam: its _scalars buffer (float64 bits as int64)
+    scalars = torch.empty(H + 1, device="cuda", dtype=torch.int64)
 temps = [1.0, 2.0, 4.0, float("inf")]
 fwd = trace(lambda a, b: csra_triton.csra(a, b, temps, 0.1), x, weight)
 # the training forward (keep=True) as the op: tracing autograd's backward needs a GPU context
@@ -71,4 +73,10 @@ def bwd_op(*a):
 
 bwd = trace(bwd_op, g, x.flatten(2), weight, *state, scores)
 bwd_recompute = trace(bwd_op, g, x.flatten(2), weight, *state, none)
-print(json.dumps(dict(fwd=fwd, train=train, bwd=bwd, bwd_recompute=bwd_recompute)))
+# the ops as a compiled module calls them: placeholder floats, the values from the buffer
+fwd_scalars = trace(lambda a, b, s: torch.ops.csra_triton.csra_fwd_cuda(
+    a.flatten(2), b, [1.0] * H, 0.0, True, False, None, None, s), x, weight, scalars)
+bwd_scalars = trace(lambda *a: torch.ops.csra_triton.csra_bwd_cuda(
+    *a[:-1], [1.0] * H, 0.0, True, None, a[-1]), g, x.flatten(2), weight, *state, scores, scalars)
+print(json.dumps(dict(fwd=fwd, train=train, bwd=bwd, bwd_recompute=bwd_recompute,
+                      fwd_scalars=fwd_scalars, bwd_scalars=bwd_scalars)))

@@ -180,6 +180,11 @@ def _row_params(p_ptr, invn_ptr, h, hc, h_ok, row_ok, H, N, ACC: tl.constexpr):
     inv = tl.load(invn_ptr + hc, mask=row_ok, other=0.0).to(ACC)
     lam = tl.load(p_ptr + H).to(ACC)
     cz = inv * (t_fin * tl.load(p_ptr + H + 1).to(ACC))     # inv_n * T * log2(e)
+    # cz is 0 for an inverse norm of 0 (a weight row whose norm overflows) or a temperature
+    # that is 0 in ACC; then best * cz of a half with no position (-inf * 0) would be NaN. A
+    # tiny cz instead: every 2^(z - m) is then exactly 1, a uniform softmax, as the official
+    # head computes it (z = a * 1e-38 is below an ulp of 1 for any |a| < 1e30).
+    cz = tl.where(cz == 0.0, 1e-38, cz)
     inv_N = 1.0 / (N + tl.zeros((1,), dtype=ACC))          # N == 1 arrives as a constant int
     return is_max, t_fin, inv, lam, cz, inv_N
 
@@ -274,11 +279,7 @@ def _half_stats(a, nn, N, cz):
     n_ok = (nn < N)[None, :]
     best = tl.max(tl.where(n_ok, a, float("-inf")), axis=1)
     best_j = tl.min(tl.where((a == best[:, None]) & n_ok, nn[None, :], BIG), axis=1)
-    # A half with no position (N <= HALF) has best = -inf, and m must be -inf too for _merge:
-    # best * cz would be NaN where cz is 0 (an inverse norm of 0 from a weight row whose norm
-    # overflows, or a temperature that rounds to 0 in ACC: then every z is 0, a uniform
-    # softmax, as the official head computes it).
-    m = tl.where(best == float("-inf"), best, best * cz)
+    m = best * cz
     p = tl.where(n_ok, tl.exp2(a * cz[:, None] - m[:, None]), 0.0)
     return tl.sum(a, axis=1), best, best_j, m, tl.sum(p, axis=1), tl.sum(p * a, axis=1)
 

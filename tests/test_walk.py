@@ -1,5 +1,5 @@
 """A random walk through the public API (hypothesis ``RuleBasedStateMachine``), checked against
-float64 after any step.
+float64 after every step.
 
 One head per run, driven by a random sequence of what users do to it: assign temperatures
 (finite, 99, inf), lam (a number, or a learnable ``nn.Parameter``) and normalize; take plain,
@@ -19,7 +19,6 @@ and short; the fallback's are many.
 import io
 import math
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import settings

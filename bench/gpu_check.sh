@@ -148,7 +148,7 @@ EOF
       --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_bytes.sum,gpu__time_duration.sum \
       "$py" - <<'EOF'
 import torch, csra_triton
-from csra_triton import benchmark as bm
+from csra_triton.tools import benchmark as bm
 b = bm.Bench(bm.SHAPES["coco-r101-448"], "triton", torch.device("cuda"), n_sets=1)
 with torch.no_grad():
     b.module(b.xs[0])

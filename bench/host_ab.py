@@ -1,6 +1,6 @@
 """Host µs of two checkouts side by side (bench/NOTES.md, "Host path v3"): the module's training
 forward, its backward and an inference call, with Triton launches stubbed (CPU, one thread),
-beside the bare autograd.Function of ``csra_triton.hostpath``, at d=64, C=16, H=4, B=2, N=4 fp32.
+beside the bare autograd.Function of ``csra_triton.tools.hostpath``, at d=64, C=16, H=4, B=2, N=4 fp32.
 
 Run it for each checkout in turn, alternating, and compare medians taken in the same phase of
 the machine (a shared VM's speed can change by 2x within minutes):
@@ -16,9 +16,10 @@ import torch
 
 def main(root: str, layout: str = "nchw", rounds: int = 10, calls: int = 100) -> None:
     sys.path.insert(0, root)
-    from csra_triton import common, hostpath, ops, triton_impl
+    from csra_triton import common, ops, triton_impl
+    from csra_triton.tools import hostpath
     from csra_triton.module import CSRATriton
-    from csra_triton.shapes import temperatures
+    from csra_triton.tools.shapes import temperatures
 
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)          # stubbed kernels leave their outputs unwritten

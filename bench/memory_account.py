@@ -131,7 +131,10 @@ def main(argv=None) -> None:
     if args.root:
         sys.path.insert(0, args.root)
     pkg = importlib.import_module("csra_triton")
-    bm = importlib.import_module("csra_triton.benchmark")
+    try:                                   # (the benchmark moved into tools/)
+        bm = importlib.import_module("csra_triton.tools.benchmark")
+    except ImportError:
+        bm = importlib.import_module("csra_triton.benchmark")
     print(f"package: {pkg.__file__}")
     for shape in bm.parse_shapes(args.shapes):
         r = account(pkg, shape, stubs(pkg))

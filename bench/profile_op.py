@@ -19,7 +19,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from csra_triton import benchmark as bm
+from csra_triton.tools import benchmark as bm
 from csra_triton import common
 from csra_triton import triton_impl as ti
 

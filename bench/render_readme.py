@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from csra_triton import benchmark as bm  # noqa: E402
+from csra_triton.tools import benchmark as bm  # noqa: E402
 
 BEGIN, END = "<!-- perf:begin (bench/render_readme.py) -->", "<!-- perf:end -->"
 NOTHING = ("No GPU results are committed yet (`bench/results/` holds no GPU JSON), so this README "

@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from csra_triton import benchmark as bm
+from csra_triton.tools import benchmark as bm
 
 FULL = list(bm.SHAPES.values())
 TINY = bm.parse_shapes(bm.TINY)

@@ -1,10 +1,11 @@
 """csra-triton: multi-head class-specific residual attention (CSRA, ICCV 2021) as Triton kernels.
 
-Data path, as layers (pyproject.toml's import-linter contract): helpers (``common``,
-``reference``, ``archs``, ``shapes``) -> kernels and configs (``kernels``, ``tuning``) -> the two
-implementations (``triton_impl``, ``fallback``) -> the op (``ops``: custom ops, triton_ops,
+Data path, as layers (pyproject.toml's import-linter contracts): ``settings`` -> helpers
+(``common``, ``reference``, ``archs``) -> kernels and configs (``kernels``, ``tuning``) -> the
+two implementations (``triton_impl``, ``fallback``) -> the op (``ops``: custom ops, triton_ops,
 autograd) -> ``module`` (``csra``, ``CSRATriton``), ``maps``, ``interop`` -> ``models`` (the
-official full models) -> tools (``benchmark``, ``compiled``, ``hostpath``, CLI).
+official full models) -> the ``tools`` subpackage (benchmarks, compile report, host-path
+timing, demo, CLI), which the runtime never imports.
 """
 from .interop import OfficialCheckpointError
 from .module import CSRATriton, csra, load_official

@@ -1,4 +1,4 @@
-"""``python -m csra_triton [verify]``: see :mod:`csra_triton.cli`."""
+"""``python -m csra_triton [verify]``: see :mod:`csra_triton.tools.cli`."""
 import os
 import sys
 
@@ -20,6 +20,6 @@ def _ensure_interpreter() -> None:
 
 if __name__ == "__main__":
     _ensure_interpreter()
-    from csra_triton.cli import main
+    from csra_triton.tools.cli import main
 
     sys.exit(main())

@@ -181,15 +181,10 @@ class BoundedCache:
 # --------------------------------------------------------------------------- temperatures
 
 
-def official_temperature(t: float) -> float:
-    """Maps the official flag value 99 to inf (a max-pooling head)."""
-    t = float(t)
-    return math.inf if t == 99 else t
-
-
 def check_temperatures(temperatures, heads: int) -> list[float]:
-    """Validated temperatures, one per head, each > 0; the official flag 99 and inf make a max
-    head (returned as inf). Raises TypeError / ValueError naming ``temperatures``."""
+    """Validated temperatures, one per head, each > 0, in the package's one encoding: a max
+    head is inf (the official flag 99 becomes inf here, at the public boundary). Raises
+    TypeError / ValueError naming ``temperatures``."""
     if isinstance(temperatures, (str, bytes)) or isinstance(temperatures, Tensor) and \
             temperatures.dim() != 1:
         raise TypeError(f"temperatures: expected a sequence of {heads} numbers, "
@@ -204,7 +199,7 @@ def check_temperatures(temperatures, heads: int) -> list[float]:
     for t in temps:
         if math.isnan(t) or t <= 0:
             raise ValueError(f"temperatures: each must be > 0 (inf or 99 for a max head), got {t}")
-    return [official_temperature(t) for t in temps]
+    return [math.inf if t == 99 else t for t in temps]
 
 
 def check_lam(lam, device: torch.device | None = None):
@@ -224,22 +219,6 @@ def check_lam(lam, device: torch.device | None = None):
     if not math.isfinite(lam):
         raise ValueError(f"lam: expected a finite number, got {lam}")
     return float(lam)
-
-
-#: How a max head reaches the ops: temperature 0 (users' temperatures must be > 0). A finite
-#: flag, because exported programs serialise float lists as JSON numbers: an inf there made
-#: torch._inductor.aoti_load_package fail ("type must be number, but is string").
-MAX_HEAD = 0.0
-
-
-def op_temperatures(temps) -> list[float]:
-    """The ops' encoding of validated temperatures: inf (a max head) -> MAX_HEAD."""
-    return [MAX_HEAD if math.isinf(t) else t for t in temps]
-
-
-def kernel_temperatures(temps) -> list[float]:
-    """The kernels' encoding: a max head is inf (the ops accept inf or MAX_HEAD)."""
-    return [math.inf if (t <= MAX_HEAD or math.isinf(t)) else float(t) for t in temps]
 
 
 # --------------------------------------------------------------------------- backward layout

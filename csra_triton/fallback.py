@@ -356,7 +356,7 @@ def forward_graph(x, weight, temps, lam, normalize, first_max=False, y_dtype=Non
     """y (B, C) in x's dtype as one graph of standard operators, for exporters that cannot call
     the custom op (ONNX) and for what needs autograd through every step (double backward,
     torch.func): the same math and operand rounding as the kernels, in fp32 (fp64 for fp64 x).
-    x (B, D, N); temps as the kernels take them (a max head is inf); lam a number or a tensor.
+    x (B, D, N); temps validated (a max head is inf); lam a number or a tensor.
     ``first_max``: a max head's gradient goes to the first maximum, as the op routes it
     (``max(dim)``); else ``amax``, which exports to ONNX as one ReduceMax."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import fallback, ops
-from .common import acc_dtype
+from .common import acc_dtype, check_temperatures
 
 #: Largest number of score elements computed at once.
 CHUNK_ELEMS = 1 << 24
@@ -49,11 +49,11 @@ def _maps(x: Tensor, weight: Tensor, temperatures: Sequence[float], normalize: b
     x3 = x.flatten(2)
     w_sel = weight.index_select(1, idx)                                 # (H, K, D)
     inv_n = fallback.inv_norms(w_sel, normalize, acc)                   # (H, K)
-    temps = torch.tensor([math.inf if t == 99 else float(t) for t in temperatures], dtype=acc)
-    if kind == "attention" and any(math.isinf(t) for t in temps.tolist()):
+    valid = check_temperatures(temperatures, H)                       # (inf: a max head)
+    temps = torch.tensor(valid, dtype=acc)
+    if kind == "attention" and math.inf in valid:
         with torch.no_grad():  # the forward's own argmax, for every class
-            amax = ops.forward(x3.detach(), weight.detach(), temps.tolist(), lam, normalize,
-                               False)[4]
+            amax = ops.forward(x3.detach(), weight.detach(), valid, lam, normalize, False)[4]
         amax = amax.index_select(2, idx)                                # (B, H, K)
     K = idx.numel()
     out = torch.empty(B, H, K, N, dtype=acc, device=x.device)

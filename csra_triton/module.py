@@ -12,8 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from . import fallback, interop, maps, ops
-from .common import (as_bdn, check_lam, check_temperatures, kernel_temperatures,
-                     op_temperatures)
+from .common import as_bdn, check_lam, check_temperatures
 from .reference import OFFICIAL_TEMPERATURES
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -81,23 +80,23 @@ def csra(x: Tensor, weight: Tensor, temperatures: Sequence[float], lam: float,
     the attention logit, a number or a one-element tensor on x's device (it gets a gradient). normalize: divide each class's scores by its weight row's L2 norm.
     """
     xs = _check_inputs(x, weight, layout)
-    temps = op_temperatures(check_temperatures(temperatures, weight.shape[0]))
+    temps = check_temperatures(temperatures, weight.shape[0])
     lam = check_lam(lam, x.device)
     return _run(xs, weight, temps, lam, bool(normalize), layout)
 
 
-def _csra_prechecked(x: Tensor, weight: Tensor, op_temps: list[float], lam: float,
+def _csra_prechecked(x: Tensor, weight: Tensor, temps: Sequence[float], lam: float,
                      normalize: bool, layout: str, scalars: Tensor | None = None,
                      compiling: bool | None = None) -> Tensor:
     """``csra`` for the module, whose temperatures and lam were validated when they were set:
-    ``op_temps`` are already in the ops' encoding (``ops.op_temperatures``); ``scalars``: the
+    ``temps`` are as ``check_temperatures`` returns them (inf = max head); ``scalars``: the
     module's mirror of them as a tensor (``ops.scalars_tensor``), which a compiled module
-    passes instead (``op_temps`` and ``lam`` are then placeholders); ``compiling``: whether
+    passes instead (``temps`` and ``lam`` are then placeholders); ``compiling``: whether
     torch.compile is tracing, where the caller knows (None: asked)."""
     xs = _check_inputs(x, weight, layout)
     if isinstance(lam, Tensor) and lam.device != xs.device:
         raise ValueError(f"lam: the learnable lam is on {lam.device}, x on {xs.device}")
-    return _run(xs, weight, op_temps, lam, normalize, layout, scalars, compiling)
+    return _run(xs, weight, temps, lam, normalize, layout, scalars, compiling)
 
 
 def _autocast_logits_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
@@ -113,7 +112,7 @@ def _autocast_logits_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
     return None if out == x.dtype else out
 
 
-def _run(x: Tensor, weight: Tensor, op_temps: list[float], lam: float, normalize: bool,
+def _run(x: Tensor, weight: Tensor, temps: Sequence[float], lam: float, normalize: bool,
          layout: str, scalars: Tensor | None = None, compiling: bool | None = None) -> Tensor:
     """The op, or under ``torch.onnx.export`` the same math in standard operators (ONNX has no
     translation for a custom op; ``fallback.forward_graph``). x: validated, in ``layout``
@@ -127,15 +126,15 @@ def _run(x: Tensor, weight: Tensor, op_temps: list[float], lam: float, normalize
     if ((torch.jit.is_tracing() or (torch.compiler.is_compiling() if compiling is None
                                     else compiling))
             and torch.onnx.is_in_onnx_export()):
-        return fallback.forward_graph(as_bdn(x, layout), weight, kernel_temperatures(op_temps),
+        return fallback.forward_graph(as_bdn(x, layout), weight, temps,
                                       lam, normalize, y_dtype=y_dtype)
     if ops.functorch_active():        # torch.func (grad, vmap, jacrev): the composite
-        return ops.composite(as_bdn(x, layout), weight, op_temps, lam, normalize, y_dtype)
+        return ops.composite(as_bdn(x, layout), weight, temps, lam, normalize, y_dtype)
     # keep=False when no gradient will be asked for (inference): the op then keeps nothing
     # for a backward (inv_norm, the prepared weight and the scores are not returned)
     keep = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (
         isinstance(lam, Tensor) and lam.requires_grad))
-    return ops.forward(x, weight, op_temps, lam, normalize, keep, layout=layout,
+    return ops.forward(x, weight, temps, lam, normalize, keep, layout=layout,
                        y_dtype=y_dtype, scalars=scalars)[0]
 
 
@@ -193,8 +192,7 @@ class CSRATriton(nn.Module):
         # A module pickled whole by an earlier version kept temperatures, lam and normalize as
         # plain attributes: route them through the setters.
         old = {k: state.pop(k) for k in CSRATriton._LIVE if k in state}
-        if "temperatures" in old:
-            state.pop("_op_temperatures", None)
+        state.pop("_op_temperatures", None)          # (kept by earlier versions)
         super().__setstate__(state)
         for k, v in old.items():
             setattr(self, k, v)
@@ -240,7 +238,6 @@ class CSRATriton(nn.Module):
     def temperatures(self, value) -> None:
         temps = check_temperatures(value, self.heads)
         self.__dict__["_temperatures"] = tuple(temps)
-        self.__dict__["_op_temperatures"] = op_temperatures(temps)
         self._sync_scalars()
 
     @property
@@ -291,14 +288,14 @@ class CSRATriton(nn.Module):
         """x (B, in_ch, h, w) -> logits (B, classes) in x's dtype."""
         if torch.compiler.is_compiling():
             return self._traced_forward(x, "nchw")
-        return _csra_prechecked(x, self._checked_weight(), self._op_temperatures, self.lam,
+        return _csra_prechecked(x, self._checked_weight(), self._temperatures, self.lam,
                                 self.normalize, "nchw", None, False)
 
     def forward_tokens(self, x: Tensor) -> Tensor:
         """x (B, N, in_ch) tokens (e.g. a ViT's patch tokens, class token dropped) -> (B, classes)."""
         if torch.compiler.is_compiling():
             return self._traced_forward(x, "tokens")
-        return _csra_prechecked(x, self._checked_weight(), self._op_temperatures, self.lam,
+        return _csra_prechecked(x, self._checked_weight(), self._temperatures, self.lam,
                                 self.normalize, "tokens", None, False)
 
     def _traced_forward(self, x: Tensor, layout: str) -> Tensor:
@@ -307,7 +304,7 @@ class CSRATriton(nn.Module):
         and assigning new ones costs no recompile (a float would be a guarded constant). The
         ONNX exporter takes the floats (its graph is standard operators)."""
         if torch.onnx.is_in_onnx_export():
-            return _csra_prechecked(x, self._checked_weight(), self._op_temperatures, self.lam,
+            return _csra_prechecked(x, self._checked_weight(), self._temperatures, self.lam,
                                     self.normalize, layout, None, True)
         lam = self._parameters.get("lam")
         if lam is None and getattr(self, "_is_replica", False):   # nn.DataParallel's replica

@@ -54,8 +54,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_
 
 from . import archs, fallback, triton_impl
 from .common import (acc_dtype, as_bdn, channels_inner, check_lam, check_temperatures, dx_view,
-                     empty, from_bdn, fwd_outputs, kernel_temperatures, mm_plain, new,
-                     op_temperatures)
+                     empty, from_bdn, fwd_outputs, mm_plain, new)
 from .settings import ENV
 
 _BACKENDS = ("auto", "triton", "torch")
@@ -118,6 +117,23 @@ def implementation(x: Tensor, backend: str = "auto"):
     return triton_impl if name == "triton" else fallback
 
 
+#: How the ops' schema carries a max head: temperature 0.0 (users' temperatures are > 0).
+#: Exported programs serialise float lists as JSON numbers, and an inf there made
+#: torch._inductor.aoti_load_package fail ("type must be number, but is string"). Everywhere
+#: else in the package a max head is inf (``common.check_temperatures``); the two functions
+#: below are the only crossing: where an op is called, and in the ops' bodies and contexts.
+SCHEMA_MAX_HEAD = 0.0
+
+
+def _to_schema(temps) -> list[float]:
+    return [SCHEMA_MAX_HEAD if t == math.inf else t for t in temps]
+
+
+def _from_schema(temps) -> list[float]:
+    """(inf is taken as well: a direct call of an op may pass either.)"""
+    return [math.inf if (t <= SCHEMA_MAX_HEAD or t == math.inf) else float(t) for t in temps]
+
+
 # The kernels read x, the weight and grad_y through their strides: Inductor need not copy
 # inputs into the layout it saw while tracing (it did, with an unbacked batch and a conv trunk).
 _TAGS = (torch.Tag.flexible_layout,)
@@ -145,16 +161,16 @@ def csra_fwd(x: Tensor, weight: Tensor, temperatures: list[float], lam: float,
              lam_t: Tensor | None = None, y_dtype: torch.dtype | None = None,
              scalars: Tensor | None = None
              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _forward_impl(x, weight, kernel_temperatures(temperatures), lam, normalize, keep,
+    return _forward_impl(x, weight, _from_schema(temperatures), lam, normalize, keep,
                          backend, lam_t, y_dtype=y_dtype, scalars=scalars)
 
 
 def scalars_tensor(temps, lam: float, device="cpu") -> Tensor:
-    """The temperatures (kernels' encoding: inf = max head) and lam as one (H + 1,) int64
+    """The temperatures (inf = max head) and lam as one (H + 1,) int64
     tensor holding their float64 bits: what a compiled module passes the ops (``scalars``)
     instead of Python floats, so that new values reach a compiled graph without a recompile.
     int64, so that ``module.to(dtype)`` leaves the values exact."""
-    vals = [math.inf if math.isinf(t) else float(t) for t in temps] + [float(lam)]
+    vals = [float(t) for t in temps] + [float(lam)]
     return torch.tensor(vals, dtype=torch.float64, device=device).view(torch.int64)
 
 
@@ -172,7 +188,7 @@ def _host_scalars(x: Tensor, scalars: Tensor, temps, lam):
 def _forward_impl(x, weight, temps, lam, normalize, keep, backend, lam_t, packed=False,
                   y_dtype=None, scalars=None):
     """What every forward path computes (the custom op, the triton_op, the eager path):
-    ``temps`` in the kernels' encoding; ``packed``: the eager path's allocation (see
+    ``temps`` validated (inf = max head); ``packed``: the eager path's allocation (see
     ``triton_impl.forward``), and a 9th element: the Triton launch plan the backward reuses
     (None on the fallback), so that a forward+backward looks its problem up once;
     ``y_dtype``: y's dtype where it is not x's (the official head's under autocast);
@@ -208,7 +224,8 @@ def csra_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, m: Tensor, l: Tensor, at
              lam_t: Tensor | None = None, scalars: Tensor | None = None
              ) -> tuple[Tensor, Tensor]:
     return _backward_loop(grad_y, x, weight, m, l, att, amax, inv_n, kept, scores,
-                          temperatures, lam, normalize, backend, lam_t, scalars=scalars)
+                          _from_schema(temperatures), lam, normalize, backend, lam_t,
+                          scalars=scalars)
 
 
 def _backward_loop(grad_y, x, weight, m, l, att, amax, inv_n, kept, scores, temperatures, lam,
@@ -224,7 +241,7 @@ def _backward_loop(grad_y, x, weight, m, l, att, amax, inv_n, kept, scores, temp
         temperatures, lam, scalars = _host_scalars(x, scalars, temperatures, lam)
         kw = {} if scalars is None else {"scalars": scalars}      # (traced: the Triton side)
     bw = implementation(x, backend).Backward(grad_y, x, weight, (m, l, att, amax), inv_n, kept,
-                                             kernel_temperatures(temperatures), lam, normalize,
+                                             temperatures, lam, normalize,
                                              scores, lam_t, plan, **kw)
     chunk, x_dk, w_gemm = bw.chunk, bw.x_dk, bw.w_gemm
     if chunk >= C:
@@ -301,7 +318,7 @@ def csra_fwd_cuda(x: Tensor, weight: Tensor, temperatures: list[float], lam: flo
                   normalize: bool, keep: bool = True, lam_t: Tensor | None = None,
                   y_dtype: torch.dtype | None = None, scalars: Tensor | None = None
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _forward_impl(x, weight, kernel_temperatures(temperatures), lam, normalize, keep,
+    return _forward_impl(x, weight, _from_schema(temperatures), lam, normalize, keep,
                          "triton", lam_t, y_dtype=y_dtype, scalars=scalars)
 
 
@@ -312,7 +329,8 @@ def csra_bwd_cuda(grad_y: Tensor, x: Tensor, weight: Tensor, m: Tensor, l: Tenso
                   lam_t: Tensor | None = None, scalars: Tensor | None = None
                   ) -> tuple[Tensor, Tensor]:
     return _backward_loop(grad_y, x, weight, m, l, att, amax, inv_n, kept, scores,
-                          temperatures, lam, normalize, "triton", lam_t, scalars=scalars)
+                          _from_schema(temperatures), lam, normalize, "triton", lam_t,
+                          scalars=scalars)
 
 
 def use_cuda_ops(x: Tensor, backend: str) -> bool:
@@ -320,11 +338,11 @@ def use_cuda_ops(x: Tensor, backend: str) -> bool:
     return x.is_cuda and implementation(x, backend) is triton_impl
 
 
-def forward(x: Tensor, weight: Tensor, op_temps: list[float], lam, normalize: bool,
+def forward(x: Tensor, weight: Tensor, temps: list[float], lam, normalize: bool,
             keep: bool, backend: str = "auto", eager: bool = True, layout: str = "bdn",
             y_dtype: torch.dtype | None = None, scalars: Tensor | None = None) -> tuple:
     """The forward op for this call (resolved once, when the module calls or traces it).
-    ``lam`` is a Python number, or a one-element tensor (a learnable lam: it reaches the op
+    ``temps``: validated (inf = max head). ``lam`` is a Python number, or a one-element tensor (a learnable lam: it reaches the op
     as ``lam_t``, and its gradient is sum_b,c g * sum_k att from the forward's state).
     In eager mode (:func:`_eager`) inference returns the implementation's outputs directly and
     a training call returns ``(y,)`` from :class:`_EagerCSRA`; ``eager=False`` always calls
@@ -332,21 +350,21 @@ def forward(x: Tensor, weight: Tensor, op_temps: list[float], lam, normalize: bo
     eager training call takes x as it is and views it inside, so that autograd records no
     view node (~17 µs of a forward+backward on the CPU proxy). ``y_dtype``: y's dtype where
     it is not x's (None: x's). ``scalars`` (:func:`scalars_tensor`): the temperatures and lam
-    as a tensor, which replace ``op_temps`` and ``lam`` (a compiled module's: always the ops)."""
+    as a tensor, which replace ``temps`` and ``lam`` (a compiled module's: always the ops)."""
     backend = backend_for(x.device, x.dtype) if backend == "auto" else backend
     lam, lam_t = (0.0, lam) if isinstance(lam, Tensor) else (lam, None)
     if eager and EAGER and scalars is None and _eager(x, weight, lam_t):
         if not keep:              # inference: nothing for autograd to record
-            return _forward_impl(as_bdn(x, layout), weight, kernel_temperatures(op_temps), lam,
-                                 normalize, False, backend, lam_t, True, y_dtype)
+            return _forward_impl(as_bdn(x, layout), weight, temps, lam, normalize, False,
+                                 backend, lam_t, True, y_dtype)
         return (_EagerCSRA.apply(x, weight, lam_t,
-                                 (op_temps, lam, normalize, backend, layout, y_dtype)),)
+                                 (temps, lam, normalize, backend, layout, y_dtype)),)
     x = as_bdn(x, layout)
     if use_cuda_ops(x, backend):
-        return torch.ops.csra_triton.csra_fwd_cuda(x, weight, op_temps, lam, normalize, keep,
-                                                   lam_t, y_dtype, scalars)
-    return torch.ops.csra_triton.csra_fwd(x, weight, op_temps, lam, normalize, keep, backend,
-                                          lam_t, y_dtype, scalars)
+        return torch.ops.csra_triton.csra_fwd_cuda(x, weight, _to_schema(temps), lam,
+                                                   normalize, keep, lam_t, y_dtype, scalars)
+    return torch.ops.csra_triton.csra_fwd(x, weight, _to_schema(temps), lam, normalize, keep,
+                                          backend, lam_t, y_dtype, scalars)
 
 
 def _setup_context(ctx, inputs, output):
@@ -369,7 +387,8 @@ def _save_op_state(ctx, x, weight, temperatures, lam, normalize, backend, lam_t,
     ctx.has_scalars = scalars is not None
     ctx.save_for_backward(x, weight, *state, *((lam_t,) if ctx.has_lam_t else ()),
                           *((scalars,) if ctx.has_scalars else ()))
-    ctx.temperatures, ctx.lam, ctx.normalize = list(temperatures), float(lam), bool(normalize)
+    ctx.temperatures = _from_schema(temperatures)
+    ctx.lam, ctx.normalize = float(lam), bool(normalize)
     ctx.backend = backend
     ctx.mark_non_differentiable(*state)
     # The state outputs take no gradient: without this autograd hands the backward six
@@ -385,13 +404,13 @@ def functorch_active() -> bool:
             and torch._C._functorch.peek_interpreter_stack() is not None)
 
 
-def composite(x: Tensor, weight: Tensor, op_temps: list[float], lam, normalize: bool,
+def composite(x: Tensor, weight: Tensor, temps: list[float], lam, normalize: bool,
               y_dtype: torch.dtype | None = None) -> Tensor:
     """y through standard operators with autograd at every step (``fallback.forward_graph``,
     first-maximum routing as the op's): what torch.func transforms and double backward
     differentiate. Same values as the op to rounding; it holds the (B, H, C, N) scores."""
-    return fallback.forward_graph(x, weight, kernel_temperatures(op_temps), lam, normalize,
-                                  first_max=True, y_dtype=y_dtype)
+    return fallback.forward_graph(x, weight, temps, lam, normalize, first_max=True,
+                                  y_dtype=y_dtype)
 
 
 def _differentiable_backward(ctx, x, weight, lam_t, grad_y, need, layout="bdn", scalars=None):
@@ -407,7 +426,7 @@ def _differentiable_backward(ctx, x, weight, lam_t, grad_y, need, layout="bdn", 
     temps, lam = ctx.temperatures, ctx.lam
     if scalars is not None:           # a compiled module's: the values, read on the host
         vals = scalars.view(torch.float64).tolist()
-        temps, lam = op_temperatures(vals[:-1]), vals[-1]
+        temps, lam = vals[:-1], vals[-1]
     with torch.enable_grad():
         y = composite(as_bdn(x, layout), weight, temps, lam_t if lam_t is not None else lam,
                       ctx.normalize)
@@ -435,8 +454,8 @@ def _backward_batched(ctx, grad_y, x, weight, state, lam_t, scalars=None):
     m, l, att, amax, inv_n, kept, scores = state
     kept = x.new_empty((0,)) if kept is None else kept
     scores = att.new_empty((0,)) if scores is None else scores
-    args = (grad_y, x, weight, m, l, att, amax, inv_n, kept, scores, ctx.temperatures, ctx.lam,
-            ctx.normalize)
+    args = (grad_y, x, weight, m, l, att, amax, inv_n, kept, scores,
+            _to_schema(ctx.temperatures), ctx.lam, ctx.normalize)
     if ctx.backend == "cuda" or use_cuda_ops(x, ctx.backend):
         return torch.ops.csra_triton.csra_bwd_cuda(*args, lam_t, scalars)
     return torch.ops.csra_triton.csra_bwd(*args, ctx.backend, lam_t, scalars)
@@ -458,10 +477,11 @@ def _op_backward(lam_slot: int, n_args: int):
 def _backward_op(ctx, grad_y, x, weight, state, lam_t, scalars=None):
     if ctx.backend == "cuda":
         return torch.ops.csra_triton.csra_bwd_cuda(
-            grad_y, x, weight, *state, ctx.temperatures, ctx.lam, ctx.normalize, lam_t, scalars)
+            grad_y, x, weight, *state, _to_schema(ctx.temperatures), ctx.lam, ctx.normalize,
+            lam_t, scalars)
     return torch.ops.csra_triton.csra_bwd(
-        grad_y, x, weight, *state, ctx.temperatures, ctx.lam, ctx.normalize, ctx.backend, lam_t,
-        scalars)
+        grad_y, x, weight, *state, _to_schema(ctx.temperatures), ctx.lam, ctx.normalize,
+        ctx.backend, lam_t, scalars)
 
 
 #: vmap's batched tensors: ``autograd.grad(..., is_grads_batched=True)`` hands an
@@ -524,19 +544,18 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 
 class _EagerCSRA(torch.autograd.Function):
     """The training forward in eager mode: y, with the op's state saved for the backward
-    (views of one allocation: ``triton_impl.forward(packed=True)``). ``spec``: (op_temps,
+    (views of one allocation: ``triton_impl.forward(packed=True)``). ``spec``: (temps,
     lam, normalize, backend, layout, y_dtype) as one argument (``apply`` costs per argument); x comes
     in the caller's ``layout`` and is viewed as (B, D, N) here, dx returned in that layout."""
 
     @staticmethod
     def forward(ctx, x, weight, lam_t, spec):
-        op_temps, lam, normalize, backend, layout, y_dtype = spec
-        y, *state, ctx.plan = _forward_impl(as_bdn(x, layout), weight,
-                                            kernel_temperatures(op_temps), lam, normalize, True,
-                                            backend, lam_t, True, y_dtype)
+        temps, lam, normalize, backend, layout, y_dtype = spec
+        y, *state, ctx.plan = _forward_impl(as_bdn(x, layout), weight, temps, lam, normalize,
+                                            True, backend, lam_t, True, y_dtype)
         ctx.has_lam_t = lam_t is not None
         ctx.save_for_backward(x, weight, *state, *((lam_t,) if ctx.has_lam_t else ()))
-        ctx.temperatures, ctx.lam, ctx.normalize, ctx.backend = op_temps, lam, normalize, backend
+        ctx.temperatures, ctx.lam, ctx.normalize, ctx.backend = temps, lam, normalize, backend
         ctx.layout = layout
         return y
 
@@ -572,21 +591,21 @@ class CSRAFunction(torch.autograd.Function):
     def apply(cls, x, weight, temperatures, lam, normalize=True):
         if functorch_active():       # torch.func: the composite (no functorch rules here)
             _check_function_args(x, weight)
-            temps = op_temperatures(check_temperatures(temperatures, weight.shape[0]))
+            temps = check_temperatures(temperatures, weight.shape[0])
             return composite(x, weight, temps, check_lam(lam, x.device), bool(normalize))
         return super().apply(x, weight, temperatures, lam, normalize)
 
     @staticmethod
     def forward(ctx, x, weight, temperatures, lam, normalize=True):
         _check_function_args(x, weight)
-        temps = op_temperatures(check_temperatures(temperatures, weight.shape[0]))
+        temps = check_temperatures(temperatures, weight.shape[0])
         lam, normalize = check_lam(lam, x.device), bool(normalize)
         backend = backend_for(x.device, x.dtype)
         lam_t = lam if isinstance(lam, torch.Tensor) else None
         ctx.eager = EAGER and _eager(x, weight, lam_t)
         if ctx.eager:
             y, *state, ctx.plan = _forward_impl(
-                x, weight, kernel_temperatures(temps), 0.0 if lam_t is not None else lam,
+                x, weight, temps, 0.0 if lam_t is not None else lam,
                 normalize, True, backend, lam_t, packed=True)
         else:
             y, *state = forward(x, weight, temps, lam, normalize, True, backend, eager=False)

@@ -16,7 +16,7 @@ specialisation Triton would compute (:func:`_spec`); off by default until a GPU 
 it (bench/gpu_check.sh runs both).
 
 Everything here also runs on CPU tensors under ``TRITON_INTERPRET=1`` (the tests), and
-builds the exact launches that the compile report (``compiled.py``) compiles for a GPU that is
+builds the exact launches that the compile report (``tools/compiled.py``) compiles for a GPU that is
 not there.
 """
 from __future__ import annotations
@@ -68,32 +68,36 @@ def gpu() -> bool:
     return not INTERPRET
 
 
-def tf32_enabled(x: Tensor, on_gpu: bool | None = None) -> bool:
+def tf32_enabled(x: Tensor, target: str | None = None, on_gpu: bool | None = None) -> bool:
     """fp32 scores on TF32 tensor cores: as the official 1x1 conv (cuDNN) computes them, i.e.
     when ``torch.backends.cudnn.allow_tf32`` is True (PyTorch's default); IEEE fp32 otherwise.
-    Never under the interpreter (which has no TF32), nor on ROCm (fp32 MFMA, IEEE)."""
-    on_gpu = x.is_cuda if on_gpu is None else on_gpu
+    Never under the interpreter (which has no TF32), nor on ROCm (fp32 MFMA, IEEE).
+    ``target``: see :func:`_arch`; ``on_gpu``: whether the launch compiles for a GPU (None: x
+    is a CUDA tensor or a target is given)."""
+    if on_gpu is None:
+        on_gpu = x.is_cuda if target is None else True
     if not (x.dtype == torch.float32 and on_gpu and torch.backends.cudnn.allow_tf32):
         return False
-    if _target is None and archs.is_rocm():
+    if target is None and archs.is_rocm():
         return False
     # TF32 needs Ampere or newer (a T4 has none: IEEE fp32 there), and NVIDIA
-    return archs.ARCHS[_arch(x)].mma not in ("none", "mfma")
+    return archs.ARCHS[_arch(x, target)].mma not in ("none", "mfma")
 
 
-#: Set by the compile report while it builds launches for another arch than the device's
-#: (no TF32 on AMD or Turing).
-_target: str | None = None
-
-
-def _arch(x: Tensor) -> str:
-    """The arch the launches for x compile for: the compile report's target, x's GPU, or the
-    default (Hopper) where no GPU is there (fake CUDA tensors while tracing)."""
-    if _target is not None:
-        return _target
+def _arch(x: Tensor, target: str | None = None) -> str:
+    """The arch the launches for x compile for: ``target`` (a name of ``archs.ARCHS``: the
+    compile report builds launches for a GPU that is not there), else x's GPU, else the default
+    (Hopper) where no GPU is there (fake CUDA tensors while tracing)."""
+    if target is not None:
+        return target
     if x.is_cuda and torch.cuda.is_available():
         return archs.device_arch(x.device)
     return archs.DEFAULT
+
+
+def _gpu(target: str | None) -> bool:
+    """Whether launches compile for a GPU: always for a ``target``, else unless interpreted."""
+    return gpu() if target is None else True
 
 
 _kmod = None
@@ -115,14 +119,16 @@ def _acc_tl(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _dtypes(x: Tensor, on_gpu: bool) -> dict:
-    """Dtype constexprs of the kernels for x; ``on_gpu`` False means the interpreter's choices."""
+def _dtypes(x: Tensor, target: str | None) -> dict:
+    """Dtype constexprs of the kernels for x, compiled for ``target`` (see :func:`_arch`; the
+    interpreter's choices where it runs them)."""
     tl = _k().tl
+    on_gpu = _gpu(target)
     acc = _acc_tl(x.dtype)
     # The interpreter's tl.dot is wrong on bf16 operands: products go through fp32 there.
     dot = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16 if on_gpu else tl.float32,
            torch.float32: tl.float32, torch.float64: tl.float64}[x.dtype]
-    return dict(ACC=acc, DOT=dot, PRECISION="tf32" if tf32_enabled(x, on_gpu) else "ieee",
+    return dict(ACC=acc, DOT=dot, PRECISION="tf32" if tf32_enabled(x, target, on_gpu) else "ieee",
                 EMU_BF16=not on_gpu and x.dtype == torch.bfloat16)
 
 
@@ -218,7 +224,7 @@ def _constexpr_names(kernel) -> tuple:
 
 class Call(NamedTuple):
     """One kernel launch: ``kernel[grid](*args, **constexprs, num_warps=.., num_stages=..)``.
-    The compile report (compiled.py) compiles exactly these for a GPU that is not there."""
+    The compile report (tools/compiled.py) compiles exactly these for a GPU that is not there."""
     kernel: object
     grid: tuple
     args: tuple
@@ -248,7 +254,8 @@ class Call(NamedTuple):
             return ck
 
 
-def _tile_kw(x: Tensor, cfg: tuning.Config, H: int, D: int, major: bool, on_gpu: bool) -> dict:
+def _tile_kw(x: Tensor, cfg: tuning.Config, H: int, D: int, major: bool,
+             target: str | None) -> dict:
     # Alignment (in elements, up to 16 bytes) of x's channel and position strides and of the
     # dS' workspace rows (N): lets the kernels load x and store dS' in vectors (kernels._aligned).
     vec = max(1, 16 // x.element_size())
@@ -256,7 +263,7 @@ def _tile_kw(x: Tensor, cfg: tuning.Config, H: int, D: int, major: bool, on_gpu:
                 CB_MAJOR=major, EVEN_D=D % cfg.BD == 0,
                 ONE_TILE=x.shape[2] <= cfg.BN, XA_D=pow2_divisor(x.stride(1), vec),
                 XA_N=pow2_divisor(x.stride(2), vec), XA_P=pow2_divisor(x.shape[2], vec),
-                **_dtypes(x, on_gpu))
+                **_dtypes(x, target))
 
 
 def cb_major(H: int, C: int, D: int, itemsize: int) -> bool:
@@ -269,16 +276,14 @@ def _grid(B: int, n_cb: int, major: bool) -> tuple:
     return (B, n_cb) if major else (n_cb, B)
 
 
-def _gpu(on_gpu: bool | None) -> bool:
-    return gpu() if on_gpu is None else on_gpu
-
-
 def prep_call(x: Tensor, weight: Tensor, normalize: bool, w_op: Tensor, inv_n: Tensor,
-              on_gpu: bool | None = None, kw: dict | None = None) -> Call:
-    """The prep launch; ``kw``: a :class:`Plan`'s constexprs (its ACC and EMU_BF16), if known."""
+              target: str | None = None, kw: dict | None = None) -> Call:
+    """The prep launch; ``kw``: a :class:`Plan`'s constexprs (its ACC and EMU_BF16), if known.
+    ``target`` (every builder): the arch to build for (:func:`_arch`), None for this process's
+    device."""
     H, C, D = weight.shape
     R = H * C
-    d = kw if kw is not None else _dtypes(x, _gpu(on_gpu))
+    d = kw if kw is not None else _dtypes(x, target)
     br, bd = row_tiles(D)
     return Call(_k().csra_prep_kernel, (cdiv(R, br),),
                 (weight, *weight.stride(), w_op, inv_n, R, C, D),
@@ -286,7 +291,7 @@ def prep_call(x: Tensor, weight: Tensor, normalize: bool, w_op: Tensor, inv_n: T
                      ACC=d["ACC"], EMU_BF16=d["EMU_BF16"]), ROW_WARPS, 2)
 
 
-def fwd_call(x, w_op, inv_n, params, outs, cfg, H, on_gpu: bool | None = None,
+def fwd_call(x, w_op, inv_n, params, outs, cfg, H, target: str | None = None,
              kw: dict | None = None, scores: Tensor | None = None) -> Call:
     """The forward launch; ``kw``: its constexprs if already known (a :class:`Plan`'s);
     ``scores`` (H, C, B, N) in the accumulation dtype: where the raw scores go (SAVE_A), if
@@ -298,10 +303,10 @@ def fwd_call(x, w_op, inv_n, params, outs, cfg, H, on_gpu: bool | None = None,
     n_cb = cdiv(C, cfg.BC)
     major = cb_major(H, C, D, x.element_size())
     if kw is None:
-        kw = _tile_kw(x, cfg, H, D, major, _gpu(on_gpu))
+        kw = _tile_kw(x, cfg, H, D, major, target)
     save = scores is not None and scores.numel() > 0
     warps = cfg.num_warps
-    if save and warps == 8 and _gpu(on_gpu) and archs.ARCHS[_arch(x)].mma == "wgmma":
+    if save and warps == 8 and _gpu(target) and archs.ARCHS[_arch(x, target)].mma == "wgmma":
         warps = 16
     return Call(_k().csra_fwd_kernel, _grid(B, n_cb, major),
                 (x, *x.stride(), w_op, inv_n, params, y, *y.stride(), m, l, att, amax,
@@ -310,7 +315,7 @@ def fwd_call(x, w_op, inv_n, params, outs, cfg, H, on_gpu: bool | None = None,
 
 
 def ds_call(x, w_op, inv_n, params, grad_y, state, c0, c1, out, cfg, H,
-            on_gpu: bool | None = None, kw: dict | None = None) -> Call:
+            target: str | None = None, kw: dict | None = None) -> Call:
     """The dS launch for classes [c0, c1); ``kw`` as for :func:`fwd_call` (the same tiles)."""
     B, D, N = x.shape
     C = inv_n.shape[-1]
@@ -318,7 +323,7 @@ def ds_call(x, w_op, inv_n, params, grad_y, state, c0, c1, out, cfg, H,
     n_cb = cdiv(c1 - c0, cfg.BC)
     major = cb_major(H, C, D, x.element_size())
     if kw is None:
-        kw = _tile_kw(x, cfg, H, D, major, _gpu(on_gpu))
+        kw = _tile_kw(x, cfg, H, D, major, target)
     return Call(_k().csra_bwd_ds_kernel, _grid(B, n_cb, major),
                 (x, *x.stride(), w_op, inv_n, params, grad_y, *grad_y.stride(),
                  m, l, att, amax, out, B, H, C, D, N, c0, c1 - c0, n_cb),
@@ -326,14 +331,14 @@ def ds_call(x, w_op, inv_n, params, grad_y, state, c0, c1, out, cfg, H,
 
 
 def ds_kept_call(scores, inv_n, params, grad_y, state, c0, c1, out, H,
-                 on_gpu: bool | None = None) -> Call:
+                 target: str | None = None) -> Call:
     """dS' for classes [c0, c1) from the forward's raw scores (H, C, B, N): elementwise."""
     _, C, B, N = scores.shape
     m, l, att, amax = state
     rows = H * (c1 - c0)
     br, bn = ds_kept_tiles(rows, N)
     acc = _acc_tl(scores.dtype)
-    emu = not _gpu(on_gpu) and out.dtype == torch.bfloat16
+    emu = not _gpu(target) and out.dtype == torch.bfloat16
     return Call(_k().csra_bwd_ds_kept_kernel, (cdiv(rows, br), B),
                 (scores, inv_n, params, grad_y, *grad_y.stride(), m, l, att, amax, out,
                  B, H, C, N, c0, c1 - c0),
@@ -400,7 +405,7 @@ def keeps_weight(x: Tensor, weight: Tensor) -> bool:
     return weight.numel() * x.element_size() <= KEEP_WEIGHT_BYTES
 
 
-def keeps_scores(x: Tensor, H: int, C: int) -> bool:
+def keeps_scores(x: Tensor, H: int, C: int, target: str | None = None) -> bool:
     """Whether a training forward writes its raw scores (H, C, B, N), in the accumulation
     dtype, for the backward (its 8th output), which then computes dS' elementwise instead of
     recomputing the scores' GEMM: when they have no more elements than x (H*C <= D, the
@@ -413,7 +418,7 @@ def keeps_scores(x: Tensor, H: int, C: int) -> bool:
         return False
     # Blackwell (tcgen05): the storing forward spills 8 B under triton 3.6 with 8 warps and
     # leaves tcgen05 with 16; it recomputes there until that is solved (bench/NOTES.md)
-    return not (x.is_cuda or _target) or archs.ARCHS[_arch(x)].mma != "tcgen05"
+    return not (x.is_cuda or target) or archs.ARCHS[_arch(x, target)].mma != "tcgen05"
 
 
 # --------------------------------------------------------------------------- configs and tuning
@@ -548,7 +553,7 @@ def plan(x: Tensor, weight: Tensor, temps: list[float], lam: float) -> Plan:
                             for v in vals])
         cfg = tuning.choose("fwd", H, C, D, N, x)
         return Plan(cfg, params, _tile_kw(x, cfg, H, D, cb_major(H, C, D, x.element_size()),
-                                          gpu()))
+                                          None))
     key = (x.shape, x.stride(), x.dtype, x.device, weight.shape, tuple(temps), lam,
            tf32_enabled(x))           # (torch.Size hashes as the tuple it is)
     p = _plans.get(key)
@@ -556,7 +561,7 @@ def plan(x: Tensor, weight: Tensor, temps: list[float], lam: float) -> Plan:
         cfg = fwd_config(x, H, C, D, N)
         p = _plans.put(key, Plan(
             cfg, params_tensor(temps, lam, acc_dtype(x.dtype), x.device),
-            _tile_kw(x, cfg, H, D, cb_major(H, C, D, x.element_size()), gpu())))
+            _tile_kw(x, cfg, H, D, cb_major(H, C, D, x.element_size()), None)))
     _hold_if_capturing(p.params)
     return p
 

@@ -23,15 +23,20 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from . import archs, settings
 from .common import BoundedCache, pow2
+
+#: Autotuning's notes (configs dropped and why): ``logging.getLogger("csra_triton.tuning")``.
+_log = logging.getLogger(__name__)
 
 try:                                      # POSIX: processes merge their writes under a file lock
     import fcntl
@@ -321,23 +326,29 @@ def choose(kernel: str, H: int, C: int, D: int, N: int, x: torch.Tensor, bench=N
         return cfg
     cfg = fallback
     if bench is not None and settings.from_environ(os.environ).autotune:
-        from .shapes import Shape
-
         space, known = drop_known_spills(
             config_space(kernel, H, C, D, N, x.element_size(), tiles, arch), kernel,
-            Shape("autotune", x.shape[0], D, 1, N, C, H, str(x.dtype).replace("torch.", "")),
-            x.dtype, arch, source)
+            Problem(x.shape[0], H, C, D, N), x.dtype, arch, source)
         rejected = [(c, "spills (compile report cache)") for c in known]
         results = sweep(space, bench(), rejected=rejected)
         for bad, why in rejected:
-            print(f"csra_triton autotune {key}: dropped {bad.label()}: {why}")
+            _log.info("autotune %s: dropped %s: %s", key, bad.label(), why)
         cfg, ms = results[0]
         save_choice(key, cfg, ms, env)
     _memory.set(key, cfg)
     return cfg
 
 
-def drop_known_spills(space: list[Config], kernel: str, shape, dtype: torch.dtype,
+class Problem(NamedTuple):
+    """The sizes that key the compile report's cache (the benchmark shapes have these fields)."""
+    B: int
+    heads: int
+    C: int
+    d: int
+    N: int
+
+
+def drop_known_spills(space: list[Config], kernel: str, shape: Problem, dtype: torch.dtype,
                       arch: str | int, source: str | None):
     """(space without the configs that the compile report's cache says spill on this arch,
     those configs); the default config always stays (it is the reference of the sweep).
@@ -349,7 +360,8 @@ def drop_known_spills(space: list[Config], kernel: str, shape, dtype: torch.dtyp
     return [c for c in space if c not in known], known
 
 
-def known_spills(kernel: str, arch: str, shape, dtype, configs, source: str | None) -> list:
+def known_spills(kernel: str, arch: str, shape: Problem, dtype, configs,
+                 source: str | None) -> list:
     """The configs that the compile report's cache says spill (configs never compiled are not
     among them): tuning drops them without compiling them again. One read of the cache."""
     if source is None:
@@ -361,7 +373,7 @@ def known_spills(kernel: str, arch: str, shape, dtype, configs, source: str | No
 
 
 # --------------------------------------------------------------------------- the compile report's cache
-# (written by compiled.py, read here: results per Triton version, arch, kernel, problem, config)
+# (written by tools/compiled.py, read here: results per Triton version, arch, kernel, problem, config)
 
 
 def triton_version() -> str:
@@ -375,7 +387,7 @@ def inspect_cache_path() -> Path:
     return Path(env) if env else cache_path().with_name("inspect.json")
 
 
-def inspect_key(kernel, arch, shape, dtype, cfg, source: str) -> str:
+def inspect_key(kernel, arch, shape: Problem, dtype, cfg, source: str) -> str:
     """Triton version, the kernel's source hash (its own and its callees'), target, problem."""
     return "|".join([triton_version(), source[:16], kernel, arch, make_key(
         kernel, shape.heads, shape.C, shape.d, shape.N, dtype), f"B={shape.B}", cfg.label()])

@@ -5,7 +5,7 @@ global-average-pool + linear head (same trunk, data, schedule and budget), and c
     python examples/train_multilabel.py --train 200 --test 100 --epochs 1   # a smoke run
     python examples/train_multilabel.py --save model.pt  # keep the CSRA model (for the maps demo)
 
-The data (csra_triton.demo.make_shapes) are 32x32 images with 1-3 of five coloured shapes at
+The data (csra_triton.tools.demo.make_shapes) are 32x32 images with 1-3 of five coloured shapes at
 random places; the label is the set of shapes present. On CPU tensors the head runs csra-triton's
 PyTorch fallback (the Triton kernels run on CUDA).
 """
@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from csra_triton.demo import Classifier, evaluate, make_shapes, train
+from csra_triton.tools.demo import Classifier, evaluate, make_shapes, train
 
 
 def main(argv=None) -> int:

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from csra_triton import benchmark as bm
-from csra_triton.cli import main
+from csra_triton.tools import benchmark as bm
+from csra_triton.tools.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = "coco-r101-448@B=2@d=32@h=3@w=3@C=5"

@@ -21,7 +21,7 @@ import sys
 
 import pytest
 
-from csra_triton.benchmark import HEADLINE, SHAPES
+from csra_triton.tools.benchmark import HEADLINE, SHAPES
 
 
 def _inspect(tmp_path_factory, *args, **env_over):
@@ -191,8 +191,8 @@ def test_model_v2_is_calibrated_on_the_h200(slice_, tmp_path_factory):
     kernels are v1's today (the training forward's score stores and the elementwise dS' are
     separate kernels); the prep kernel is modelled with v1's tiles (8 rows in 256-channel steps,
     40 registers on sm_90a), which the H200 measured."""
-    from csra_triton.compiled import MEASURED_H200, model_v2
-    from csra_triton.shapes import SHAPES as ALL
+    from csra_triton.tools.compiled import MEASURED_H200, model_v2
+    from csra_triton.tools.shapes import SHAPES as ALL
     from csra_triton import tuning
 
     rows = {(r["kernel"], r["shape"]): r["model_v2"]["time_us"]

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from csra_triton.demo import CLASSES, average_precision, make_shapes
+from csra_triton.tools.demo import CLASSES, average_precision, make_shapes
 
 ROOT = Path(__file__).resolve().parent.parent
 

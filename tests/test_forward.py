@@ -128,10 +128,10 @@ def test_tf32_follows_cudnn_flag(device):
             for xx in (x3, x3.to(torch.bfloat16)):
                 w_op = torch.empty(H * C, D, dtype=xx.dtype)
                 calls = [triton_impl.fwd_call(xx, w_op, outs[5], torch.empty(H + 2), outs, cfg, H,
-                                              on_gpu=True),
+                                              target="sm_90a"),
                          triton_impl.ds_call(xx, w_op, outs[5], torch.empty(H + 2),
                                              torch.empty(4, C), outs[1:5], 0, C,
-                                             torch.empty(H, C, 4, 49), cfg, H, on_gpu=True)]
+                                             torch.empty(H, C, 4, 49), cfg, H, target="sm_90a")]
                 want = "tf32" if flag and xx.dtype == torch.float32 else "ieee"
                 assert [c.constexprs["PRECISION"] for c in calls] == [want, want]
     finally:

@@ -1,5 +1,5 @@
 """The host path (issue 18): how many kernels a GPU would see per call, counted on CPU with the
-Triton launches stubbed out (csra_triton.hostpath).
+Triton launches stubbed out (csra_triton.tools.hostpath).
 
 The counts are deterministic: these tests fail when a change adds a launch (a materialised zero
 gradient, a second prep, a copy, an unfused elementwise pass) at the headline's shapes."""
@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import csra_triton
-from csra_triton import hostpath, shapes, triton_impl
+from csra_triton import triton_impl
+from csra_triton.tools import hostpath, shapes
 from csra_triton.common import BoundedCache
 from helpers import INF, ref64, rel_err
 
@@ -85,7 +86,7 @@ def test_inference_equals_training_forward(device):
 
 
 def test_host_report_command(capsys):
-    from csra_triton.cli import main
+    from csra_triton.tools.cli import main
 
     assert main(["bench", "--host", "--shapes", "latency-r101-224@d=64@C=9", "--reps", "3"]) == 0
     out = capsys.readouterr().out

@@ -15,8 +15,13 @@ def test_every_module_is_in_a_layer():
     import tomllib
 
     doc = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    (contract,) = doc["tool"]["importlinter"]["contracts"]
-    assert contract["type"] == "layers" and contract["containers"] == ["csra_triton"]
-    named = {m.strip() for layer in contract["layers"] for m in layer.replace(":", "|").split("|")}
-    modules = {p.stem for p in (ROOT / "csra_triton").glob("*.py") if p.stem != "__init__"}
-    assert named == modules, (sorted(modules - named), sorted(named - modules))
+    contracts = {c["containers"][0]: c for c in doc["tool"]["importlinter"]["contracts"]}
+    assert sorted(contracts) == ["csra_triton", "csra_triton.tools"]
+    for container, contract in contracts.items():
+        assert contract["type"] == "layers"
+        named = {m.strip() for layer in contract["layers"]
+                 for m in layer.replace(":", "|").split("|")}
+        folder = ROOT.joinpath(*container.split("."))
+        modules = {p.stem for p in folder.glob("*.py") if p.stem != "__init__"}
+        modules |= {p.parent.name for p in folder.glob("*/__init__.py")}
+        assert named == modules, (container, sorted(modules - named), sorted(named - modules))

@@ -89,7 +89,7 @@ def test_maps_for_9605_classes_stay_bounded(device, monkeypatch):
 
 @pytest.mark.skipif(not HAS_MPL, reason="needs matplotlib")
 def test_overlay_and_grid(tmp_path):
-    from csra_triton import viz
+    from csra_triton.tools import viz
 
     image = torch.rand(3, 32, 32)
     amap = torch.zeros(8, 8)
@@ -113,7 +113,7 @@ def test_overlay_and_grid(tmp_path):
 def test_maps_command_localises(tmp_path, capsys):
     """The example model's attention sits on the shapes: the attention mass inside the true
     shape's box is well above the box's area share (8.4x with these defaults when measured)."""
-    from csra_triton.cli import main
+    from csra_triton.tools.cli import main
 
     out = tmp_path / "maps.png"
     assert main(["maps", "--out", str(out), "--images", "3"]) == 0

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import csra_triton
-from csra_triton import shapes
+from csra_triton.tools import shapes
 
 # one worker builds the module-scoped fixture for every test here
 pytestmark = pytest.mark.xdist_group("test_memory")

@@ -7,10 +7,10 @@ import torch
 
 import csra_triton
 import csra_triton.triton_impl
-from csra_triton import benchmark as bm
+from csra_triton.tools import benchmark as bm
 from csra_triton import tuning
 from csra_triton.common import BoundedCache
-from csra_triton.cli import main
+from csra_triton.tools.cli import main
 from helpers import INF, ref64, rel_err
 
 EDGE = [("N=1", 4, 80, 2048, 1), ("C=1", 4, 1, 2048, 49), ("H=1,C=1,N=1,d=3", 1, 1, 3, 1),

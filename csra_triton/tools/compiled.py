@@ -34,11 +34,12 @@ from pathlib import Path
 
 import torch
 
-from . import triton_impl, tuning
-from .archs import ARCHS as ARCH_INFO
-from .common import acc_dtype, empty, fwd_outputs
+from .. import triton_impl, tuning
+from ..archs import ARCHS as ARCH_INFO
+from ..archs import DEFAULT as DEFAULT_ARCH
+from ..common import acc_dtype, empty, fwd_outputs
 from .shapes import SHAPES, Shape, parse_shapes
-from .tuning import inspect_key as _key, load_inspect_cache as _load_cache, save_inspect_cache as _save_cache
+from ..tuning import inspect_key as _key, load_inspect_cache as _load_cache, save_inspect_cache as _save_cache
 
 ARCHS = tuple(ARCH_INFO)
 LAYOUTS = ("nchw", "channels_last", "tokens")
@@ -178,9 +179,9 @@ def x_like(shape: Shape, dtype: torch.dtype, layout: str = "nchw") -> torch.Tens
 
 
 def _calls(shape: Shape, dtype: torch.dtype, cfg: tuning.Config, kernels=KERNELS,
-           layout: str = "nchw") -> dict:
-    """The launches the op makes for ``shape`` (CPU tensors of the real sizes, never touched:
-    only their dtypes, strides and alignment matter), keyed by kernel name."""
+           layout: str = "nchw", target: str = DEFAULT_ARCH) -> dict:
+    """The launches the op makes for ``shape`` on ``target`` (CPU tensors of the real sizes,
+    never touched: only their dtypes, strides and alignment matter), keyed by kernel name."""
     B, D, N, H, C = shape.B, shape.d, shape.N, shape.heads, shape.C
     x = x_like(shape, dtype, layout)
     weight = torch.empty(H, C, D, dtype=torch.float32)
@@ -190,24 +191,24 @@ def _calls(shape: Shape, dtype: torch.dtype, cfg: tuning.Config, kernels=KERNELS
     params = torch.empty(H + 2, dtype=acc_dtype(dtype))
     out = {}
     if "prep" in kernels:
-        out["prep"] = triton_impl.prep_call(x, weight, True, w_op, inv_n, on_gpu=True)
+        out["prep"] = triton_impl.prep_call(x, weight, True, w_op, inv_n, target=target)
     if "fwd" in kernels:
-        out["fwd"] = triton_impl.fwd_call(x, w_op, inv_n, params, outs, cfg, H, on_gpu=True)
-    keeps = triton_impl.keeps_scores(x, H, C)
+        out["fwd"] = triton_impl.fwd_call(x, w_op, inv_n, params, outs, cfg, H, target=target)
+    keeps = triton_impl.keeps_scores(x, H, C, target)
     scores = torch.empty(H, C, B, N, dtype=acc_dtype(dtype))
     if "fwd_keep" in kernels and keeps:
         out["fwd_keep"] = triton_impl.fwd_call(x, w_op, inv_n, params, outs, cfg, H,
-                                               on_gpu=True, scores=scores)
+                                               target=target, scores=scores)
     # the backward's first class chunk: its dS' workspace and grad_y
     chunk = triton_impl.ds_chunk_classes(H, C, B, N, cfg.BC)
     ws = torch.empty(H, chunk, B, N, dtype=dtype)
     g = torch.empty(B, C, dtype=dtype)
     if "ds" in kernels:
         out["ds"] = triton_impl.ds_call(x, w_op, inv_n, params, g, outs[1:5], 0, chunk, ws, cfg,
-                                        H, on_gpu=True)
+                                        H, target=target)
     if "ds_kept" in kernels and keeps:
         out["ds_kept"] = triton_impl.ds_kept_call(scores, inv_n, params, g, outs[1:5], 0, chunk,
-                                                  ws, H, on_gpu=True)
+                                                  ws, H, target=target)
     if "proj" in kernels:
         G = torch.empty(H * C, D, dtype=dtype)
         out["proj"] = triton_impl.proj_call(G, weight, inv_n, torch.empty_like(weight), True)
@@ -406,11 +407,7 @@ def report(shapes: list[Shape], archs=("sm_90a", "sm_80"), dtypes=None, all_conf
                 for layout in layouts:
                     for cfg in configs:
                         wanted = [k for k in kernels if k not in ROW_KERNELS or cfg == default]
-                        triton_impl._target = arch        # TF32 where the arch has it
-                        try:
-                            calls = _calls(shape, dtype, cfg, wanted, layout)
-                        finally:
-                            triton_impl._target = None
+                        calls = _calls(shape, dtype, cfg, wanted, layout, arch)
                         for kernel, call in calls.items():
                             if kernel not in X_KERNELS and layout != layouts[0]:
                                 continue       # the other kernels do not see x's layout

@@ -18,7 +18,7 @@ def _require():
         import matplotlib.pyplot as plt
         from matplotlib import colormaps
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("csra_triton.viz needs matplotlib and Pillow: "
+        raise ImportError("csra_triton.tools.viz needs matplotlib and Pillow: "
                           "pip install 'csra-triton[viz]'") from exc
     return plt, colormaps
 

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from .reference import OFFICIAL_TEMPERATURES
+from ..reference import OFFICIAL_TEMPERATURES
 
 #: Measured ceilings (shared DESIGN.md §3): dense bf16/fp16 TFLOP/s (TF32 is half), copy TB/s.
 CEILINGS = {"h100": dict(tflops=798.0, tbps=3.0), "h200": dict(tflops=790.0, tbps=4.3)}

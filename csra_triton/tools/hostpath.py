@@ -21,9 +21,9 @@ from typing import Callable
 
 import torch
 
-from . import common, ops, triton_impl
-from .module import CSRATriton
-from .reference import MHA
+from .. import common, ops, triton_impl
+from ..module import CSRATriton
+from ..reference import MHA
 from .shapes import Shape, temperatures
 
 #: Calls that launch no kernel: views, metadata and allocations.

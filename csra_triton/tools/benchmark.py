@@ -26,10 +26,10 @@ from typing import Callable
 
 import torch
 
-from . import fallback, ops
-from .common import mm, rel_err
-from .module import CSRATriton
-from .reference import MHA, as_operand, csra_reference
+from .. import fallback, ops
+from ..common import mm, rel_err
+from ..module import CSRATriton
+from ..reference import MHA, as_operand, csra_reference
 from .shapes import (CEILINGS, CPU_DEFAULT, HEADLINE, SHAPES, TINY, Shape,  # noqa: F401 - re-exported
                      gpu_tag, parse_shapes, temperatures)
 
@@ -397,7 +397,7 @@ def e2e_rows(device: torch.device, budget_s: float | None = None, **over) -> lis
     share: its fwd+bwd on the trunk's features. ``C=9605`` gives the OpenImages step.
     Returns [] where torchvision cannot be imported (the CPU CI)."""
     try:
-        from .models import ResNetCSRA
+        from ..models import ResNetCSRA
         ResNetCSRA(1, 0.1, 1, depth=18)
     except ImportError:   # the registry's torchvision does not import with the CPU torch
         return []

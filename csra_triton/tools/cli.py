@@ -18,9 +18,9 @@ import time
 import torch
 
 from . import benchmark as bm
-from . import fallback, ops
-from .module import csra
-from .reference import OFFICIAL_TEMPERATURES, as_operand, csra_reference
+from .. import fallback, ops
+from ..module import csra
+from ..reference import OFFICIAL_TEMPERATURES, as_operand, csra_reference
 
 CPU_SHAPE = dict(B=2, d=256, h=7, w=7, C=80, heads=4)       # reduced, for the interpreter
 
@@ -317,9 +317,9 @@ def _bench_host(args) -> int:
 
 
 def _tune(args) -> int:
-    from . import triton_impl as ti
-    from . import tuning
-    from .common import acc_dtype, empty, fwd_outputs
+    from .. import triton_impl as ti
+    from .. import tuning
+    from ..common import acc_dtype, empty, fwd_outputs
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes = bm.parse_shapes(args.shapes or "coco-r101-448,latency-r101-224")
@@ -337,7 +337,7 @@ def _tune(args) -> int:
     env = tuning.environment(device)
     print(f"tuning on {env['gpu']}, torch {env['torch']}, triton {env['triton']}; cache "
           f"{tuning.cache_path()}")
-    from .archs import device_arch
+    from ..archs import device_arch
 
     arch = device_arch(device)
     for shape in shapes:
@@ -463,7 +463,7 @@ def main(argv=None) -> int:
                    help="with --e2e: comma list of class counts (80 COCO, 9605 OpenImages)")
     b.add_argument("--host", action="store_true",
                    help="the GPU path's host work without a GPU: launches (Triton + ATen) and "
-                        "host µs per call with launches stubbed (csra_triton.hostpath)")
+                        "host µs per call with launches stubbed (csra_triton.tools.hostpath)")
     b.add_argument("--layouts", default="nchw,tokens",
                    help="with --host: comma list of nchw, channels_last, tokens")
     b.add_argument("--e2e", action="store_true",

@@ -15,8 +15,8 @@ import time
 import torch
 from torch import Tensor, nn
 
-from . import ops
-from .module import CSRATriton
+from .. import ops
+from ..module import CSRATriton
 
 CLASSES = ("circle", "square", "triangle", "cross", "ring")
 

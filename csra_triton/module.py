@@ -22,12 +22,12 @@ def _autocast(x: Tensor) -> Tensor:
     """Under autocast, x goes to the autocast dtype as a 1x1 conv's input would (the official
     head is a conv; autocast casts every floating input but fp64). The weight stays as it is:
     the kernels round it to x's dtype for the products and take the row norms from it in
-    fp32, as the official code does under autocast."""
-    dev = x.device.type
-    if x.dtype != torch.float64 and torch.is_autocast_enabled(dev):
-        dtype = torch.get_autocast_dtype(dev)
-        return x if x.dtype == dtype else x.to(dtype)
-    return x
+    fp32, as the official code does under autocast. Called where autocast is enabled on x's
+    device."""
+    if x.dtype == torch.float64:
+        return x
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def _check_inputs(x, weight, layout: str) -> Tensor:
@@ -57,7 +57,7 @@ def _check_inputs(x, weight, layout: str) -> Tensor:
                              f"(shape {tuple(x.shape)})")
         if x.shape[2] * x.shape[3] == 0:
             raise ValueError(f"x: expected h*w >= 1 positions, got shape {tuple(x.shape)}")
-        return _autocast(x)
+        return _autocast(x) if torch.is_autocast_enabled(x.device.type) else x
     if layout == "tokens":
         if x.dim() != 3:
             raise ValueError(f"x: expected 3-D tokens (B, N, in_ch), got shape {tuple(x.shape)}")
@@ -66,7 +66,7 @@ def _check_inputs(x, weight, layout: str) -> Tensor:
                              f"(shape {tuple(x.shape)})")
         if x.shape[1] == 0:
             raise ValueError(f"x: expected N >= 1 tokens, got shape {tuple(x.shape)}")
-        return _autocast(x)
+        return _autocast(x) if torch.is_autocast_enabled(x.device.type) else x
     raise ValueError(f"layout: expected 'nchw' or 'tokens', got {layout!r}")
 
 
@@ -118,24 +118,25 @@ def _run(x: Tensor, weight: Tensor, temps: Sequence[float], lam: float, normaliz
     translation for a custom op; ``fallback.forward_graph``). x: validated, in ``layout``
     (the op views it as (B, D, N): ``common.as_bdn``); ``scalars``, ``compiling``: see
     :func:`_csra_prechecked`."""
+    if compiling is None:
+        compiling = torch.compiler.is_compiling()
     y_dtype = None
     if normalize and torch.is_autocast_enabled(x.device.type):
         y_dtype = _autocast_logits_dtype(x, weight)
-    # (an ONNX export traces: TorchScript's, or torch.export's under the dynamo exporter; the
-    # two C-level checks spare eager calls the export check's Python)
-    if ((torch.jit.is_tracing() or (torch.compiler.is_compiling() if compiling is None
-                                    else compiling))
-            and torch.onnx.is_in_onnx_export()):
+    # An ONNX export traces: torch.export's under the dynamo exporter, or TorchScript's
+    # (torch._C._is_tracing: torch.jit.is_tracing without its Python frames, reached only when
+    # nothing compiles); these checks spare eager calls the export check's Python.
+    if (compiling or torch._C._is_tracing()) and torch.onnx.is_in_onnx_export():
         return fallback.forward_graph(as_bdn(x, layout), weight, temps,
                                       lam, normalize, y_dtype=y_dtype)
-    if ops.functorch_active():        # torch.func (grad, vmap, jacrev): the composite
+    if ops.functorch_active(compiling):   # torch.func (grad, vmap, jacrev): the composite
         return ops.composite(as_bdn(x, layout), weight, temps, lam, normalize, y_dtype)
     # keep=False when no gradient will be asked for (inference): the op then keeps nothing
     # for a backward (inv_norm, the prepared weight and the scores are not returned)
     keep = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (
         isinstance(lam, Tensor) and lam.requires_grad))
     return ops.forward(x, weight, temps, lam, normalize, keep, layout=layout,
-                       y_dtype=y_dtype, scalars=scalars)[0]
+                       y_dtype=y_dtype, scalars=scalars, compiling=compiling)[0]
 
 
 class CSRATriton(nn.Module):
@@ -289,14 +290,14 @@ class CSRATriton(nn.Module):
         if torch.compiler.is_compiling():
             return self._traced_forward(x, "nchw")
         return _csra_prechecked(x, self._checked_weight(), self._temperatures, self.lam,
-                                self.normalize, "nchw", None, False)
+                                self._normalize, "nchw", None, False)
 
     def forward_tokens(self, x: Tensor) -> Tensor:
         """x (B, N, in_ch) tokens (e.g. a ViT's patch tokens, class token dropped) -> (B, classes)."""
         if torch.compiler.is_compiling():
             return self._traced_forward(x, "tokens")
         return _csra_prechecked(x, self._checked_weight(), self._temperatures, self.lam,
-                                self.normalize, "tokens", None, False)
+                                self._normalize, "tokens", None, False)
 
     def _traced_forward(self, x: Tensor, layout: str) -> Tensor:
         """Under torch.compile and torch.export: the temperatures and lam reach the ops as the

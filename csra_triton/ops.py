@@ -50,7 +50,6 @@ from typing import Iterator
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from . import archs, fallback, triton_impl
 from .common import (acc_dtype, as_bdn, channels_inner, check_lam, check_temperatures, dx_view,
@@ -87,7 +86,7 @@ def backend_for(device: torch.device, dtype: torch.dtype | None = None) -> str:
     """Which implementation runs for tensors on ``device``: 'triton' or 'torch'. bf16 on a GPU
     without bf16 tensor cores (Turing, sm_75: Triton cannot multiply bf16 there) runs the
     PyTorch fallback on the GPU, with a warning once."""
-    forced = _forced_backend()
+    forced = getattr(_forced, "name", "auto")          # (_forced_backend, inline)
     if forced != "auto":
         return forced
     if device.type == "cuda":
@@ -340,7 +339,8 @@ def use_cuda_ops(x: Tensor, backend: str) -> bool:
 
 def forward(x: Tensor, weight: Tensor, temps: list[float], lam, normalize: bool,
             keep: bool, backend: str = "auto", eager: bool = True, layout: str = "bdn",
-            y_dtype: torch.dtype | None = None, scalars: Tensor | None = None) -> tuple:
+            y_dtype: torch.dtype | None = None, scalars: Tensor | None = None,
+            compiling: bool | None = None) -> tuple:
     """The forward op for this call (resolved once, when the module calls or traces it).
     ``temps``: validated (inf = max head). ``lam`` is a Python number, or a one-element tensor (a learnable lam: it reaches the op
     as ``lam_t``, and its gradient is sum_b,c g * sum_k att from the forward's state).
@@ -350,10 +350,11 @@ def forward(x: Tensor, weight: Tensor, temps: list[float], lam, normalize: bool,
     eager training call takes x as it is and views it inside, so that autograd records no
     view node (~17 µs of a forward+backward on the CPU proxy). ``y_dtype``: y's dtype where
     it is not x's (None: x's). ``scalars`` (:func:`scalars_tensor`): the temperatures and lam
-    as a tensor, which replace ``temps`` and ``lam`` (a compiled module's: always the ops)."""
+    as a tensor, which replace ``temps`` and ``lam`` (a compiled module's: always the ops).
+    ``compiling``: whether torch.compile is tracing, where the caller knows (None: asked)."""
     backend = backend_for(x.device, x.dtype) if backend == "auto" else backend
     lam, lam_t = (0.0, lam) if isinstance(lam, Tensor) else (lam, None)
-    if eager and EAGER and scalars is None and _eager(x, weight, lam_t):
+    if eager and EAGER and scalars is None and _eager(x, weight, lam_t, compiling):
         if not keep:              # inference: nothing for autograd to record
             return _forward_impl(as_bdn(x, layout), weight, temps, lam, normalize, False,
                                  backend, lam_t, True, y_dtype)
@@ -396,12 +397,14 @@ def _save_op_state(ctx, x, weight, temperatures, lam, normalize, backend, lam_t,
     ctx.set_materialize_grads(False)
 
 
-def functorch_active() -> bool:
+def functorch_active(compiling: bool | None = None) -> bool:
     """Whether a torch.func transform (grad, vmap, jacrev, ...) is active in this thread. The
     ops have no batching or functional-grad rules: under a transform the head runs its
-    composite (:func:`composite`), which every transform differentiates and batches."""
-    return (not torch.compiler.is_compiling()
-            and torch._C._functorch.peek_interpreter_stack() is not None)
+    composite (:func:`composite`), which every transform differentiates and batches.
+    ``compiling``: whether torch.compile is tracing, where the caller knows (None: asked)."""
+    if torch.compiler.is_compiling() if compiling is None else compiling:
+        return False
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def composite(x: Tensor, weight: Tensor, temps: list[float], lam, normalize: bool,
@@ -529,14 +532,17 @@ def _grads(ctx, grad_y, need: tuple, backward, layout: str = "bdn") -> tuple:
 EAGER = ENV.eager
 
 
-def _eager(x: Tensor, weight: Tensor, lam_t) -> bool:
+def _eager(x: Tensor, weight: Tensor, lam_t, compiling: bool | None = None) -> bool:
     """Whether this call may take the eager path: plain tensors, nothing tracing, no
-    dispatch mode (profilers' modes, fake tensors, FlopCounter see the ops)."""
+    dispatch mode (profilers' modes, fake tensors, FlopCounter see the ops). ``compiling``:
+    whether torch.compile is tracing, where the caller knows (None: asked). (The C-level
+    checks are torch.jit.is_tracing's and _get_current_dispatch_mode's, without their Python
+    frames; the first is reached only when nothing compiles.)"""
     return (type(x) is Tensor and type(weight) in _PLAIN
             and (lam_t is None or type(lam_t) in _PLAIN)
-            and not torch.compiler.is_compiling()
-            and not torch.jit.is_tracing()          # a TorchScript trace records the op
-            and _current_dispatch_mode() is None)
+            and not (torch.compiler.is_compiling() if compiling is None else compiling)
+            and not torch._C._is_tracing()          # a TorchScript trace records the op
+            and torch._C._len_torch_dispatch_stack() == 0)
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)

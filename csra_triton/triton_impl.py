@@ -95,17 +95,13 @@ def _arch(x: Tensor, target: str | None = None) -> str:
     return archs.DEFAULT
 
 
-def _gpu(target: str | None) -> bool:
-    """Whether launches compile for a GPU: always for a ``target``, else unless interpreted."""
-    return gpu() if target is None else True
-
-
 _kmod = None
 
 
 def _k():
-    """The kernels module (imported on first use: importing the package needs no Triton; an
-    import statement per launch cost ~1 µs of the host path)."""
+    """The kernels module, imported on first use (importing the package needs no Triton; an
+    import statement per launch cost ~1 µs of the host path). Launch builders read
+    ``_kmod or _k()``: no call once it is loaded."""
     global _kmod
     if _kmod is None:
         from . import kernels
@@ -115,15 +111,15 @@ def _k():
 
 def _acc_tl(dtype: torch.dtype):
     """The kernels' accumulation dtype (``tl``) for state in ``dtype``."""
-    tl = _k().tl
+    tl = (_kmod or _k()).tl
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def _dtypes(x: Tensor, target: str | None) -> dict:
-    """Dtype constexprs of the kernels for x, compiled for ``target`` (see :func:`_arch`; the
-    interpreter's choices where it runs them)."""
-    tl = _k().tl
-    on_gpu = _gpu(target)
+    """Dtype constexprs of the kernels for x, compiled for ``target`` (see :func:`_arch`; None:
+    for this process, a GPU unless the interpreter runs them)."""
+    tl = (_kmod or _k()).tl
+    on_gpu = target is not None or not INTERPRET
     acc = _acc_tl(x.dtype)
     # The interpreter's tl.dot is wrong on bf16 operands: products go through fp32 there.
     dot = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16 if on_gpu else tl.float32,
@@ -285,7 +281,7 @@ def prep_call(x: Tensor, weight: Tensor, normalize: bool, w_op: Tensor, inv_n: T
     R = H * C
     d = kw if kw is not None else _dtypes(x, target)
     br, bd = row_tiles(D)
-    return Call(_k().csra_prep_kernel, (cdiv(R, br),),
+    return Call((_kmod or _k()).csra_prep_kernel, (cdiv(R, br),),
                 (weight, *weight.stride(), w_op, inv_n, R, C, D),
                 dict(NORMALIZE=bool(normalize), BR=br, BD=bd,
                      ACC=d["ACC"], EMU_BF16=d["EMU_BF16"]), ROW_WARPS, 2)
@@ -306,9 +302,9 @@ def fwd_call(x, w_op, inv_n, params, outs, cfg, H, target: str | None = None,
         kw = _tile_kw(x, cfg, H, D, major, target)
     save = scores is not None and scores.numel() > 0
     warps = cfg.num_warps
-    if save and warps == 8 and _gpu(target) and archs.ARCHS[_arch(x, target)].mma == "wgmma":
+    if save and warps == 8 and (target is not None or not INTERPRET) and archs.ARCHS[_arch(x, target)].mma == "wgmma":
         warps = 16
-    return Call(_k().csra_fwd_kernel, _grid(B, n_cb, major),
+    return Call((_kmod or _k()).csra_fwd_kernel, _grid(B, n_cb, major),
                 (x, *x.stride(), w_op, inv_n, params, y, *y.stride(), m, l, att, amax,
                  scores if save else m, B, H, C, D, N, n_cb), dict(kw, SAVE_A=save),
                 warps, cfg.num_stages)
@@ -324,7 +320,7 @@ def ds_call(x, w_op, inv_n, params, grad_y, state, c0, c1, out, cfg, H,
     major = cb_major(H, C, D, x.element_size())
     if kw is None:
         kw = _tile_kw(x, cfg, H, D, major, target)
-    return Call(_k().csra_bwd_ds_kernel, _grid(B, n_cb, major),
+    return Call((_kmod or _k()).csra_bwd_ds_kernel, _grid(B, n_cb, major),
                 (x, *x.stride(), w_op, inv_n, params, grad_y, *grad_y.stride(),
                  m, l, att, amax, out, B, H, C, D, N, c0, c1 - c0, n_cb),
                 kw, cfg.num_warps, cfg.num_stages)
@@ -338,8 +334,8 @@ def ds_kept_call(scores, inv_n, params, grad_y, state, c0, c1, out, H,
     rows = H * (c1 - c0)
     br, bn = ds_kept_tiles(rows, N)
     acc = _acc_tl(scores.dtype)
-    emu = not _gpu(target) and out.dtype == torch.bfloat16
-    return Call(_k().csra_bwd_ds_kept_kernel, (cdiv(rows, br), B),
+    emu = target is None and INTERPRET and out.dtype == torch.bfloat16    # the interpreter's
+    return Call((_kmod or _k()).csra_bwd_ds_kept_kernel, (cdiv(rows, br), B),
                 (scores, inv_n, params, grad_y, *grad_y.stride(), m, l, att, amax, out,
                  B, H, C, N, c0, c1 - c0),
                 dict(BR=br, BN=bn, ACC=acc, EMU_BF16=emu,
@@ -360,7 +356,7 @@ def proj_call(G: Tensor, weight: Tensor, inv_n: Tensor, out: Tensor, normalize: 
     R = H * C
     acc = _acc_tl(inv_n.dtype)
     br, bd = row_tiles(D)
-    return Call(_k().csra_proj_kernel, (cdiv(R, br),),
+    return Call((_kmod or _k()).csra_proj_kernel, (cdiv(R, br),),
                 (G, weight, *weight.stride(), inv_n, out, R, C, D),
                 dict(NORMALIZE=bool(normalize), BR=br, BD=bd, ONE_PASS=D <= bd, ACC=acc),
                 ROW_WARPS, 2)

@@ -395,19 +395,20 @@ def keeps_scores(x, H: int, C: int, keep: bool = True) -> bool:
     return keep and x.device.type == "cpu" and H * C <= KEEP_RATIO * x.shape[1]
 
 
-def kept_output(x, weight, keep: bool, alloc=new):
-    """The forward's 7th output: (H*C, B*N) in the GEMM dtype if :func:`keeps_scores`, else
-    (0,) in x's dtype."""
+def scores_output(x, weight, keep: bool, alloc=new):
+    """The forward's ``scores`` output: the products (H*C, B*N) in the GEMM dtype if
+    :func:`keeps_scores`, else (0,) in the accumulation dtype."""
     B, _, N = x.shape
     H, C, _ = weight.shape
     if not keeps_scores(x, H, C, keep):
-        return alloc((0,), x.dtype, x.device)
+        return alloc((0,), acc_dtype(x.dtype), x.device)
     return alloc((H * C, B * N), gemm_dtype(x.dtype, x.device), x.device)
 
 
 def forward(x, weight, temps, lam, normalize, keep, lam_t=None, y_dtype=None):
-    """(y, m, l, att, argmax, inv_n, kept, scores), as the Triton implementation returns them
-    (``scores`` always empty: ``kept`` holds the products this implementation keeps). ``lam_t``:
+    """(y, m, l, att, argmax, inv_n, w_op, scores), as the Triton implementation returns them:
+    ``w_op`` is always empty here (the products use the weight as it is); ``scores`` holds the
+    score products when :func:`keeps_scores`, else is empty. ``lam_t``:
     lam as a one-element tensor (a learnable lam), used instead of ``lam``; ``y_dtype``: y's
     dtype if not x's (rounded once, from the accumulation dtype)."""
     B, D, N = x.shape
@@ -415,13 +416,13 @@ def forward(x, weight, temps, lam, normalize, keep, lam_t=None, y_dtype=None):
     acc = acc_dtype(x.dtype)
     if lam_t is not None:
         lam = lam_t.detach().reshape(()).to(acc)
-    kept = kept_output(x, weight, keep)
+    scores = scores_output(x, weight, keep)
     outs = fwd_outputs(x, H, C, y_dtype=y_dtype)
     fwd(x, weight, torch.tensor(temps, dtype=acc), lam, normalize, chunk_classes(H, C, B, N),
-        outs, kept=kept if kept.numel() else None)
+        outs, kept=scores if scores.numel() else None)
     if not keep:
         outs = (*outs[:5], new((0,), acc, x.device))
-    return (*outs, kept, new((0,), acc, x.device))
+    return (*outs, new((0,), x.dtype, x.device), scores)
 
 
 class Backward:
@@ -433,8 +434,8 @@ class Backward:
     mm = staticmethod(mm)
 
     def __init__(self, grad_y, x, weight, state, inv_n, kept, temps, lam, normalize,
-                 scores=None, lam_t=None, plan_=None):
-        # (plan_: the Triton implementation's launch plan; none here)
+                 scores=None, lam_t=None, launch_plan=None):
+        # (kept, launch_plan: the Triton implementation's prepared weight and launch plan)
         B, D, N = x.shape
         H, C, _ = weight.shape
         self.acc = acc = acc_dtype(x.dtype)
@@ -442,7 +443,8 @@ class Backward:
             lam = lam_t.detach().reshape(()).to(acc)
         if inv_n.numel() == 0:                  # the forward kept nothing (keep=False)
             inv_n = inv_norms(weight, normalize, acc)
-        self.x, self.weight, self.grad_y, self.inv_n, self.kept = x, weight, grad_y, inv_n, kept
+        self.x, self.weight, self.grad_y, self.inv_n = x, weight, grad_y, inv_n
+        self.scores = scores
         self.lam, self.normalize = lam, normalize
         self.temps = torch.tensor(temps, dtype=acc)
         self.gemm = gemm_dtype(x.dtype, x.device) if not x.is_cuda else x.dtype
@@ -458,8 +460,8 @@ class Backward:
 
     def ds(self, c0, c1, out):
         H, C, _ = self.weight.shape
-        kept = self.kept
-        hi = kept.view(H, C, -1)[:, c0:c1] if kept.numel() else None
+        scores = self.scores
+        hi = scores.view(H, C, -1)[:, c0:c1] if scores is not None and scores.numel() else None
         ds_chunk(self.x, self.weight, self.temps, self.grad_y, self.inv_n, self.lam, c0, c1, out,
                  self.operands, hi, self.work)
 

@@ -8,12 +8,14 @@ Two ops in the ``csra_triton`` namespace, both with fake (meta) implementations 
   scores)``; x is (B, D, N) with any strides, weight (H, C, D). y (B, C) has x's dtype (or
   ``y_dtype``: the official head's under autocast); m, l, att, argmax are the O(B*H*C) state
   that the backward needs (see kernels.py: softmax max and sum in base 2, attention logit,
-  argmax); inv_norm (H, C) the inverse row norms. ``kept`` is what the implementation hands its
-  backward: the prepared weight on the Triton path (``triton_impl.keeps_weight``), the score
-  products on the CPU fallback (``fallback.keeps_scores``), else empty (0,). ``scores``: the
-  Triton path's raw scores (H, C, B, N) in the accumulation dtype when they have no more
-  elements than x (``triton_impl.keeps_scores``; its backward's dS' is then elementwise), else
-  empty (0,). ``keep=False`` (inference: the module passes it when no gradient is needed)
+  argmax); inv_norm (H, C) the inverse row norms. ``kept``: the prepared weight (H*C, D) in
+  x's dtype, which the Triton path hands its backward when it is small
+  (``triton_impl.keeps_weight``), else empty (0,) (always on the fallback). ``scores``: the
+  score products before the row norms, kept for the backward, in the implementation's layout:
+  the Triton path's (H, C, B, N) in the accumulation dtype when they have no more elements
+  than x (``triton_impl.keeps_scores``; dS' is then elementwise), the CPU fallback's (H*C,
+  B*N) in its GEMM dtype (``fallback.keeps_scores``; one GEMM fewer), else empty (0,).
+  ``keep=False`` (inference: the module passes it when no gradient is needed)
   keeps nothing: inv_norm, kept and scores are empty. ``lam_t``: a learnable lam (a
   one-element tensor, used instead of ``lam``); ``scalars``: the temperatures and lam as a
   tensor (:func:`scalars_tensor`, a compiled module's), used instead of both.
@@ -139,8 +141,9 @@ _TAGS = (torch.Tag.flexible_layout,)
 
 
 def _kept_like(x: Tensor, weight: Tensor, keep: bool, backend: str, alloc) -> Tensor:
+    """The forward's ``kept`` output (the prepared weight) as the implementation returns it."""
     if implementation(x, backend) is fallback:
-        return fallback.kept_output(x, weight, keep, alloc)
+        return alloc((0,), x.dtype, x.device)
     H, C, D = weight.shape
     if keep and triton_impl.keeps_weight(x, weight):
         return alloc((H * C, D), x.dtype, x.device)
@@ -148,10 +151,8 @@ def _kept_like(x: Tensor, weight: Tensor, keep: bool, backend: str, alloc) -> Te
 
 
 def _scores_like(x: Tensor, weight: Tensor, keep: bool, backend: str, alloc) -> Tensor:
-    H, C, _ = weight.shape
-    if implementation(x, backend) is fallback:
-        return alloc((0,), acc_dtype(x.dtype), x.device)
-    return triton_impl.scores_output(x, H, C, keep, alloc)
+    """The forward's ``scores`` output as the implementation returns it."""
+    return implementation(x, backend).scores_output(x, weight, keep, alloc)
 
 
 @torch.library.custom_op("csra_triton::csra_fwd", mutates_args=(), tags=_TAGS)

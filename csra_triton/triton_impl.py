@@ -598,7 +598,7 @@ def forward(x: Tensor, weight: Tensor, temps: list[float], lam: float, normalize
     # inv_n: the prepared one, if kept
     outs = fwd_outputs(x, H, C, keep=False, y_dtype=y_dtype)[:5]
     w_op, inv_n = prep_weight(x, weight, normalize)
-    scores = scores_output(x, H, C, keep)
+    scores = scores_output(x, weight, keep)
     fwd_call(x, w_op, inv_n, with_lam(p.params, lam_t, scalars), outs, p.cfg, H, kw=p.kw,
              scores=scores).run()
     inv_n = inv_n.view(H, C) if keep else new((0,), acc_dtype(x.dtype), x.device)
@@ -627,10 +627,11 @@ def _forward_packed(x: Tensor, weight: Tensor, p: "Plan", normalize: bool, keep:
     return (y, m, l, att, amax, inv_n.view(H, C), kept, scores)
 
 
-def scores_output(x: Tensor, H: int, C: int, keep: bool, alloc=new) -> Tensor:
-    """The forward's 8th output: the raw scores (H, C, B, N) in the accumulation dtype when
-    ``keep`` and :func:`keeps_scores`, else (0,) in that dtype."""
+def scores_output(x: Tensor, weight: Tensor, keep: bool, alloc=new) -> Tensor:
+    """The forward's ``scores`` output: the raw scores (H, C, B, N) in the accumulation dtype
+    when ``keep`` and :func:`keeps_scores`, else (0,) in that dtype."""
     B, _, N = x.shape
+    H, C, _ = weight.shape
     if keep and keeps_scores(x, H, C):
         return alloc((H, C, B, N), acc_dtype(x.dtype), x.device)
     return alloc((0,), acc_dtype(x.dtype), x.device)
@@ -644,7 +645,7 @@ class Backward:
     mm = staticmethod(mm_plain)
 
     def __init__(self, grad_y, x, weight, state, inv_n, kept, temps, lam, normalize,
-                 scores=None, lam_t=None, plan_: Plan | None = None,
+                 scores=None, lam_t=None, launch_plan: Plan | None = None,
                  scalars: Tensor | None = None):
         B, D, N = x.shape
         H, C, _ = weight.shape
@@ -652,8 +653,8 @@ class Backward:
         self.scores = scores if scores is not None and scores.numel() else None
         self.normalize, self.H = normalize, H
         # the forward's plan where the caller has it (the eager path), else looked up again
-        if plan_ is not None:
-            p = plan_
+        if launch_plan is not None:
+            p = launch_plan
             _hold_if_capturing(p.params)      # a captured backward reads it at every replay
         else:
             p = plan(x, weight, temps, lam)

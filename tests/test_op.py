@@ -24,21 +24,22 @@ def test_opcheck_fwd(dtype, backend, device):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_opcheck_bwd(dtype, backend, device):
-    """What the forward keeps for the backward: on the CPU fallback its products (8 score rows
-    <= 16 channels), on the Triton path its prepared weight (rows in x's dtype) and its raw
-    scores (8 rows <= 16 channels: (H, C, B, N) in fp32), which equal the float64 products to
-    the rounding of a d = 16 dot of rounded operands."""
+    """What the forward keeps for the backward, each in its own slot: ``kept`` the prepared
+    weight (the Triton path: rows in x's dtype; never on the fallback), ``scores`` the score
+    products (8 score rows <= 16 channels): the CPU fallback's (H*C, B*N) in its GEMM dtype,
+    the Triton path's raw (H, C, B, N) in fp32, which equal the float64 products to the
+    rounding of a d = 16 dot of rounded operands."""
     x3 = torch.randn(2, 16, 9, device=device).to(dtype)
     weight = torch.randn(4, 2, 16, device=device)
     _, *state = _state(x3, weight)
     kept, scores = state[-2:]
-    assert scores.dtype == torch.float32
     if backend == "torch":
-        assert kept.shape == ((8, 18) if device == "cpu" else (0,))
-        assert scores.shape == (0,)
-        if device == "cpu":
-            assert kept.dtype == fallback.gemm_dtype(dtype, x3.device)
+        keeps = device == "cpu"
+        assert kept.shape == (0,)
+        assert scores.shape == ((8, 18) if keeps else (0,))
+        assert scores.dtype == (fallback.gemm_dtype(dtype, x3.device) if keeps else torch.float32)
     else:
+        assert scores.dtype == torch.float32
         assert kept.shape == (8, 16) and kept.dtype == dtype
         torch.testing.assert_close(kept.float(), weight.to(dtype).view(8, 16).float(),
                                    rtol=0, atol=0)
@@ -106,3 +107,35 @@ def test_compile_autograd_function(device):
     x.grad = weight.grad = None
     csra_triton.csra(x, weight, [1.0, INF], 0.2).sum().backward()
     assert rel_err(gx, x.grad) <= 1e-6 and rel_err(gw, weight.grad) <= 1e-6
+
+
+def test_implementations_declare_the_interface(backend, device):
+    """Both implementations provide what csra_triton.interface declares (a renamed or missing
+    member fails here, not in some backward): forward's outputs as ForwardState, a Backward
+    with every BackwardPass member, the same parameter names."""
+    import inspect
+
+    from csra_triton import common, interface, ops
+
+    x3 = torch.randn(2, 16, 9, device=device)
+    weight = torch.randn(4, 2, 16, device=device)
+    impl = ops.implementation(x3, backend)
+    for name in ("forward", "Backward", "scores_output"):
+        assert callable(getattr(impl, name)), name
+    params = list(inspect.signature(impl.forward).parameters)
+    assert params[:7] == ["x", "weight", "temps", "lam", "normalize", "keep", "lam_t"], params
+    assert "y_dtype" in params
+    assert list(inspect.signature(impl.Backward).parameters)[:12] == [
+        "grad_y", "x", "weight", "state", "inv_n", "kept", "temps", "lam", "normalize",
+        "scores", "lam_t", "launch_plan"]
+    y, *rest = impl.forward(x3, weight, TEMPS, 0.1, True, True)[:8]
+    state = interface.ForwardState(*rest)
+    assert state.scores.shape == impl.scores_output(x3, weight, True, common.empty).shape
+    bw = impl.Backward(torch.ones_like(y), x3, weight, tuple(state[:4]), state.inv_norm,
+                       state.kept, TEMPS, 0.1, True, state.scores)
+    members = set(interface.BackwardPass.__annotations__) | {
+        n for n, v in vars(interface.BackwardPass).items() if callable(v) and n[0] != "_"}
+    assert {"chunk", "ws", "x_dk", "w_gemm", "gemm", "dx_dtype", "mm", "ds",
+            "new_weight_grad", "chunk_done", "finish"} == members
+    for name in members:
+        assert hasattr(bw, name), name

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import fallback, interop, maps, ops
-from .common import as_bdn, check_lam, check_temperatures
+from . import interop, maps, ops
+from .common import check_lam, check_temperatures
 from .reference import OFFICIAL_TEMPERATURES
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -82,7 +82,7 @@ def csra(x: Tensor, weight: Tensor, temperatures: Sequence[float], lam: float,
     xs = _check_inputs(x, weight, layout)
     temps = check_temperatures(temperatures, weight.shape[0])
     lam = check_lam(lam, x.device)
-    return _run(xs, weight, temps, lam, bool(normalize), layout)
+    return ops.run(xs, weight, temps, lam, bool(normalize), layout)
 
 
 def _csra_prechecked(x: Tensor, weight: Tensor, temps: Sequence[float], lam: float,
@@ -96,47 +96,7 @@ def _csra_prechecked(x: Tensor, weight: Tensor, temps: Sequence[float], lam: flo
     xs = _check_inputs(x, weight, layout)
     if isinstance(lam, Tensor) and lam.device != xs.device:
         raise ValueError(f"lam: the learnable lam is on {lam.device}, x on {xs.device}")
-    return _run(xs, weight, temps, lam, normalize, layout, scalars, compiling)
-
-
-def _autocast_logits_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
-    """Under autocast the official head's logits are its conv output (the autocast dtype, x's
-    here) divided by ``torch.norm`` of its weight, and that division promotes: the norm is
-    fp32 on CUDA (autocast computes ``linalg_vector_norm`` in fp32 for fp16, bf16 and fp32
-    weights; fp64 stays fp64) and in the weight's own dtype on the CPU. That dtype if it is not
-    x's (the kernels then round their fp32 sums to it once), else None."""
-    norm = weight.dtype
-    if x.device.type == "cuda" and norm != torch.float64:
-        norm = torch.float32
-    out = torch.promote_types(x.dtype, norm)
-    return None if out == x.dtype else out
-
-
-def _run(x: Tensor, weight: Tensor, temps: Sequence[float], lam: float, normalize: bool,
-         layout: str, scalars: Tensor | None = None, compiling: bool | None = None) -> Tensor:
-    """The op, or under ``torch.onnx.export`` the same math in standard operators (ONNX has no
-    translation for a custom op; ``fallback.forward_graph``). x: validated, in ``layout``
-    (the op views it as (B, D, N): ``common.as_bdn``); ``scalars``, ``compiling``: see
-    :func:`_csra_prechecked`."""
-    if compiling is None:
-        compiling = torch.compiler.is_compiling()
-    y_dtype = None
-    if normalize and torch.is_autocast_enabled(x.device.type):
-        y_dtype = _autocast_logits_dtype(x, weight)
-    # An ONNX export traces: torch.export's under the dynamo exporter, or TorchScript's
-    # (torch._C._is_tracing: torch.jit.is_tracing without its Python frames, reached only when
-    # nothing compiles); these checks spare eager calls the export check's Python.
-    if (compiling or torch._C._is_tracing()) and torch.onnx.is_in_onnx_export():
-        return fallback.forward_graph(as_bdn(x, layout), weight, temps,
-                                      lam, normalize, y_dtype=y_dtype)
-    if ops.functorch_active(compiling):   # torch.func (grad, vmap, jacrev): the composite
-        return ops.composite(as_bdn(x, layout), weight, temps, lam, normalize, y_dtype)
-    # keep=False when no gradient will be asked for (inference): the op then keeps nothing
-    # for a backward (inv_norm, the prepared weight and the scores are not returned)
-    keep = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (
-        isinstance(lam, Tensor) and lam.requires_grad))
-    return ops.forward(x, weight, temps, lam, normalize, keep, layout=layout,
-                       y_dtype=y_dtype, scalars=scalars, compiling=compiling)[0]
+    return ops.run(xs, weight, temps, lam, normalize, layout, scalars, compiling)
 
 
 class CSRATriton(nn.Module):

@@ -338,11 +338,66 @@ def use_cuda_ops(x: Tensor, backend: str) -> bool:
     return x.is_cuda and implementation(x, backend) is triton_impl
 
 
+def run(x: Tensor, weight: Tensor, temps, lam, normalize: bool, layout: str = "bdn",
+        scalars: Tensor | None = None, compiling: bool | None = None) -> Tensor:
+    """y (B, C) of one call of the head, on the route chosen here: the one place that chooses
+    it, the first that applies (docs/ARCHITECTURE.md, "The routes of a call"):
+
+    ===============  ==========================================  ===========================
+    route            when                                        forward / backward
+    ===============  ==========================================  ===========================
+    onnx             an ONNX export traces                       ``fallback.forward_graph``
+    composite        a torch.func transform is active            :func:`composite`, autograd
+    eager inference  :func:`_eager`, no gradient will be asked   the implementation's forward
+    eager training   :func:`_eager`, a gradient will be asked    :class:`_EagerCSRA`
+    triton_op        CUDA tensors on the Triton implementation   ``csra_fwd_cuda`` / ``_bwd_cuda``
+    op               anything else (compile, export, modes, ...) ``csra_fwd`` / ``csra_bwd``
+    ===============  ==========================================  ===========================
+
+    The last four are :func:`forward`'s. x: validated, in ``layout`` (viewed as (B, D, N):
+    ``common.as_bdn``); temps: validated (inf = max head); lam: a number or a learnable
+    one-element tensor; scalars: a compiled module's temperatures and lam as a tensor
+    (:func:`scalars_tensor`), which replace ``temps`` and ``lam``; compiling: whether
+    torch.compile is tracing, where the caller knows (None: asked)."""
+    if compiling is None:
+        compiling = torch.compiler.is_compiling()
+    y_dtype = None
+    if normalize and torch.is_autocast_enabled(x.device.type):
+        y_dtype = autocast_logits_dtype(x, weight)
+    # (torch._C._is_tracing: torch.jit.is_tracing without its Python frames, reached only when
+    # nothing compiles; ONNX's own check runs only while something traces)
+    if (compiling or torch._C._is_tracing()) and torch.onnx.is_in_onnx_export():
+        return fallback.forward_graph(as_bdn(x, layout), weight, temps, lam, normalize,
+                                      y_dtype=y_dtype)
+    if functorch_active(compiling):
+        return composite(as_bdn(x, layout), weight, temps, lam, normalize, y_dtype)
+    # keep=False when no gradient will be asked for (inference): the op then keeps nothing
+    # for a backward (inv_norm, the prepared weight and the scores are not returned)
+    keep = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (
+        isinstance(lam, Tensor) and lam.requires_grad))
+    return forward(x, weight, temps, lam, normalize, keep, layout=layout, y_dtype=y_dtype,
+                   scalars=scalars, compiling=compiling)[0]
+
+
+def autocast_logits_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
+    """Under autocast the official head's logits are its conv output (the autocast dtype, x's
+    here) divided by ``torch.norm`` of its weight, and that division promotes: the norm is
+    fp32 on CUDA (autocast computes ``linalg_vector_norm`` in fp32 for fp16, bf16 and fp32
+    weights; fp64 stays fp64) and in the weight's own dtype on the CPU. That dtype if it is not
+    x's (the kernels then round their fp32 sums to it once), else None."""
+    norm = weight.dtype
+    if x.device.type == "cuda" and norm != torch.float64:
+        norm = torch.float32
+    out = torch.promote_types(x.dtype, norm)
+    return None if out == x.dtype else out
+
+
 def forward(x: Tensor, weight: Tensor, temps: list[float], lam, normalize: bool,
             keep: bool, backend: str = "auto", eager: bool = True, layout: str = "bdn",
             y_dtype: torch.dtype | None = None, scalars: Tensor | None = None,
             compiling: bool | None = None) -> tuple:
-    """The forward op for this call (resolved once, when the module calls or traces it).
+    """Every output of the forward, on the eager or op routes of :func:`run` (resolved once,
+    when the module calls or traces it).
     ``temps``: validated (inf = max head). ``lam`` is a Python number, or a one-element tensor (a learnable lam: it reaches the op
     as ``lam_t``, and its gradient is sum_b,c g * sum_k att from the forward's state).
     In eager mode (:func:`_eager`) inference returns the implementation's outputs directly and
@@ -369,29 +424,41 @@ def forward(x: Tensor, weight: Tensor, temps: list[float], lam, normalize: bool,
                                           backend, lam_t, y_dtype, scalars)
 
 
-def _setup_context(ctx, inputs, output):
-    """The custom op's (csra_fwd): ``inputs`` by its schema, all passed (defaults filled in)."""
-    x, weight, temperatures, lam, normalize, _keep, backend, lam_t, _y_dtype, scalars = inputs
-    _save_op_state(ctx, x, weight, temperatures, lam, normalize, backend, lam_t, scalars, output)
-
-
-def _setup_context_cuda(ctx, inputs, output):
-    """The CUDA triton_op's (csra_fwd_cuda: no backend argument); its backward is
-    csra_bwd_cuda, named "cuda" on ``ctx.backend``."""
-    x, weight, temperatures, lam, normalize, _keep, lam_t, _y_dtype, scalars = inputs
-    _save_op_state(ctx, x, weight, temperatures, lam, normalize, "cuda", lam_t, scalars, output)
-
-
-def _save_op_state(ctx, x, weight, temperatures, lam, normalize, backend, lam_t, scalars,
-                   output):
-    _, *state = output
+def _save(ctx, route: str, backend: str, x, weight, state, lam_t, scalars, temps, lam,
+          normalize, plan=None) -> None:
+    """What every route with a backward saves for it, written once, by name: x and the weight
+    as given, the forward's ``state`` (``interface.ForwardState``), a learnable ``lam_t`` and a
+    compiled module's ``scalars`` where there are (saved tensors, so that autograd checks
+    their versions); the temperatures (inf = max head), lam and normalize; ``route`` ("eager":
+    the backward runs the loop itself with the forward's launch ``plan``; "op": csra_bwd;
+    "triton_op": csra_bwd_cuda) and the implementation's name (``backend``)."""
     ctx.has_lam_t = lam_t is not None
     ctx.has_scalars = scalars is not None
     ctx.save_for_backward(x, weight, *state, *((lam_t,) if ctx.has_lam_t else ()),
                           *((scalars,) if ctx.has_scalars else ()))
-    ctx.temperatures = _from_schema(temperatures)
-    ctx.lam, ctx.normalize = float(lam), bool(normalize)
-    ctx.backend = backend
+    ctx.temperatures, ctx.lam, ctx.normalize = temps, lam, normalize
+    ctx.route, ctx.backend, ctx.plan = route, backend, plan
+
+
+def _setup_context(ctx, inputs, output):
+    """The custom op's (csra_fwd): ``inputs`` by its schema, all passed (defaults filled in)."""
+    x, weight, temperatures, lam, normalize, _keep, backend, lam_t, _y_dtype, scalars = inputs
+    _save_op_outputs(ctx, "op", backend, x, weight, output, lam_t, scalars, temperatures, lam,
+                     normalize)
+
+
+def _setup_context_cuda(ctx, inputs, output):
+    """The CUDA triton_op's (csra_fwd_cuda: the Triton implementation, no backend argument)."""
+    x, weight, temperatures, lam, normalize, _keep, lam_t, _y_dtype, scalars = inputs
+    _save_op_outputs(ctx, "triton_op", "triton", x, weight, output, lam_t, scalars,
+                     temperatures, lam, normalize)
+
+
+def _save_op_outputs(ctx, route, backend, x, weight, output, lam_t, scalars, temperatures, lam,
+                     normalize):
+    _, *state = output
+    _save(ctx, route, backend, x, weight, state, lam_t, scalars, _from_schema(temperatures),
+          float(lam), bool(normalize))
     ctx.mark_non_differentiable(*state)
     # The state outputs take no gradient: without this autograd hands the backward six
     # zero-filled tensors (six kernels per backward) for them.
@@ -450,42 +517,35 @@ def lam_grad(grad_y: Tensor, att: Tensor, lam_t: Tensor, batched: bool = False) 
     return s.to(lam_t.dtype).reshape(lam_t.shape)
 
 
-def _backward_batched(ctx, grad_y, x, weight, state, lam_t, scalars=None):
-    """The backward for a batch of gradients (``autograd.grad(..., is_grads_batched=True)``,
-    ``jacobian(vectorize=True)``: grad_y is vmap's batched tensor): the backward op, which
-    vmap runs once per gradient (the loop and the kernels read storage, which a batched
-    tensor has not). The eager path's state may hold None for what it did not keep."""
-    m, l, att, amax, inv_n, kept, scores = state
-    kept = x.new_empty((0,)) if kept is None else kept
-    scores = att.new_empty((0,)) if scores is None else scores
-    args = (grad_y, x, weight, m, l, att, amax, inv_n, kept, scores,
-            _to_schema(ctx.temperatures), ctx.lam, ctx.normalize)
-    if ctx.backend == "cuda" or use_cuda_ops(x, ctx.backend):
-        return torch.ops.csra_triton.csra_bwd_cuda(*args, lam_t, scalars)
-    return torch.ops.csra_triton.csra_bwd(*args, ctx.backend, lam_t, scalars)
-
-
 def _op_backward(lam_slot: int, n_args: int):
     """The custom op's backward (and the triton_op's): gradients for x (slot 0), the weight
     (slot 1) and lam_t (``lam_slot``), None for the op's other ``n_args - 3`` inputs."""
     def backward(ctx, grad_y, *_state_grads):
         need = ctx.needs_input_grad      # shorter where trailing defaults were not passed
         need_lam = len(need) > lam_slot and need[lam_slot]
-        gx, gw, glam = _grads(ctx, grad_y, (need[0], need[1], need_lam), _backward_op)
+        gx, gw, glam = _grads(ctx, grad_y, (need[0], need[1], need_lam))
         grads = [None] * n_args
         grads[0], grads[1], grads[lam_slot] = gx, gw, glam
         return tuple(grads)
     return backward
 
 
-def _backward_op(ctx, grad_y, x, weight, state, lam_t, scalars=None):
-    if ctx.backend == "cuda":
-        return torch.ops.csra_triton.csra_bwd_cuda(
-            grad_y, x, weight, *state, _to_schema(ctx.temperatures), ctx.lam, ctx.normalize,
-            lam_t, scalars)
-    return torch.ops.csra_triton.csra_bwd(
-        grad_y, x, weight, *state, _to_schema(ctx.temperatures), ctx.lam, ctx.normalize,
-        ctx.backend, lam_t, scalars)
+def _backward_op(ctx, grad_y, x, weight, state, lam_t, scalars):
+    """(dx, dW) from the backward op of the route's kind: csra_bwd_cuda for the triton_op
+    (and for the eager route on CUDA tensors on the Triton side), else csra_bwd. The eager
+    route's state holds None for what it did not keep (its packed forward)."""
+    m, l, att, amax, inv_n, kept, scores = state
+    if kept is None or scores is None:
+        kept = x.new_empty((0,)) if kept is None else kept
+        scores = att.new_empty((0,)) if scores is None else scores
+    temps = _to_schema(ctx.temperatures)
+    if ctx.route == "triton_op" or (ctx.route == "eager" and use_cuda_ops(x, ctx.backend)):
+        return torch.ops.csra_triton.csra_bwd_cuda(grad_y, x, weight, m, l, att, amax, inv_n,
+                                                   kept, scores, temps, ctx.lam, ctx.normalize,
+                                                   lam_t, scalars)
+    return torch.ops.csra_triton.csra_bwd(grad_y, x, weight, m, l, att, amax, inv_n, kept,
+                                          scores, temps, ctx.lam, ctx.normalize, ctx.backend,
+                                          lam_t, scalars)
 
 
 #: vmap's batched tensors: ``autograd.grad(..., is_grads_batched=True)`` hands an
@@ -494,13 +554,15 @@ _BATCHED = torch._C._dispatch_key_parse("Batched")
 _FUNCTORCH_BATCHED = torch._C.DispatchKey.FuncTorchBatched
 
 
-def _grads(ctx, grad_y, need: tuple, backward, layout: str = "bdn") -> tuple:
-    """(dx, dW, dlam) from the saved (x, weight, *state[, lam_t]); ``need``: whether x, the
-    weight and lam_t want one (None where not); ``backward(ctx, grad_y, x, weight, state,
-    lam_t)`` gives (dx, dW) for x as (B, D, N) (the saved x read in ``layout``, dx returned in
-    it). Under ``create_graph=True``: through the composite (differentiable again)."""
+def _grads(ctx, grad_y, need: tuple, layout: str = "bdn") -> tuple:
+    """(dx, dW, dlam) of every route's backward, from what :func:`_save` saved; ``need``:
+    whether x, the weight and lam_t want one (None where not); ``layout``: how the saved x
+    holds (B, D, N) (dx is returned in it). One rule: under ``create_graph=True`` through the
+    composite (differentiable again); the eager route runs the loop itself; everything else,
+    and a batch of gradients (``is_grads_batched``: vmap runs the op once per gradient; the
+    loop and the kernels read storage, which a batched tensor has not), the backward op."""
     x, weight, *state = ctx.saved_tensors
-    scalars = state.pop() if getattr(ctx, "has_scalars", False) else None
+    scalars = state.pop() if ctx.has_scalars else None
     lam_t = state.pop() if ctx.has_lam_t else None
     if grad_y is None:
         return None, None, None
@@ -510,12 +572,13 @@ def _grads(ctx, grad_y, need: tuple, backward, layout: str = "bdn") -> tuple:
     keys = torch._C._dispatch_keys(grad_y)           # (inline: no Python call per backward)
     batched = keys.has(_BATCHED) or keys.has(_FUNCTORCH_BATCHED)
     if need[0] or need[1]:
-        if scalars is not None:     # (only the ops' backward: the eager path has none)
-            grad_x, grad_w = (_backward_batched if batched else _backward_op)(
-                ctx, grad_y, as_bdn(x, layout), weight, state, lam_t, scalars)
+        if ctx.route == "eager" and not batched:
+            grad_x, grad_w = _backward_loop(grad_y, as_bdn(x, layout), weight, *state,
+                                            ctx.temperatures, ctx.lam, ctx.normalize,
+                                            ctx.backend, lam_t, ctx.plan)
         else:
-            grad_x, grad_w = (_backward_batched if batched else backward)(
-                ctx, grad_y, as_bdn(x, layout), weight, state, lam_t)
+            grad_x, grad_w = _backward_op(ctx, grad_y, as_bdn(x, layout), weight, state, lam_t,
+                                          scalars)
         if need[0] and layout != "bdn":
             grad_x = from_bdn(grad_x, layout, x.shape)
     grad_lam = (lam_grad(grad_y, state[2], lam_t, batched) if lam_t is not None and need[2]
@@ -558,24 +621,15 @@ class _EagerCSRA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, lam_t, spec):
         temps, lam, normalize, backend, layout, y_dtype = spec
-        y, *state, ctx.plan = _forward_impl(as_bdn(x, layout), weight, temps, lam, normalize,
-                                            True, backend, lam_t, True, y_dtype)
-        ctx.has_lam_t = lam_t is not None
-        ctx.save_for_backward(x, weight, *state, *((lam_t,) if ctx.has_lam_t else ()))
-        ctx.temperatures, ctx.lam, ctx.normalize, ctx.backend = temps, lam, normalize, backend
+        y, *state, plan = _forward_impl(as_bdn(x, layout), weight, temps, lam, normalize, True,
+                                        backend, lam_t, True, y_dtype)
+        _save(ctx, "eager", backend, x, weight, state, lam_t, None, temps, lam, normalize, plan)
         ctx.layout = layout
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        return (*_grads(ctx, grad_y, ctx.needs_input_grad[:3], _backward_direct, ctx.layout),
-                None)
-
-
-def _backward_direct(ctx, grad_y, x, weight, state, lam_t):
-    """The eager path's backward: the loop itself, with the forward's launch plan."""
-    return _backward_loop(grad_y, x, weight, *state, ctx.temperatures, ctx.lam, ctx.normalize,
-                          ctx.backend, lam_t, ctx.plan)
+        return (*_grads(ctx, grad_y, ctx.needs_input_grad[:3], ctx.layout), None)
 
 
 # slots: csra_fwd (x, weight, temperatures, lam, normalize, keep, backend, lam_t, y_dtype,
@@ -609,27 +663,22 @@ class CSRAFunction(torch.autograd.Function):
         lam, normalize = check_lam(lam, x.device), bool(normalize)
         backend = backend_for(x.device, x.dtype)
         lam_t = lam if isinstance(lam, torch.Tensor) else None
-        ctx.eager = EAGER and _eager(x, weight, lam_t)
-        if ctx.eager:
-            y, *state, ctx.plan = _forward_impl(
-                x, weight, temps, 0.0 if lam_t is not None else lam,
-                normalize, True, backend, lam_t, packed=True)
+        lam_f = 0.0 if lam_t is not None else lam
+        plan = None
+        if EAGER and _eager(x, weight, lam_t):
+            route = "eager"
+            y, *state, plan = _forward_impl(x, weight, temps, lam_f, normalize, True, backend,
+                                            lam_t, packed=True)
         else:
+            route = "triton_op" if use_cuda_ops(x, backend) else "op"
             y, *state = forward(x, weight, temps, lam, normalize, True, backend, eager=False)
-        ctx.has_lam_t = lam_t is not None
-        ctx.save_for_backward(x, weight, *state, *((lam,) if ctx.has_lam_t else ()))
-        ctx.temperatures, ctx.lam = temps, 0.0 if ctx.has_lam_t else lam
-        ctx.normalize = normalize
-        # the ops' backward for the CUDA triton_op is csra_bwd_cuda ("cuda"); the eager
-        # path's runs the loop for the backend itself
-        ctx.backend = "cuda" if not ctx.eager and use_cuda_ops(x, backend) else backend
+        _save(ctx, route, backend, x, weight, state, lam_t, None, temps, lam_f, normalize, plan)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         need = ctx.needs_input_grad           # (x, weight, temperatures, lam, normalize)
-        gx, gw, glam = _grads(ctx, grad_y, (need[0], need[1], need[3]),
-                              _backward_direct if ctx.eager else _backward_op)
+        gx, gw, glam = _grads(ctx, grad_y, (need[0], need[1], need[3]))
         return gx, gw, None, glam, None
 
 

@@ -420,59 +420,19 @@ def keeps_scores(x: Tensor, H: int, C: int, target: str | None = None) -> bool:
 # --------------------------------------------------------------------------- configs and tuning
 
 
-def _bench_ms(fn) -> float:
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=5, rep=20, return_mode="median")
-
-
-#: A tuning candidate whose output is further than this from float64 is dropped (fp32 under
-#: TF32 and bf16 operands land near 1e-3; a wrong tile lands near 1).
-TUNE_TOL = {torch.float64: 1e-9, torch.float32: 1e-2, torch.float16: 2e-2, torch.bfloat16: 2e-2}
-
-
-class ConfigRejected(RuntimeError):
-    """A tuning candidate that spills registers or computes something else (see tuning.sweep)."""
-
-
-def _checked(launch, check):
-    """Bench closure body: launch once, reject spills and wrong outputs, then time."""
-    def bench(cfg):
-        kernel = launch(cfg)
-        spills = getattr(kernel, "n_spills", 0) or 0
-        if spills:
-            raise ConfigRejected(f"spills {spills} registers")
-        err = check()
-        if err is not None:
-            raise ConfigRejected(f"output differs from float64 by {err:.1e}")
-        return _bench_ms(lambda: launch(cfg))
-    return bench
-
-
-def y64(x: Tensor, w_op: Tensor, inv_n: Tensor, params: Tensor) -> Tensor:
-    """float64 forward on the kernels' own operands, s = inv_n * (w_op . x) (tuning checks)."""
-    H = w_op.shape[0]
-    s = torch.einsum("hcd,bdn->bhcn", w_op.double(), x.double()) * inv_n.double()[..., None]
-    t = params[:H].double().view(1, -1, 1, 1)
-    lam = float(params[H])
-    is_max = torch.isinf(t)
-    soft = (torch.softmax(s * torch.where(is_max, 1.0, t), -1) * s).sum(-1)
-    att = torch.where(is_max[..., 0], s.amax(-1), soft)
-    return (s.mean(-1) + lam * att).sum(1)
-
-
 def fwd_bench(x: Tensor, weight: Tensor, params: Tensor, outs: tuple):
     """cfg -> median ms of one forward launch with that config (for tuning), after checking its
     output once against float64 and its compiled form for spills."""
     H, C, _ = weight.shape
     w_op, inv_n = prep_weight(x, weight, True, outs[5])
-    ref = y64(x, w_op.view(H, C, -1), inv_n, params)
+    ref = tuning.y_reference(x, w_op.view(H, C, -1), inv_n, params)
 
     def check():
         err = rel_err(outs[0], ref)
-        return err if err > TUNE_TOL[x.dtype] else None
+        return err if err > tuning.TUNE_TOL[x.dtype] else None
 
-    return _checked(lambda cfg: fwd_call(x, w_op, inv_n, params, outs, cfg, H).run(), check)
+    return tuning.checked_timer(
+        lambda cfg: fwd_call(x, w_op, inv_n, params, outs, cfg, H).run(), check)
 
 
 def ds_bench(x, w_op, inv_n, params, grad_y, state, chunk: int, ws: Tensor):
@@ -491,9 +451,9 @@ def ds_bench(x, w_op, inv_n, params, grad_y, state, chunk: int, ws: Tensor):
             ref = out.double().clone()
             return None
         err = rel_err(out, ref)
-        return err if err > TUNE_TOL[x.dtype] else None
+        return err if err > tuning.TUNE_TOL[x.dtype] else None
 
-    return _checked(launch, check)
+    return tuning.checked_timer(launch, check)
 
 
 def fwd_config(x: Tensor, H: int, C: int, D: int, N: int) -> tuning.Config:

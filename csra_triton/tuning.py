@@ -33,6 +33,7 @@ from typing import NamedTuple
 import torch
 
 from . import archs, settings
+from .reference import csra_reference
 from .common import BoundedCache, pow2
 
 #: Autotuning's notes (configs dropped and why): ``logging.getLogger("csra_triton.tuning")``.
@@ -412,10 +413,55 @@ def save_inspect_cache(cache: dict) -> None:
 
 
 
+# --------------------------------------------------------------------------- the sweep's harness
+# (the implementation builds each candidate's launch and its check: triton_impl.fwd_bench,
+# ds_bench)
+
+#: A tuning candidate whose output is further than this from float64 is dropped (fp32 under
+#: TF32 and bf16 operands land near 1e-3; a wrong tile lands near 1).
+TUNE_TOL = {torch.float64: 1e-9, torch.float32: 1e-2, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+
+
+class ConfigRejected(RuntimeError):
+    """A tuning candidate that spills registers or computes something else (see :func:`sweep`)."""
+
+
+def time_ms(fn) -> float:
+    """Median ms of ``fn`` on the GPU (``triton.testing.do_bench``)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=5, rep=20, return_mode="median")
+
+
+def checked_timer(launch, check):
+    """``cfg -> ms`` for :func:`sweep`: ``launch(cfg)`` once (returning the compiled kernel),
+    reject it if it spills or if ``check()`` returns an error, then time it."""
+    def bench(cfg):
+        kernel = launch(cfg)
+        spills = getattr(kernel, "n_spills", 0) or 0
+        if spills:
+            raise ConfigRejected(f"spills {spills} registers")
+        err = check()
+        if err is not None:
+            raise ConfigRejected(f"output differs from its reference by {err:.1e}")
+        return time_ms(lambda: launch(cfg))
+    return bench
+
+
+def y_reference(x, w_op, inv_n, params):
+    """float64 y on the kernels' own operands (x (B, D, N), the prepared weight (H, C, D),
+    inverse norms, the parameter tensor: temperatures (inf = max head), lam), by
+    ``reference.csra_reference``: the tuning checks' ground truth."""
+    H = w_op.shape[0]
+    temps = params[:H].double().tolist()
+    w = w_op.double() * inv_n.double()[..., None]
+    return csra_reference(x.double(), w, temps, float(params[H]), normalize=False)
+
+
 def sweep(configs: list[Config], bench, budget_s: float | None = None,
           rejected: list | None = None) -> list[tuple]:
     """[(config, median ms)] fastest first. ``bench(cfg)`` launches a candidate once, checks
-    its output against float64 and its compiled form for register spills (``triton_impl._checked``),
+    its output against float64 and its compiled form for register spills (:func:`checked_timer`),
     then times it; a candidate that fails any of this is dropped and, with ``rejected`` given,
     appended there as ``(config, reason)``: a fast config that computes something else never
     wins. With ``budget_s`` the sweep stops starting new configs once the budget is spent."""

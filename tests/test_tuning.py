@@ -103,3 +103,89 @@ def test_tune_command_on_cpu_lists_the_space(capsys):
     assert main(["tune", "--shapes", "coco-r101-448,latency-r101-224"]) == 0
     out = capsys.readouterr().out
     assert "sweeps need CUDA" in out and "coco-r101-448:" in out and "forward configs" in out
+
+
+def _sweep(bench, configs):
+    rejected = []
+    try:
+        results = tuning.sweep(configs, bench, rejected=rejected)
+    except RuntimeError:          # no config passed
+        results = []
+    return results, [why for _, why in rejected]
+
+
+def test_the_sweep_times_only_correct_spill_free_candidates(device, monkeypatch):
+    """The harness every autotuning sweep runs (``triton_impl.fwd_bench`` / ``ds_bench`` with
+    ``tuning.checked_timer``), here in the interpreter with the GPU timer stubbed: a candidate
+    is timed only if its output equals float64 (``tuning.y_reference``; for dS', the default
+    config's) and its compiled form does not spill. A launch that writes something else, and
+    one that spills, are rejected with the reason."""
+    ti = csra_triton.triton_impl
+    from csra_triton import common
+
+    monkeypatch.setattr(tuning, "time_ms", lambda fn: (fn(), 1.0)[1])
+    H, C, D, N = 4, 5, 24, 12
+    x = torch.randn(2, D, N, device=device)
+    weight = torch.randn(H, C, D, device=device)
+    temps = [1.0, 2.0, 4.0, INF]
+    params = ti.params_tensor(temps, 0.3, torch.float32, x.device)
+    # y_reference is the float64 head on the prepared operands: their fp32 inverse norms
+    # (2^-24 relative) are its only difference from the head on the weight itself
+    w_op, inv_n = ti.prep_weight(x, weight, True)
+    ref = tuning.y_reference(x, w_op.view(H, C, D), inv_n, params)
+    assert rel_err(ref, ref64(x, weight, temps, 0.3)) <= 4 * 2.0 ** -24
+    configs = CONFIGS[:2]
+
+    outs = common.fwd_outputs(x, H, C, common.empty)
+    results, why = _sweep(ti.fwd_bench(x, weight, params, outs), configs)
+    assert [c for c, _ in results] == configs and why == []
+
+    real_call = ti.fwd_call
+
+    class Wrong:                  # the launch runs, then its y is off by one
+        def __init__(self, call):
+            self.call = call
+
+        def run(self):
+            kernel = self.call.run()
+            outs[0].add_(1.0)
+            return kernel
+
+    monkeypatch.setattr(ti, "fwd_call", lambda *a, **k: Wrong(real_call(*a, **k)))
+    results, why = _sweep(ti.fwd_bench(x, weight, params, outs), configs)
+    assert results == [] and all("differs from its reference" in w for w in why) and len(why) == 2
+
+    class Spilling(Wrong):
+        def run(self):
+            self.call.run()
+            return type("Kernel", (), {"n_spills": 8})()
+
+    monkeypatch.setattr(ti, "fwd_call", lambda *a, **k: Spilling(real_call(*a, **k)))
+    results, why = _sweep(ti.fwd_bench(x, weight, params, outs), configs)
+    assert results == [] and why == ["ConfigRejected: spills 8 registers"] * 2
+
+    # dS': each candidate against the default config's output (the sweep's first)
+    monkeypatch.setattr(ti, "fwd_call", real_call)
+    grad_y = torch.randn(2, C, device=device)
+    w_op, inv_n = ti.prep_weight(x, weight, True)
+    ti.fwd_call(x, w_op, inv_n, params, outs, configs[0], H).run()
+    ws = torch.empty(H * C * 2 * N, device=device)
+
+    def ds_bench():
+        return ti.ds_bench(x, w_op, inv_n, params, grad_y, outs[1:5], C, ws)
+
+    results, why = _sweep(ds_bench(), configs)
+    assert [c for c, _ in results] == configs and why == []
+    real_ds = ti.ds_call
+
+    def wrong_second(*a, **k):
+        call = real_ds(*a, **k)
+        if a[9] != configs[1]:
+            return call
+        out = a[8]
+        return type("Call", (), {"run": lambda self: (call.run(), out.add_(1.0))[0]})()
+
+    monkeypatch.setattr(ti, "ds_call", wrong_second)
+    results, why = _sweep(ds_bench(), configs)
+    assert [c for c, _ in results] == configs[:1] and len(why) == 1, why
+    assert "differs from its reference" in why[0]

@@ -17,9 +17,13 @@ import torch
 def main(root: str, layout: str = "nchw", rounds: int = 10, calls: int = 100) -> None:
     sys.path.insert(0, root)
     from csra_triton import common, ops, triton_impl
-    from csra_triton.tools import hostpath
     from csra_triton.module import CSRATriton
-    from csra_triton.tools.shapes import temperatures
+    try:                                    # (checkouts before the tools moved into tools/)
+        from csra_triton.tools import hostpath
+        from csra_triton.tools.shapes import temperatures
+    except ImportError:
+        from csra_triton import hostpath
+        from csra_triton.shapes import temperatures
 
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)          # stubbed kernels leave their outputs unwritten

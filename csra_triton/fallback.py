@@ -224,6 +224,8 @@ def inv_norms(weight, normalize, acc, out=None, work=None):
         w = weight[:, c0:c1]
         if w.dtype != acc and not w.requires_grad:
             w = work.get("w", w.shape, acc).copy_(w)
+        elif w.dtype == torch.float64 and acc != torch.float64:
+            w = w.to(acc)           # (an fp64 weight beside fp32 x: dtype= may not narrow)
         out[:, c0:c1] = torch.linalg.vector_norm(w, dim=-1, dtype=acc)
     return out.reciprocal_()
 
@@ -237,11 +239,11 @@ def _softmax(s, t_fin, work):
     return zmax, l_c, p.div_(l_c)
 
 
-def fwd(x, weight, temps, lam, normalize, chunk, outs, kept=None):
+def fwd(x, weight, temps, lam, normalize, chunk, outs, scores_out=None):
     """Fills and returns ``outs`` = (y (B, C), m, l, att (B, H, C), argmax (B, H, C) int32,
     inv_n (H, C)): the kernel's state, in base 2 (z = T log2(e) s, m = max_j z_j,
-    l = sum_j 2^(z_j - m)). ``kept`` (H*C, B*N) in the GEMM dtype, if given, receives the
-    products (:func:`keeps_scores`)."""
+    l = sum_j 2^(z_j - m)). ``scores_out`` (H*C, B*N) in the GEMM dtype, if given, receives
+    the products (:func:`keeps_scores`)."""
     y, m, l, att, amax, inv_n = outs
     C = y.shape[1]
     acc = inv_n.dtype
@@ -250,7 +252,7 @@ def fwd(x, weight, temps, lam, normalize, chunk, outs, kept=None):
     operands = gemm_operands(x, weight)
     for c0 in range(0, C, chunk):
         c1 = min(C, c0 + chunk)
-        keep = None if kept is None else kept.view(weight.shape[0], C, -1)[:, c0:c1]
+        keep = None if scores_out is None else scores_out.view(weight.shape[0], C, -1)[:, c0:c1]
         s, is_max, t_fin = scores(x, weight, temps, inv_n, c0, c1, acc, FWD_REFINE, operands,
                                   keep=keep, work=work)
         zmax, l_c, p = _softmax(s, t_fin, work)                     # (H, Cc, B, 1|N)
@@ -419,7 +421,7 @@ def forward(x, weight, temps, lam, normalize, keep, lam_t=None, y_dtype=None):
     scores = scores_output(x, weight, keep)
     outs = fwd_outputs(x, H, C, y_dtype=y_dtype)
     fwd(x, weight, torch.tensor(temps, dtype=acc), lam, normalize, chunk_classes(H, C, B, N),
-        outs, kept=scores if scores.numel() else None)
+        outs, scores_out=scores if scores.numel() else None)
     if not keep:
         outs = (*outs[:5], new((0,), acc, x.device))
     return (*outs, new((0,), x.dtype, x.device), scores)

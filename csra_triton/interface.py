@@ -64,7 +64,8 @@ class Implementation(Protocol):
     ``(y, *ForwardState)``: x (B, D, N) with any strides, weight (H, C, D), ``temps`` validated
     (a max head is inf), ``keep`` False for inference (nothing kept for a backward), ``lam_t``
     a learnable lam (a one-element tensor, used instead of ``lam``), ``y_dtype`` y's dtype if
-    not x's. (The Triton side also takes ``packed`` and ``scalars``: see its docstring.)
+    not x's, in this order. (The Triton side also takes ``packed`` and ``scalars`` after them:
+    see its docstring.)
 
     ``Backward(grad_y, x, weight, state, inv_n, kept, temps, lam, normalize, scores=None,
     lam_t=None, launch_plan=None)`` -> a :class:`BackwardPass`; ``state`` is (m, l, att, argmax),

@@ -199,11 +199,14 @@ def _forward_impl(x, weight, temps, lam, normalize, keep, backend, lam_t, packed
     impl = implementation(x, backend)
     if x.shape[0] == 0 and impl is triton_impl:     # no programs to launch: the fallback's zeros
         *outs, _, _ = fallback.forward(x, weight, temps, lam, normalize, keep, lam_t, y_dtype)
-        return (*outs, _kept_like(x, weight, keep, backend, new),
-                _scores_like(x, weight, keep, backend, new), *((None,) if packed else ()))
+        kept = _kept_like(x, weight, keep, backend, new)
+        if kept.numel():                              # the prepared weight: x's dtype
+            kept.copy_(weight.reshape(kept.shape))
+        return (*outs, kept, _scores_like(x, weight, keep, backend, new),
+                *((None,) if packed else ()))
     if impl is triton_impl:
-        return triton_impl.forward(x, weight, temps, lam, normalize, keep, lam_t, packed,
-                                   y_dtype, scalars)
+        return triton_impl.forward(x, weight, temps, lam, normalize, keep, lam_t, y_dtype,
+                                   packed, scalars)
     out = fallback.forward(x, weight, temps, lam, normalize, keep, lam_t, y_dtype)
     return (*out, None) if packed else out
 

@@ -539,8 +539,8 @@ def with_lam(params: Tensor, lam_t: Tensor | None, scalars: Tensor | None = None
 
 
 def forward(x: Tensor, weight: Tensor, temps: list[float], lam: float, normalize: bool,
-            keep: bool, lam_t: Tensor | None = None, packed: bool = False,
-            y_dtype: torch.dtype | None = None, scalars: Tensor | None = None) -> tuple:
+            keep: bool, lam_t: Tensor | None = None, y_dtype: torch.dtype | None = None,
+            packed: bool = False, scalars: Tensor | None = None) -> tuple:
     """(y, m, l, att, argmax, inv_n, kept, scores): two launches (prep, fwd), the weight
     prepared from its current values. ``kept`` is the prepared weight when ``keep`` and it is
     small (:func:`keeps_weight`), else (0,); ``scores`` the raw scores when ``keep`` and

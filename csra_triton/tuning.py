@@ -24,6 +24,7 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass
@@ -363,14 +364,16 @@ def drop_known_spills(space: list[Config], kernel: str, shape: Problem, dtype: t
 
 def known_spills(kernel: str, arch: str, shape: Problem, dtype, configs,
                  source: str | None) -> list:
-    """The configs that the compile report's cache says spill (configs never compiled are not
-    among them): tuning drops them without compiling them again. One read of the cache."""
+    """The configs that the compile report's cache says spill in any launch it compiled them
+    for (its keys are :func:`inspect_key` followed by the launch's layout, precision,
+    constexprs, warps and stages; configs never compiled are not among them): tuning drops
+    them without compiling them again. One read of the cache."""
     if source is None:
         return []
-    cache = load_inspect_cache()
-    hits = ((cfg, cache.get(inspect_key(kernel, arch, shape, dtype, cfg, source)))
-            for cfg in configs)
-    return [cfg for cfg, hit in hits if hit is not None and hit["spill_bytes"] > 0]
+    spilled = [k for k, v in load_inspect_cache().items() if v.get("spill_bytes", 0) > 0]
+    return [cfg for cfg in configs
+            if any(k.startswith(inspect_key(kernel, arch, shape, dtype, cfg, source) + "|")
+                   for k in spilled)]
 
 
 # --------------------------------------------------------------------------- the compile report's cache
@@ -453,7 +456,10 @@ def y_reference(x, w_op, inv_n, params):
     inverse norms, the parameter tensor: temperatures (inf = max head), lam), by
     ``reference.csra_reference``: the tuning checks' ground truth."""
     H = w_op.shape[0]
-    temps = params[:H].double().tolist()
+    # (csra_reference reads exactly 99 as the official max flag; for the kernels, a parameter
+    # of 99 is a softmax temperature: the next double up keeps it one)
+    temps = [math.nextafter(t, math.inf) if t == 99 else t
+             for t in params[:H].double().tolist()]
     w = w_op.double() * inv_n.double()[..., None]
     return csra_reference(x.double(), w, temps, float(params[H]), normalize=False)
 

@@ -23,6 +23,16 @@ def test_opcheck_fwd(dtype, backend, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck_fwd_empty_batch(dtype, backend, device):
+    """B = 0: nothing is launched, and still every output is defined (the Triton path's kept
+    prepared weight is the weight in x's dtype, not uninitialised memory)."""
+    x3 = torch.randn(0, 16, 3, device=device).to(dtype).requires_grad_()
+    weight = torch.randn(2, 4, 16, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.csra_triton.csra_fwd.default,
+                          (x3, weight, [1.0, 0.0], 0.1, True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_opcheck_bwd(dtype, backend, device):
     """What the forward keeps for the backward, each in its own slot: ``kept`` the prepared
     weight (the Triton path: rows in x's dtype; never on the fallback), ``scores`` the score
@@ -123,8 +133,8 @@ def test_implementations_declare_the_interface(backend, device):
     for name in ("forward", "Backward", "scores_output"):
         assert callable(getattr(impl, name)), name
     params = list(inspect.signature(impl.forward).parameters)
-    assert params[:7] == ["x", "weight", "temps", "lam", "normalize", "keep", "lam_t"], params
-    assert "y_dtype" in params
+    assert params[:8] == ["x", "weight", "temps", "lam", "normalize", "keep", "lam_t",
+                          "y_dtype"], params
     assert list(inspect.signature(impl.Backward).parameters)[:12] == [
         "grad_y", "x", "weight", "state", "inv_n", "kept", "temps", "lam", "normalize",
         "scores", "lam_t", "launch_plan"]

@@ -165,6 +165,27 @@ def test_logits_dtype_under_autocast_is_the_official_heads(backend_name, autocas
     assert rel_err(y, ref) <= max(1.25 * rel_err(y_off, ref), TOL[torch.float32])
 
 
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_fp64_weight_under_autocast(backend_name, device):
+    """An fp64 weight (a head cast with ``.double()``) beside fp32 features under bf16 autocast:
+    x is cast as a conv's input would be, the weight stays fp64, the norm division promotes the
+    logits to fp64; y, dW and the attention maps against float64 on the operands multiplied
+    (bf16 x, the weight rounded to bf16): bf16's TOL, as for every bf16 input."""
+    x = torch.randn(2, 16, 3, 3, device=device)
+    head = csra_triton.CSRATriton(16, 5, 4, 0.3).double().to(device)
+    g = torch.randn(2, 5, device=device, dtype=torch.float64)
+    with torch.autocast(device, dtype=torch.bfloat16), ops.use_backend(backend_name):
+        y = head(x)
+        y.backward(g)
+        maps = head.attention_maps(x)
+    assert y.dtype == torch.float64 and head.weight.grad.dtype == torch.float64
+    x_op = x.to(torch.bfloat16)
+    ref, _, dw = ref64(x_op, head.weight, head.temperatures, 0.3, grad=g)
+    assert rel_err(y, ref) <= TOL[torch.bfloat16]
+    assert rel_err(head.weight.grad, dw) <= TOL[torch.bfloat16]
+    assert maps.shape == (2, 4, 5, 3, 3) and torch.isfinite(maps).all()
+
+
 def test_model_cast_to_bf16_stays_bf16(device):
     """A head cast with ``.to(bf16)`` and bf16 features, no autocast: bf16 logits, as the
     official head's."""

@@ -189,3 +189,25 @@ def test_the_sweep_times_only_correct_spill_free_candidates(device, monkeypatch)
     results, why = _sweep(ds_bench(), configs)
     assert [c for c, _ in results] == configs[:1] and len(why) == 1, why
     assert "differs from its reference" in why[0]
+
+
+def test_configs_the_compile_report_saw_spill_are_dropped(tmp_path, monkeypatch):
+    """The compile report's cache keys a launch by ``inspect_key`` and the launch's layout,
+    precision, constexprs, warps and stages; a config it saw spill (in any layout) is dropped
+    from a sweep without compiling it again, one it saw clean or never compiled is kept."""
+    path = tmp_path / "inspect.json"
+    monkeypatch.setenv("CSRA_TRITON_INSPECT_CACHE", str(path))
+    shape = tuning.Problem(B=2, heads=4, C=80, d=2048, N=196)
+    space = tuning.config_space("fwd", 4, 80, 2048, 196, 2, arch="sm_90a")
+    spills, clean, unseen = space[1], space[2], space[3]
+
+    def key(cfg, layout):
+        return (tuning.inspect_key("fwd", "sm_90a", shape, torch.bfloat16, cfg, "f" * 32)
+                + f"|{layout}|ieee|[('BC', {cfg.BC})]|{cfg.num_warps}|{cfg.num_stages}")
+
+    cache = {key(spills, "nchw"): {"spill_bytes": 0}, key(spills, "tokens"): {"spill_bytes": 8},
+             key(clean, "nchw"): {"spill_bytes": 0}}
+    tuning.save_inspect_cache(cache)
+    kept, dropped = tuning.drop_known_spills(space, "fwd", shape, torch.bfloat16, "sm_90a",
+                                             "f" * 32)
+    assert dropped == [spills] and clean in kept and unseen in kept and kept[0] == space[0]

@@ -57,8 +57,7 @@ def _check_inputs(x, weight, layout: str) -> Tensor:
                              f"(shape {tuple(x.shape)})")
         if x.shape[2] * x.shape[3] == 0:
             raise ValueError(f"x: expected h*w >= 1 positions, got shape {tuple(x.shape)}")
-        return _autocast(x) if torch.is_autocast_enabled(x.device.type) else x
-    if layout == "tokens":
+    elif layout == "tokens":
         if x.dim() != 3:
             raise ValueError(f"x: expected 3-D tokens (B, N, in_ch), got shape {tuple(x.shape)}")
         if x.shape[2] != d:
@@ -66,8 +65,9 @@ def _check_inputs(x, weight, layout: str) -> Tensor:
                              f"(shape {tuple(x.shape)})")
         if x.shape[1] == 0:
             raise ValueError(f"x: expected N >= 1 tokens, got shape {tuple(x.shape)}")
-        return _autocast(x) if torch.is_autocast_enabled(x.device.type) else x
-    raise ValueError(f"layout: expected 'nchw' or 'tokens', got {layout!r}")
+    else:
+        raise ValueError(f"layout: expected 'nchw' or 'tokens', got {layout!r}")
+    return _autocast(x) if torch.is_autocast_enabled(x.device.type) else x
 
 
 def csra(x: Tensor, weight: Tensor, temperatures: Sequence[float], lam: float,

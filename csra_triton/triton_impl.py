@@ -63,11 +63,6 @@ DS_KEPT_ELEMS = 2048  # rows x positions per program of that kernel (8 per threa
 DS_KEPT_WARPS = 8
 
 
-def gpu() -> bool:
-    """Whether launches compile for a GPU (False under the interpreter)."""
-    return not INTERPRET
-
-
 def tf32_enabled(x: Tensor, target: str | None = None, on_gpu: bool | None = None) -> bool:
     """fp32 scores on TF32 tensor cores: as the official 1x1 conv (cuDNN) computes them, i.e.
     when ``torch.backends.cudnn.allow_tf32`` is True (PyTorch's default); IEEE fp32 otherwise.
@@ -302,7 +297,8 @@ def fwd_call(x, w_op, inv_n, params, outs, cfg, H, target: str | None = None,
         kw = _tile_kw(x, cfg, H, D, major, target)
     save = scores is not None and scores.numel() > 0
     warps = cfg.num_warps
-    if save and warps == 8 and (target is not None or not INTERPRET) and archs.ARCHS[_arch(x, target)].mma == "wgmma":
+    on_gpu = target is not None or not INTERPRET
+    if save and warps == 8 and on_gpu and archs.ARCHS[_arch(x, target)].mma == "wgmma":
         warps = 16
     return Call((_kmod or _k()).csra_fwd_kernel, _grid(B, n_cb, major),
                 (x, *x.stride(), w_op, inv_n, params, y, *y.stride(), m, l, att, amax,

@@ -371,9 +371,9 @@ def known_spills(kernel: str, arch: str, shape: Problem, dtype, configs,
     if source is None:
         return []
     spilled = [k for k, v in load_inspect_cache().items() if v.get("spill_bytes", 0) > 0]
-    return [cfg for cfg in configs
-            if any(k.startswith(inspect_key(kernel, arch, shape, dtype, cfg, source) + "|")
-                   for k in spilled)]
+    prefixes = [(cfg, inspect_key(kernel, arch, shape, dtype, cfg, source) + "|")
+                for cfg in configs]
+    return [cfg for cfg, prefix in prefixes if any(k.startswith(prefix) for k in spilled)]
 
 
 # --------------------------------------------------------------------------- the compile report's cache

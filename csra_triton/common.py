@@ -113,12 +113,6 @@ def pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def pow2_divisor(v: int, cap: int) -> int:
-    """The largest power of two dividing ``v``, at most ``cap`` (``cap`` for v == 0)."""
-    v = abs(int(v))
-    return cap if v == 0 else min(cap, v & -v)
-
-
 # --------------------------------------------------------------------------- bounded caches
 
 
@@ -176,6 +170,20 @@ class BoundedCache:
     def __len__(self) -> int:
         with self._lock:
             return len(self._d)
+
+
+#: Tensors a captured CUDA graph reads by address (the kernels' scalar parameters): kept for the
+#: process's life, one per distinct tensor captured (as many as the user captured).
+_captured: dict = {}
+_captured_lock = threading.Lock()
+
+
+def hold_if_capturing(t: Tensor) -> None:
+    """Under CUDA-graph capture, the graph will read ``t`` by address at every replay: it must
+    outlive any cache eviction, so it is held for good (:data:`_captured`)."""
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        with _captured_lock:
+            _captured[id(t)] = t
 
 
 # --------------------------------------------------------------------------- temperatures

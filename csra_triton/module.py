@@ -124,7 +124,7 @@ class CSRATriton(nn.Module):
                                  f"{sorted(OFFICIAL_TEMPERATURES)}); pass temperatures explicitly")
             temperatures = OFFICIAL_TEMPERATURES[heads]
         self.in_ch, self.classes, self.heads = in_ch, classes, heads
-        # temperatures and lam as a tensor, for compiled calls (see _traced_forward); written
+        # temperatures and lam as a tensor, for compiled calls (see _traced_args); written
         # from the Python values at every assignment and device or dtype move, never read back
         self.register_buffer("_scalars", torch.zeros(heads + 1, dtype=torch.int64),
                              persistent=False)
@@ -247,32 +247,32 @@ class CSRATriton(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, in_ch, h, w) -> logits (B, classes) in x's dtype."""
-        if torch.compiler.is_compiling():
-            return self._traced_forward(x, "nchw")
-        return _csra_prechecked(x, self._checked_weight(), self._temperatures, self.lam,
-                                self._normalize, "nchw", None, False)
+        compiling = torch.compiler.is_compiling()
+        w, temps, lam, normalize, scalars = self._traced_args() if compiling else (
+            self._checked_weight(), self._temperatures, self.lam, self._normalize, None)
+        return _csra_prechecked(x, w, temps, lam, normalize, "nchw", scalars, compiling)
 
     def forward_tokens(self, x: Tensor) -> Tensor:
         """x (B, N, in_ch) tokens (e.g. a ViT's patch tokens, class token dropped) -> (B, classes)."""
-        if torch.compiler.is_compiling():
-            return self._traced_forward(x, "tokens")
-        return _csra_prechecked(x, self._checked_weight(), self._temperatures, self.lam,
-                                self._normalize, "tokens", None, False)
+        compiling = torch.compiler.is_compiling()
+        w, temps, lam, normalize, scalars = self._traced_args() if compiling else (
+            self._checked_weight(), self._temperatures, self.lam, self._normalize, None)
+        return _csra_prechecked(x, w, temps, lam, normalize, "tokens", scalars, compiling)
 
-    def _traced_forward(self, x: Tensor, layout: str) -> Tensor:
-        """Under torch.compile and torch.export: the temperatures and lam reach the ops as the
-        ``_scalars`` buffer, a graph input, so that the graph holds no Python float of them
-        and assigning new ones costs no recompile (a float would be a guarded constant). The
-        ONNX exporter takes the floats (its graph is standard operators)."""
+    def _traced_args(self) -> tuple:
+        """(weight, temperatures, lam, normalize, scalars) of a call under torch.compile and
+        torch.export: the temperatures and lam reach the ops as the ``_scalars`` buffer, a
+        graph input, so that the graph holds no Python float of them and assigning new ones
+        costs no recompile (a float would be a guarded constant); ``temperatures`` and a
+        number lam are then placeholders. The ONNX exporter takes the floats (its graph is
+        standard operators; scalars None)."""
         if torch.onnx.is_in_onnx_export():
-            return _csra_prechecked(x, self._checked_weight(), self._temperatures, self.lam,
-                                    self.normalize, layout, None, True)
+            return self._checked_weight(), self._temperatures, self.lam, self.normalize, None
         lam = self._parameters.get("lam")
         if lam is None and getattr(self, "_is_replica", False):   # nn.DataParallel's replica
             lam = self.__dict__["_lam"]
-        return _csra_prechecked(x, self._checked_weight(), [1.0] * self.heads,
-                                lam if lam is not None else 0.0, self.normalize, layout,
-                                self._buffers["_scalars"], True)
+        return (self._checked_weight(), [1.0] * self.heads, lam if lam is not None else 0.0,
+                self.normalize, self._buffers["_scalars"])
 
     def _checked_weight(self) -> Tensor:
         w = self.weight

@@ -194,16 +194,9 @@ def _forward_impl(x, weight, temps, lam, normalize, keep, backend, lam_t, packed
     ``y_dtype``: y's dtype where it is not x's (the official head's under autocast);
     ``scalars``: the temperatures and lam as a tensor (:func:`scalars_tensor`), which then
     replace ``temps`` and ``lam``."""
+    impl = implementation(x, backend)
     if scalars is not None:
         temps, lam, scalars = _host_scalars(x, scalars, temps, lam)
-    impl = implementation(x, backend)
-    if x.shape[0] == 0 and impl is triton_impl:     # no programs to launch: the fallback's zeros
-        *outs, _, _ = fallback.forward(x, weight, temps, lam, normalize, keep, lam_t, y_dtype)
-        kept = _kept_like(x, weight, keep, backend, new)
-        if kept.numel():                              # the prepared weight: x's dtype
-            kept.copy_(weight.reshape(kept.shape))
-        return (*outs, kept, _scores_like(x, weight, keep, backend, new),
-                *((None,) if packed else ()))
     if impl is triton_impl:
         return triton_impl.forward(x, weight, temps, lam, normalize, keep, lam_t, y_dtype,
                                    packed, scalars)
@@ -350,7 +343,7 @@ def run(x: Tensor, weight: Tensor, temps, lam, normalize: bool, layout: str = "b
     route            when                                        forward / backward
     ===============  ==========================================  ===========================
     onnx             an ONNX export traces                       ``fallback.forward_graph``
-    composite        a torch.func transform is active            :func:`composite`, autograd
+    composite        a torch.func transform is active            :func:`composite`'s graph
     eager inference  :func:`_eager`, no gradient will be asked   the implementation's forward
     eager training   :func:`_eager`, a gradient will be asked    :class:`_EagerCSRA`
     triton_op        CUDA tensors on the Triton implementation   ``csra_fwd_cuda`` / ``_bwd_cuda``
@@ -369,17 +362,17 @@ def run(x: Tensor, weight: Tensor, temps, lam, normalize: bool, layout: str = "b
         y_dtype = autocast_logits_dtype(x, weight)
     # (torch._C._is_tracing: torch.jit.is_tracing without its Python frames, reached only when
     # nothing compiles; ONNX's own check runs only while something traces)
-    if (compiling or torch._C._is_tracing()) and torch.onnx.is_in_onnx_export():
-        return fallback.forward_graph(as_bdn(x, layout), weight, temps, lam, normalize,
-                                      y_dtype=y_dtype)
-    if functorch_active(compiling):
-        return composite(as_bdn(x, layout), weight, temps, lam, normalize, y_dtype)
-    # keep=False when no gradient will be asked for (inference): the op then keeps nothing
-    # for a backward (inv_norm, the prepared weight and the scores are not returned)
-    keep = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (
-        isinstance(lam, Tensor) and lam.requires_grad))
-    return forward(x, weight, temps, lam, normalize, keep, layout=layout, y_dtype=y_dtype,
-                   scalars=scalars, compiling=compiling)[0]
+    onnx = (compiling or torch._C._is_tracing()) and torch.onnx.is_in_onnx_export()
+    if not (onnx or functorch_active(compiling)):
+        # keep=False when no gradient will be asked for (inference): the op then keeps nothing
+        # for a backward (inv_norm, the prepared weight and the scores are not returned)
+        keep = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (
+            isinstance(lam, Tensor) and lam.requires_grad))
+        return forward(x, weight, temps, lam, normalize, keep, layout=layout, y_dtype=y_dtype,
+                       scalars=scalars, compiling=compiling)[0]
+    # the onnx and composite routes: one graph of standard operators
+    return fallback.forward_graph(as_bdn(x, layout), weight, temps, lam, normalize,
+                                  first_max=not onnx, y_dtype=y_dtype)
 
 
 def autocast_logits_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
@@ -417,10 +410,10 @@ def forward(x: Tensor, weight: Tensor, temps: list[float], lam, normalize: bool,
         if not keep:              # inference: nothing for autograd to record
             return _forward_impl(as_bdn(x, layout), weight, temps, lam, normalize, False,
                                  backend, lam_t, True, y_dtype)
-        return (_EagerCSRA.apply(x, weight, lam_t,
+        return (_eager_training(x, weight, lam_t,
                                  (temps, lam, normalize, backend, layout, y_dtype)),)
     x = as_bdn(x, layout)
-    if use_cuda_ops(x, backend):
+    if x.is_cuda and backend == "triton":      # the triton_op route
         return torch.ops.csra_triton.csra_fwd_cuda(x, weight, _to_schema(temps), lam,
                                                    normalize, keep, lam_t, y_dtype, scalars)
     return torch.ops.csra_triton.csra_fwd(x, weight, _to_schema(temps), lam, normalize, keep,
@@ -633,6 +626,10 @@ class _EagerCSRA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         return (*_grads(ctx, grad_y, ctx.needs_input_grad[:3], ctx.layout), None)
+
+
+#: ``_EagerCSRA.apply``, bound once (the eager training route's entry)
+_eager_training = _EagerCSRA.apply
 
 
 # slots: csra_fwd (x, weight, temperatures, lam, normalize, keep, backend, lam_t, y_dtype,

@@ -31,8 +31,8 @@ import torch
 from torch import Tensor
 
 from . import archs, tuning
-from .common import (BoundedCache, acc_dtype, cdiv, empty, fwd_outputs, mm_plain, new, pow2,
-                     pow2_divisor, rel_err, x_matrix)
+from .common import (BoundedCache, acc_dtype, cdiv, empty, fwd_outputs, hold_if_capturing,
+                     mm_plain, new, pow2, rel_err, x_matrix)
 from .settings import ENV
 
 INTERPRET = ENV.triton_interpret
@@ -134,10 +134,6 @@ def _new_cache() -> BoundedCache:
 
 
 _params_cache = _new_cache()
-#: Scalar-parameter tensors a captured CUDA graph reads by address: kept for the process's life
-#: (one per distinct (temperatures, lam, dtype, device) captured: as many as the user captured).
-_captured: dict = {}
-_captured_lock = threading.Lock()
 
 
 def params_tensor(temps: list[float], lam: float, dtype: torch.dtype,
@@ -152,14 +148,6 @@ def params_tensor(temps: list[float], lam: float, dtype: torch.dtype,
         t = _params_cache.put(key, torch.tensor([*temps, lam, math.log2(math.e)], dtype=dtype,
                                                 device=device))
     return t
-
-
-def _hold_if_capturing(params: Tensor) -> None:
-    """Under CUDA-graph capture, the graph will read ``params`` by address at every replay: it
-    must outlive any cache eviction, so it is held for good (:data:`_captured`)."""
-    if params.is_cuda and torch.cuda.is_current_stream_capturing():
-        with _captured_lock:
-            _captured[id(params)] = params
 
 
 # --------------------------------------------------------------------------- launches
@@ -243,6 +231,12 @@ class Call(NamedTuple):
             # the kernel's order
             ck[self.grid](*self.args, *(self.constexprs[n] for n in _constexpr_names(self.kernel)))
             return ck
+
+
+def pow2_divisor(v: int, cap: int) -> int:
+    """The largest power of two dividing ``v``, at most ``cap`` (``cap`` for v == 0)."""
+    v = abs(int(v))
+    return cap if v == 0 else min(cap, v & -v)
 
 
 def _tile_kw(x: Tensor, cfg: tuning.Config, H: int, D: int, major: bool,
@@ -452,14 +446,19 @@ def ds_bench(x, w_op, inv_n, params, grad_y, state, chunk: int, ws: Tensor):
     return tuning.checked_timer(launch, check)
 
 
-def fwd_config(x: Tensor, H: int, C: int, D: int, N: int) -> tuning.Config:
-    """The forward's launch config (tiles shared with the backward); tunes if asked to."""
-    def bench():
-        w = torch.randn(H, C, D, device=x.device)
-        params = params_tensor([1.0] * H, 0.1, acc_dtype(x.dtype), x.device)
-        return fwd_bench(x, w, params, fwd_outputs(x, H, C, empty))
+def fwd_config(x: Tensor, H: int, C: int, D: int, N: int, tune: bool = True) -> tuning.Config:
+    """The forward's launch config (tiles shared with the backward); tunes if asked to
+    (``tune``: whether it may: never for a traced x)."""
+    return tuning.choose("fwd", H, C, D, N, x,
+                         functools.partial(_fwd_tuning_bench, x, H, C, D) if tune else None,
+                         source=kernel_source("fwd"))
 
-    return tuning.choose("fwd", H, C, D, N, x, bench, source=kernel_source("fwd"))
+
+def _fwd_tuning_bench(x: Tensor, H: int, C: int, D: int):
+    """:func:`fwd_bench` on a random weight (the timer autotuning sweeps the forward with)."""
+    w = torch.randn(H, C, D, device=x.device)
+    params = params_tensor([1.0] * H, 0.1, acc_dtype(x.dtype), x.device)
+    return fwd_bench(x, w, params, fwd_outputs(x, H, C, empty))
 
 
 def bwd_config(x: Tensor, H: int, C: int, D: int, N: int, fwd: tuning.Config,
@@ -497,24 +496,24 @@ def plan(x: Tensor, weight: Tensor, temps: list[float], lam: float) -> Plan:
     tracing built anew and not kept: its parameter tensor becomes a constant of the graph)."""
     B, D, N = x.shape
     H, C, _ = weight.shape
-    if tracing(x):
+    traced = tracing(x)
+    if not traced:
+        key = (x.shape, x.stride(), x.dtype, x.device, weight.shape, tuple(temps), lam,
+               tf32_enabled(x))           # (torch.Size hashes as the tuple it is)
+        p = _plans.get(key)
+        if p is not None:
+            hold_if_capturing(p.params)
+            return p
+    cfg = fwd_config(x, H, C, D, N, tune=not traced)
+    kw = _tile_kw(x, cfg, H, D, cb_major(H, C, D, x.element_size()), None)
+    if traced:
         # made on the device (a host tensor would be copied to it on every call, which also
         # keeps CUDA graphs from capturing the graph)
         vals = [*temps, lam, math.log2(math.e)]
-        params = torch.cat([torch.full((1,), v, dtype=acc_dtype(x.dtype), device=x.device)
-                            for v in vals])
-        cfg = tuning.choose("fwd", H, C, D, N, x)
-        return Plan(cfg, params, _tile_kw(x, cfg, H, D, cb_major(H, C, D, x.element_size()),
-                                          None))
-    key = (x.shape, x.stride(), x.dtype, x.device, weight.shape, tuple(temps), lam,
-           tf32_enabled(x))           # (torch.Size hashes as the tuple it is)
-    p = _plans.get(key)
-    if p is None:
-        cfg = fwd_config(x, H, C, D, N)
-        p = _plans.put(key, Plan(
-            cfg, params_tensor(temps, lam, acc_dtype(x.dtype), x.device),
-            _tile_kw(x, cfg, H, D, cb_major(H, C, D, x.element_size()), None)))
-    _hold_if_capturing(p.params)
+        return Plan(cfg, torch.cat([torch.full((1,), v, dtype=acc_dtype(x.dtype),
+                                               device=x.device) for v in vals]), kw)
+    p = _plans.put(key, Plan(cfg, params_tensor(temps, lam, acc_dtype(x.dtype), x.device), kw))
+    hold_if_capturing(p.params)
     return p
 
 
@@ -537,8 +536,8 @@ def with_lam(params: Tensor, lam_t: Tensor | None, scalars: Tensor | None = None
 def forward(x: Tensor, weight: Tensor, temps: list[float], lam: float, normalize: bool,
             keep: bool, lam_t: Tensor | None = None, y_dtype: torch.dtype | None = None,
             packed: bool = False, scalars: Tensor | None = None) -> tuple:
-    """(y, m, l, att, argmax, inv_n, kept, scores): two launches (prep, fwd), the weight
-    prepared from its current values. ``kept`` is the prepared weight when ``keep`` and it is
+    """(y, m, l, att, argmax, inv_n, kept, scores): two launches (prep, fwd; for B = 0 the prep
+    alone), the weight prepared from its current values. ``kept`` is the prepared weight when ``keep`` and it is
     small (:func:`keeps_weight`), else (0,); ``scores`` the raw scores when ``keep`` and
     :func:`keeps_scores`, else (0,). ``packed`` (the eager path, ``ops``): the state and inverse
     norms are views of one allocation and what is not kept is None (:func:`_forward_packed`;
@@ -549,17 +548,18 @@ def forward(x: Tensor, weight: Tensor, temps: list[float], lam: float, normalize
     (traced calls of a compiled module; :func:`with_lam`)."""
     H, C, D = weight.shape
     p = plan(x, weight, temps, lam)
-    if packed and x.dtype != torch.float64:
-        return (*_forward_packed(x, weight, p, normalize, keep, lam_t, y_dtype), p)
-    # inv_n: the prepared one, if kept
-    outs = fwd_outputs(x, H, C, keep=False, y_dtype=y_dtype)[:5]
-    w_op, inv_n = prep_weight(x, weight, normalize)
-    scores = scores_output(x, weight, keep)
-    fwd_call(x, w_op, inv_n, with_lam(p.params, lam_t, scalars), outs, p.cfg, H, kw=p.kw,
-             scores=scores).run()
-    inv_n = inv_n.view(H, C) if keep else new((0,), acc_dtype(x.dtype), x.device)
-    kept = w_op if keep and keeps_weight(x, weight) else new((0,), x.dtype, x.device)
-    return (*outs, inv_n, kept, scores, *((p,) if packed else ()))
+    if not packed or x.dtype == torch.float64:
+        # inv_n: the prepared one, if kept
+        outs = fwd_outputs(x, H, C, keep=False, y_dtype=y_dtype)[:5]
+        w_op, inv_n = prep_weight(x, weight, normalize)
+        scores = scores_output(x, weight, keep)
+        if x.shape[0] != 0:       # (B = 0: y and the state are empty, the weight is prepared)
+            fwd_call(x, w_op, inv_n, with_lam(p.params, lam_t, scalars), outs, p.cfg, H,
+                     kw=p.kw, scores=scores).run()
+        inv_n = inv_n.view(H, C) if keep else new((0,), acc_dtype(x.dtype), x.device)
+        kept = w_op if keep and keeps_weight(x, weight) else new((0,), x.dtype, x.device)
+        return (*outs, inv_n, kept, scores, *((p,) if packed else ()))
+    return (*_forward_packed(x, weight, p, normalize, keep, lam_t, y_dtype), p)
 
 
 def _forward_packed(x: Tensor, weight: Tensor, p: "Plan", normalize: bool, keep: bool,
@@ -577,8 +577,9 @@ def _forward_packed(x: Tensor, weight: Tensor, p: "Plan", normalize: bool, keep:
     w_op = new((H * C, D), x.dtype, x.device)
     scores = new((H, C, B, N), acc, x.device) if keep and keeps_scores(x, H, C) else None
     prep_call(x, weight, normalize, w_op, inv_n, kw=p.kw).run()
-    fwd_call(x, w_op, inv_n, with_lam(p.params, lam_t), (y, m, l, att, amax), p.cfg, H,
-             kw=p.kw, scores=scores).run()
+    if B != 0:
+        fwd_call(x, w_op, inv_n, with_lam(p.params, lam_t), (y, m, l, att, amax), p.cfg, H,
+                 kw=p.kw, scores=scores).run()
     kept = w_op if keep and keeps_weight(x, weight) else None
     return (y, m, l, att, amax, inv_n.view(H, C), kept, scores)
 
@@ -611,7 +612,7 @@ class Backward:
         # the forward's plan where the caller has it (the eager path), else looked up again
         if launch_plan is not None:
             p = launch_plan
-            _hold_if_capturing(p.params)      # a captured backward reads it at every replay
+            hold_if_capturing(p.params)      # a captured backward reads it at every replay
         else:
             p = plan(x, weight, temps, lam)
         self.params, fwd_cfg, self.kw = with_lam(p.params, lam_t, scalars), p.cfg, p.kw

@@ -200,14 +200,14 @@ def cache_path() -> Path:
     return Path(base) / "csra_triton" / "tune.json"
 
 
-def environment(device: torch.device | None = None) -> dict:
-    """What a cached choice is valid for: the GPU's name and arch, the torch and triton
-    versions."""
+def environment(device: torch.device | None, arch: str) -> dict:
+    """What a cached choice is valid for: the GPU's name and arch (``arch``: the device's,
+    ``archs.device_arch``), the torch and triton versions; "cpu" for both off a GPU."""
     import triton
 
     cuda = device is not None and device.type == "cuda"
     gpu = torch.cuda.get_device_name(device) if cuda else "cpu"
-    arch = archs.device_arch(device) if cuda else "cpu"
+    arch = arch if cuda else "cpu"
     return {"gpu": gpu, "arch": arch, "torch": torch.__version__, "triton": triton.__version__}
 
 
@@ -318,7 +318,7 @@ def choose(kernel: str, H: int, C: int, D: int, N: int, x: torch.Tensor, bench=N
     if not gpu or settings.triton_interpret(os.environ):
         _memory.set(key, fallback)  # one valid config; nothing is benchmarked without a GPU
         return fallback
-    env = environment(x.device)
+    env = environment(x.device, arch)
     if _loaded_for != env:
         for k, c in load_cache(env).items():
             _memory.set(k, c)

@@ -334,12 +334,12 @@ def _tune(args) -> int:
             print(f"  {shape.name}: {n} forward configs, 6 backward (warps x stages for the "
                   f"forward's tiles); default {d.label()}")
         return 0
-    env = tuning.environment(device)
-    print(f"tuning on {env['gpu']}, torch {env['torch']}, triton {env['triton']}; cache "
-          f"{tuning.cache_path()}")
     from ..archs import device_arch
 
     arch = device_arch(device)
+    env = tuning.environment(device, arch)
+    print(f"tuning on {env['gpu']}, torch {env['torch']}, triton {env['triton']}; cache "
+          f"{tuning.cache_path()}")
     for shape in shapes:
         b = bm.Bench(shape, "triton", device, n_sets=1)
         x3, w = b.xs[0].flatten(2), b.weight0

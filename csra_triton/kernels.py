@@ -16,9 +16,9 @@ A "row" is one (head, class) pair. Five kernels:
   softmax merges tiles beyond). Each position tile is two accumulators of ``BN/2`` columns:
   the epilogue finishes one half's statistics while the other waits, which is what keeps a
   128 x 256 tile free of register spills (one 128 x 256 accumulator spilled in that epilogue).
-* ``csra_bwd_ds_kernel``: the same tiles and the same main loop (:func:`_score_tiles`) recompute
+* ``csra_ds_kernel``: the same tiles and the same main loop (:func:`_score_tiles`) recompute
   the scores bit for bit, and write dS' = inv_n * dy/ds for a chunk of classes.
-* ``csra_bwd_ds_kept_kernel``: the same dS' from the raw scores the forward wrote (``SAVE_A``,
+* ``csra_ds_kept_kernel``: the same dS' from the raw scores the forward wrote (``SAVE_A``,
   training, when the scores (H*C, B, N) in fp32 have no more elements than x: 16 MB at the
   coco headline, never at 9,605 classes; not on Blackwell yet): an elementwise pass instead of
   a recomputed GEMM. The storing forward runs 16 warps on Hopper (its stores spilled at 8).
@@ -327,7 +327,7 @@ def csra_fwd_kernel(
 ):
     """Grid (n_cb, B), or (B, n_cb) with CB_MAJOR (see "Launch order"). One pass over positions;
     per row: sum, max/argmax, online softmax. SAVE_A (training, when the scores have no more
-    elements than x): the raw scores a are also written, for :func:`csra_bwd_ds_kept_kernel`."""
+    elements than x): the raw scores a are also written, for :func:`csra_ds_kept_kernel`."""
     HALF: tl.constexpr = BN // 2
     (b, cb, c, row_ok, hc, is_max, t_fin, inv, lam, cz, inv_N, x_b, w_rows, stride_xd, stride_xn,
      N) = _program_setup(p_ptr, invn_ptr, x_ptr, stride_xb, stride_xd, stride_xn, wo_ptr, H, C, D,
@@ -396,7 +396,7 @@ def _ds_half(a, nn, N, inv, cz, t_fin, m, att, best_j, is_max, k0, kp, out_rows,
 
 
 @triton.jit
-def csra_bwd_ds_kernel(
+def csra_ds_kernel(
     x_ptr, stride_xb, stride_xd, stride_xn,      # x      (B, D, N), any strides
     wo_ptr,                                      # w_op   (H*C, D) contiguous, x.dtype (prep)
     invn_ptr,                                    # inv_n  (H*C,) contiguous, from the forward
@@ -439,7 +439,7 @@ def csra_bwd_ds_kernel(
 
 
 @triton.jit
-def csra_bwd_ds_kept_kernel(
+def csra_ds_kept_kernel(
     a_ptr,                                       # scores (H*C, B, N) contiguous, ACC (forward)
     invn_ptr,                                    # inv_n  (H*C,) contiguous, from the forward
     p_ptr,                                       # params (H + 2,) contiguous ACC (as forward)
@@ -450,7 +450,7 @@ def csra_bwd_ds_kept_kernel(
     BR: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr, EMU_BF16: tl.constexpr,
     XA_P: tl.constexpr,
 ):
-    """Grid (cdiv(H * n_chunk, BR), B): dS' as :func:`csra_bwd_ds_kernel` writes it, for classes
+    """Grid (cdiv(H * n_chunk, BR), B): dS' as :func:`csra_ds_kernel` writes it, for classes
     [c_start, c_start + n_chunk), from the raw scores the forward kept (SAVE_A) instead of
     recomputing them: an elementwise pass (bytes: the scores and dS'), no GEMM, no x. The same
     row scalars and the same :func:`_ds_half` as the recomputing kernel, on the same values of

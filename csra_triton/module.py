@@ -124,10 +124,7 @@ class CSRATriton(nn.Module):
                                  f"{sorted(OFFICIAL_TEMPERATURES)}); pass temperatures explicitly")
             temperatures = OFFICIAL_TEMPERATURES[heads]
         self.in_ch, self.classes, self.heads = in_ch, classes, heads
-        # temperatures and lam as a tensor, for compiled calls (see _traced_args); written
-        # from the Python values at every assignment and device or dtype move, never read back
-        self.register_buffer("_scalars", torch.zeros(heads + 1, dtype=torch.int64),
-                             persistent=False)
+        self._register_scalars(None)
         self.temperatures = temperatures
         self.lam = lam
         self.normalize = normalize
@@ -158,10 +155,15 @@ class CSRATriton(nn.Module):
         for k, v in old.items():
             setattr(self, k, v)
         if "_scalars" not in self._buffers:           # pickled before the mirror existed
-            self.register_buffer("_scalars", torch.zeros(self.heads + 1, dtype=torch.int64,
-                                                         device=self.weight.device),
-                                 persistent=False)
+            self._register_scalars(self.weight.device)
             self._sync_scalars()
+
+    def _register_scalars(self, device) -> None:
+        """The temperatures and lam as a tensor, for compiled calls (see :meth:`_traced_args`):
+        written from the Python values at every assignment and device or dtype move, never
+        read back; not saved in the state dict."""
+        self.register_buffer("_scalars", torch.zeros(self.heads + 1, dtype=torch.int64,
+                                                     device=device), persistent=False)
 
     def _sync_scalars(self) -> None:
         """Writes the temperatures and lam into the ``_scalars`` buffer (a learnable lam's slot

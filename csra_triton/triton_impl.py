@@ -310,7 +310,7 @@ def ds_call(x, w_op, inv_n, params, grad_y, state, c0, c1, out, cfg, H,
     major = cb_major(H, C, D, x.element_size())
     if kw is None:
         kw = _tile_kw(x, cfg, H, D, major, target)
-    return Call((_kmod or _k()).csra_bwd_ds_kernel, _grid(B, n_cb, major),
+    return Call((_kmod or _k()).csra_ds_kernel, _grid(B, n_cb, major),
                 (x, *x.stride(), w_op, inv_n, params, grad_y, *grad_y.stride(),
                  m, l, att, amax, out, B, H, C, D, N, c0, c1 - c0, n_cb),
                 kw, cfg.num_warps, cfg.num_stages)
@@ -325,7 +325,7 @@ def ds_kept_call(scores, inv_n, params, grad_y, state, c0, c1, out, H,
     br, bn = ds_kept_tiles(rows, N)
     acc = _acc_tl(scores.dtype)
     emu = target is None and INTERPRET and out.dtype == torch.bfloat16    # the interpreter's
-    return Call((_kmod or _k()).csra_bwd_ds_kept_kernel, (cdiv(rows, br), B),
+    return Call((_kmod or _k()).csra_ds_kept_kernel, (cdiv(rows, br), B),
                 (scores, inv_n, params, grad_y, *grad_y.stride(), m, l, att, amax, out,
                  B, H, C, N, c0, c1 - c0),
                 dict(BR=br, BN=bn, ACC=acc, EMU_BF16=emu,
@@ -461,19 +461,19 @@ def _fwd_tuning_bench(x: Tensor, H: int, C: int, D: int):
     return fwd_bench(x, w, params, fwd_outputs(x, H, C, empty))
 
 
-def bwd_config(x: Tensor, H: int, C: int, D: int, N: int, fwd: tuning.Config,
-               bench=None) -> tuning.Config:
+def ds_config(x: Tensor, H: int, C: int, D: int, N: int, fwd: tuning.Config,
+              bench=None) -> tuning.Config:
     """The dS kernel's config: the forward's tiles; ``bench()`` makes the timer if tuning."""
-    return tuning.choose("bwd", H, C, D, N, x, bench, tiles=fwd.tiles(),
-                         source=kernel_source("bwd"))
+    return tuning.choose("ds", H, C, D, N, x, bench, tiles=fwd.tiles(),
+                         source=kernel_source("ds"))
 
 
 def kernel_source(kernel: str) -> str | None:
-    """The source hash of the kernel behind tuning's ``kernel`` ("fwd", "bwd"), which keys the
+    """The source hash of the kernel behind tuning's ``kernel`` ("fwd", "ds"), which keys the
     compile report's cache; None under the interpreter (nothing is compiled)."""
     from . import kernels as k
 
-    fn = k.csra_bwd_ds_kernel if kernel in ("bwd", "ds") else k.csra_fwd_kernel
+    fn = k.csra_ds_kernel if kernel == "ds" else k.csra_fwd_kernel
     return getattr(fn, "cache_key", None)
 
 
@@ -630,7 +630,7 @@ class Backward:
         w_op, inv_n, params, ws, chunk = self.w_op, self.inv_n, self.params, self.ws, self.chunk
         if self.scores is not None:     # dS' elementwise from the kept scores: no config
             return
-        self.cfg = bwd_config(x, H, C, D, N, fwd_cfg, None if tracing(x) else lambda: ds_bench(
+        self.cfg = ds_config(x, H, C, D, N, fwd_cfg, None if tracing(x) else lambda: ds_bench(
             x, w_op, inv_n, params, grad_y, state, chunk, ws))
 
     def ds(self, c0: int, c1: int, out: Tensor) -> None:

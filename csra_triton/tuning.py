@@ -45,7 +45,9 @@ try:                                      # POSIX: processes merge their writes 
 except ImportError:                       # Windows: atomic replace only
     fcntl = None
 
-KERNELS = ("fwd", "bwd")
+#: The kernels that tuning chooses a config for, by the names the launches and the compile report
+#: give them: the forward and the backward's dS' (whose tiles are the forward's).
+KERNELS = ("fwd", "ds")
 
 
 @dataclass(frozen=True)
@@ -157,12 +159,12 @@ def config_space(kernel: str, H: int, C: int, D: int, N: int, itemsize: int = 2,
                  tiles: tuple[int, int, int] | None = None,
                  arch: str | int = archs.DEFAULT) -> list[Config]:
     """Every valid config for the shape, the default (for ``arch``) first.
-    For ``bwd`` the tiles are fixed (``tiles``: the forward's) and only warps and stages vary."""
+    For ``ds`` the tiles are fixed (``tiles``: the forward's) and only warps and stages vary."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     default = default_config(H, C, D, N, itemsize, arch)
     hp = pow2(H)
-    if kernel == "bwd":
+    if kernel == "ds":
         bc, bn, bd = tiles or default.tiles()
         grid = [(bc, bn, bd, w, s) for w in (4, 8) for s in (2, 3, 4)]
     else:
@@ -180,7 +182,7 @@ def config_space(kernel: str, H: int, C: int, D: int, N: int, itemsize: int = 2,
 def base_config(kernel: str, H: int, C: int, D: int, N: int, itemsize: int = 2,
                 tiles: tuple[int, int, int] | None = None,
                 arch: str | int = archs.DEFAULT) -> Config:
-    """The untuned config of ``kernel``: the default, or for ``bwd`` the forward's ``tiles``
+    """The untuned config of ``kernel``: the default, or for ``ds`` the forward's ``tiles``
     with the default warps (by tile size) and stages."""
     default = default_config(H, C, D, N, itemsize, arch)
     if kernel == "fwd" or tiles is None:
@@ -231,10 +233,15 @@ def load_cache(env: dict, path: Path | None = None) -> dict[str, Config]:
     for e in doc.get("entries", []):
         if all(e.get(k) == v for k, v in env.items()):
             try:
-                out[e["key"]] = Config(**e["config"])
-            except (KeyError, TypeError):
+                kernel, rest = str(e["key"]).split("|", 1)
+                out[f"{_FORMER_NAMES.get(kernel, kernel)}|{rest}"] = Config(**e["config"])
+            except (KeyError, TypeError, ValueError):
                 continue
     return out
+
+
+#: Kernel names that cache files written by earlier versions use: "bwd" is the dS' kernel.
+_FORMER_NAMES = {"bwd": "ds"}
 
 
 def _read_entries(path: Path) -> list:
@@ -357,7 +364,7 @@ def drop_known_spills(space: list[Config], kernel: str, shape: Problem, dtype: t
     ``source``: the kernel's source hash (``JITFunction.cache_key``; None under the
     interpreter, where nothing is compiled)."""
     arch = arch_name(arch)
-    known = known_spills("ds" if kernel == "bwd" else "fwd", arch, shape, dtype, space[1:],
+    known = known_spills(kernel, arch, shape, dtype, space[1:],
                          source)
     return [c for c in space if c not in known], known
 

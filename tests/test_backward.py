@@ -89,7 +89,7 @@ def test_class_block_major_launch_order(device, monkeypatch):
     ref, dx, dw = ref64(x, weight, temps, 0.2, grad=g)
     assert rel_err(y, ref) <= TOL[torch.float32]
     assert rel_err(x.grad, dx) <= TOL[torch.float32] and rel_err(weight.grad, dw) <= TOL[torch.float32]
-    main = [gr for gr in grids if gr[0] in ("csra_fwd_kernel", "csra_bwd_ds_kernel")]
+    main = [gr for gr in grids if gr[0] in ("csra_fwd_kernel", "csra_ds_kernel")]
     bc = tuning.default_config(4, 37, 24, 6).BC
     assert main[0] == ("csra_fwd_kernel", (2, -(-37 // bc)), True)
     assert len(main) >= 3 and all(m[2] is True and m[1][0] == 2 for m in main)
@@ -164,7 +164,7 @@ KEPT_CASES = {  # B, d, h, w, C, temps, normalize, DS_WORKSPACE_ELEMS: H*C <= d 
 @pytest.mark.parametrize("case", list(KEPT_CASES.values()), ids=list(KEPT_CASES))
 def test_kept_scores_give_the_recomputed_gradients(case, dtype, device, monkeypatch):
     """The training forward keeps its raw scores when they have no more elements than x, and
-    the backward's dS' is then elementwise (csra_bwd_ds_kept_kernel) instead of a recomputed
+    the backward's dS' is then elementwise (csra_ds_kept_kernel) instead of a recomputed
     GEMM: the same gradients, bit for bit (the same scores, the same arithmetic), and float64's
     within the tolerances; with a stride-0 upstream gradient and over class chunks."""
     *shape, elems = case
@@ -185,8 +185,8 @@ def test_kept_scores_give_the_recomputed_gradients(case, dtype, device, monkeypa
         torch.manual_seed(0)
         with csra_triton.use_backend("triton"):
             x, weight, _ = _run(*shape, dtype, device, grad=g)
-        assert ("csra_bwd_ds_kept_kernel" in names) == keep, names
-        assert ("csra_bwd_ds_kernel" in names) != keep, names
+        assert ("csra_ds_kept_kernel" in names) == keep, names
+        assert ("csra_ds_kernel" in names) != keep, names
         grads[keep] = (x.grad, weight.grad)
     assert torch.equal(grads[True][0], grads[False][0])
     assert torch.equal(grads[True][1], grads[False][1])

@@ -54,7 +54,7 @@ def test_backward_graph_launches_the_kernels_and_two_gemms(traced, which):
     """dS' elementwise from the kept scores, or recomputed where none were kept; then the
     projection and two GEMMs."""
     bwd = traced[which]
-    ds = "csra_bwd_ds_kept_kernel" if which == "bwd" else "csra_bwd_ds_kernel"
+    ds = "csra_ds_kept_kernel" if which == "bwd" else "csra_ds_kernel"
     assert bwd["kernels"] == [ds, "csra_proj_kernel"]
     assert bwd["aten"].count("aten.mm.default") == 2
     assert "aten._to_copy.default" not in bwd["aten"]
@@ -69,7 +69,7 @@ def test_compiled_modules_scalars_reach_the_kernels_on_the_device(traced, which)
     cat), with no host tensor lifted into the graph, and launches the same kernels."""
     got = traced[which]
     want = (["csra_prep_kernel", "csra_fwd_kernel"] if which == "fwd_scalars"
-            else ["csra_bwd_ds_kept_kernel", "csra_proj_kernel"])
+            else ["csra_ds_kept_kernel", "csra_proj_kernel"])
     assert got["kernels"] == want
     assert "aten.cat.default" in got["aten"]
     assert "aten.lift_fresh_copy.default" not in got["aten"], got["aten"]

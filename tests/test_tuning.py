@@ -29,7 +29,7 @@ def test_pruned_space_is_valid_and_nonempty(name, H, C, D, N):
         assert c.BN <= max(32, tuning.pow2(N)) and c.BD <= max(16, tuning.pow2(D))
         assert c.BC <= max(tuning.pow2(C), 64 // hp, 1)
     assert len(set(space)) == len(space)
-    bwd = tuning.config_space("bwd", H, C, D, N, tiles=space[-1].tiles())
+    bwd = tuning.config_space("ds", H, C, D, N, tiles=space[-1].tiles())
     assert bwd and all(c.tiles() == space[-1].tiles() for c in bwd)
 
 
@@ -58,6 +58,23 @@ def test_cache_round_trip_and_mismatches_ignored(tmp_path):
     assert tuning.load_cache(env, path) == {}
 
 
+def test_cache_files_naming_the_ds_kernel_bwd_still_serve(tmp_path):
+    """Cache files written before the dS' kernel had one name key it "bwd": their entries
+    serve the "ds" lookups (the newer entry wins where both are there), and a key without a
+    kernel part is skipped, not an error."""
+    path = tmp_path / "tune.json"
+    env = {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0"}
+    ds = tuning.make_key("ds", 4, 80, 2048, 196, torch.bfloat16)
+    old = ds.replace("ds|", "bwd|", 1)
+    tuning.save_choice(old, tuning.Config(16, 32, 128, 8, 3), 0.05, env, path)
+    assert tuning.load_cache(env, path) == {ds: tuning.Config(16, 32, 128, 8, 3)}
+    tuning.save_choice(ds, tuning.Config(16, 32, 128, 4, 2), 0.04, env, path)
+    doc = json.loads(path.read_text())
+    doc["entries"].append(dict(key="no-kernel-part", config={"BC": 1, "BN": 1, "BD": 1}, **env))
+    path.write_text(json.dumps(doc))
+    assert tuning.load_cache(env, path) == {ds: tuning.Config(16, 32, 128, 4, 2)}
+
+
 def test_single_config_without_gpu(monkeypatch):
     """Without CUDA (or under the interpreter) the default is used and nothing is timed."""
     monkeypatch.setenv("CSRA_TRITON_AUTOTUNE", "1")
@@ -69,7 +86,7 @@ def test_single_config_without_gpu(monkeypatch):
     tuning._memory.clear()
     assert tuning.choose("fwd", 4, 80, 64, 49, x, bench) == tuning.default_config(4, 80, 64, 49, 4)
     tiles = (8, 32, 32)
-    assert tuning.choose("bwd", 4, 80, 64, 49, x, bench, tiles=tiles).tiles() == tiles
+    assert tuning.choose("ds", 4, 80, 64, 49, x, bench, tiles=tiles).tiles() == tiles
 
 
 # 16, 64 and 128 rows; 32 positions (two tiles over N=35: the online softmax) or 64 (one pass).
@@ -81,7 +98,7 @@ def test_other_tiles_compute_the_same_function(cfg, device, monkeypatch):
     """Tiles the tuner may choose (injected as a cached choice) give the same values and grads."""
     H, C, D, h, w = 4, 37, 40, 5, 7
     monkeypatch.setattr(tuning, "_memory", BoundedCache(16))
-    for kernel in ("fwd", "bwd"):
+    for kernel in ("fwd", "ds"):
         tuning._memory.set(tuning.make_key(kernel, H, C, D, h * w, torch.float32), cfg)
     monkeypatch.setattr(csra_triton.triton_impl, "DS_WORKSPACE_ELEMS", 900)  # several chunks
     monkeypatch.setattr(csra_triton.triton_impl, "_plans", BoundedCache(16))  # no plan from before

@@ -323,7 +323,8 @@ def _tune(args) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes = bm.parse_shapes(args.shapes or "coco-r101-448,latency-r101-224")
-    kernels = ["fwd", "bwd"] if args.kernel == "all" else [args.kernel]
+    kernels = ["fwd", "ds"] if args.kernel == "all" else [{"bwd": "ds"}.get(args.kernel,
+                                                                             args.kernel)]
     if device.type != "cuda":
         print("tune: sweeps need CUDA (without a GPU exactly one config, the default, is used). "
               "The pruned config spaces:")
@@ -357,7 +358,7 @@ def _tune(args) -> int:
                 ti.fwd_call(x3, w_op, inv_n, params, outs, fwd_best, H).run()
                 chunk = ti.ds_chunk_classes(H, C, B, N, fwd_best.BC)
                 ws = torch.empty(H * chunk * B * N, dtype=x3.dtype, device=device)
-                space = tuning.config_space("bwd", H, C, D, N, size, fwd_best.tiles(), arch)
+                space = tuning.config_space("ds", H, C, D, N, size, fwd_best.tiles(), arch)
                 bench = ti.ds_bench(x3, w_op, inv_n, params, b.gs[0], outs[1:5], chunk, ws)
             space, known = tuning.drop_known_spills(space, kernel, shape, x3.dtype, arch,
                                                     ti.kernel_source(kernel))
@@ -486,7 +487,9 @@ def main(argv=None) -> int:
     t = sub.add_parser("tune", help="sweep launch configs on CUDA and cache the best")
     t.add_argument("--shapes", default=None,
                    help="shape names as for bench (default: coco-r101-448,latency-r101-224)")
-    t.add_argument("--kernel", choices=["fwd", "bwd", "all"], default="all")
+    t.add_argument("--kernel", choices=["fwd", "ds", "bwd", "all"], default="all",
+                   help="fwd: the forward; ds: the backward's dS' kernel (bwd: the same); "
+                        "all: both")
     t.add_argument("--budget-s", type=float, default=None,
                    help="per shape and kernel: stop starting new configs after this many seconds")
     i = sub.add_parser("inspect", help="compile every kernel for sm_90a/sm_80 here (no GPU): "

@@ -1,9 +1,10 @@
 """Plain helpers shared by the two implementations and the op layer (the helpers layer of
 docs/ARCHITECTURE.md).
 
-Nothing here launches a kernel or imports another module of the package but ``settings``: dtype rules, the
-temperature encodings, the error measure, the (optionally poisoned) allocator and the forward's
-output buffers.
+Nothing here launches a kernel or imports another module of the package but ``settings``: dtype
+rules, the temperature and lam checks, the error measure, the (optionally poisoned) allocator and
+the forward's output buffers, the bounded caches and what holds a tensor a captured CUDA graph
+reads, the layouts of x.
 """
 from __future__ import annotations
 

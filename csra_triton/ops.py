@@ -411,7 +411,7 @@ def forward(x: Tensor, weight: Tensor, temps: list[float], lam, normalize: bool,
             return _forward_impl(as_bdn(x, layout), weight, temps, lam, normalize, False,
                                  backend, lam_t, True, y_dtype)
         return (_eager_training(x, weight, lam_t,
-                                 (temps, lam, normalize, backend, layout, y_dtype)),)
+                                (temps, lam, normalize, backend, layout, y_dtype)),)
     x = as_bdn(x, layout)
     if x.is_cuda and backend == "triton":      # the triton_op route
         return torch.ops.csra_triton.csra_fwd_cuda(x, weight, _to_schema(temps), lam,

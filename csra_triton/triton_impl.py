@@ -473,6 +473,8 @@ def kernel_source(kernel: str) -> str | None:
     compile report's cache; None under the interpreter (nothing is compiled)."""
     from . import kernels as k
 
+    if kernel not in tuning.KERNELS:
+        raise ValueError(f"kernel must be one of {tuning.KERNELS}, got {kernel!r}")
     fn = k.csra_ds_kernel if kernel == "ds" else k.csra_fwd_kernel
     return getattr(fn, "cache_key", None)
 
@@ -537,23 +539,26 @@ def forward(x: Tensor, weight: Tensor, temps: list[float], lam: float, normalize
             keep: bool, lam_t: Tensor | None = None, y_dtype: torch.dtype | None = None,
             packed: bool = False, scalars: Tensor | None = None) -> tuple:
     """(y, m, l, att, argmax, inv_n, kept, scores): two launches (prep, fwd; for B = 0 the prep
-    alone), the weight prepared from its current values. ``kept`` is the prepared weight when ``keep`` and it is
-    small (:func:`keeps_weight`), else (0,); ``scores`` the raw scores when ``keep`` and
-    :func:`keeps_scores`, else (0,). ``packed`` (the eager path, ``ops``): the state and inverse
-    norms are views of one allocation and what is not kept is None (:func:`_forward_packed`;
-    custom ops may not return aliased outputs, so the traced path allocates each); the
-    launches and their results are the same, and the plan comes back as a 9th element (the
-    eager backward's: one plan lookup per forward+backward). ``y_dtype``: y's dtype if not x's
+    alone), the weight prepared from its current values. ``kept`` is the prepared weight when
+    ``keep`` and it is small (:func:`keeps_weight`), else (0,); ``scores`` the raw scores when
+    ``keep`` and :func:`keeps_scores`, else (0,). ``packed`` (the eager path, ``ops``): the
+    state and inverse norms are views of one allocation and what is not kept is None
+    (:func:`_forward_packed`; custom ops may not return aliased outputs, so the traced path
+    allocates each); the launches and their results are the same, and the plan comes back as
+    a 9th element (the eager backward's: one plan lookup per forward+backward; None for B = 0,
+    whose backward launches nothing). ``y_dtype``: y's dtype if not x's
     (the kernel rounds its fp32 sum to it once); ``scalars``: temperatures and lam as a tensor
     (traced calls of a compiled module; :func:`with_lam`)."""
     H, C, D = weight.shape
-    p = plan(x, weight, temps, lam)
+    # B = 0: y and the state are empty and only the weight is prepared; no plan (nothing to
+    # tune: a sweep of empty launches would time launch overhead alone)
+    p = plan(x, weight, temps, lam) if x.shape[0] != 0 else None
     if not packed or x.dtype == torch.float64:
         # inv_n: the prepared one, if kept
         outs = fwd_outputs(x, H, C, keep=False, y_dtype=y_dtype)[:5]
         w_op, inv_n = prep_weight(x, weight, normalize)
         scores = scores_output(x, weight, keep)
-        if x.shape[0] != 0:       # (B = 0: y and the state are empty, the weight is prepared)
+        if p is not None:
             fwd_call(x, w_op, inv_n, with_lam(p.params, lam_t, scalars), outs, p.cfg, H,
                      kw=p.kw, scores=scores).run()
         inv_n = inv_n.view(H, C) if keep else new((0,), acc_dtype(x.dtype), x.device)
@@ -562,7 +567,7 @@ def forward(x: Tensor, weight: Tensor, temps: list[float], lam: float, normalize
     return (*_forward_packed(x, weight, p, normalize, keep, lam_t, y_dtype), p)
 
 
-def _forward_packed(x: Tensor, weight: Tensor, p: "Plan", normalize: bool, keep: bool,
+def _forward_packed(x: Tensor, weight: Tensor, p: "Plan | None", normalize: bool, keep: bool,
                     lam_t: Tensor | None, y_dtype: torch.dtype | None) -> tuple:
     """The eager path's forward: the same two launches as :func:`forward`, with m, l, att,
     argmax (an int32 view) and inv_n as views of one allocation, and None for what is not
@@ -576,8 +581,8 @@ def _forward_packed(x: Tensor, weight: Tensor, p: "Plan", normalize: bool, keep:
     y = new((B, C), y_dtype or x.dtype, x.device)
     w_op = new((H * C, D), x.dtype, x.device)
     scores = new((H, C, B, N), acc, x.device) if keep and keeps_scores(x, H, C) else None
-    prep_call(x, weight, normalize, w_op, inv_n, kw=p.kw).run()
-    if B != 0:
+    prep_call(x, weight, normalize, w_op, inv_n, kw=p.kw if p is not None else None).run()
+    if p is not None:                                           # (None: B = 0)
         fwd_call(x, w_op, inv_n, with_lam(p.params, lam_t), (y, m, l, att, amax), p.cfg, H,
                  kw=p.kw, scores=scores).run()
     kept = w_op if keep and keeps_weight(x, weight) else None

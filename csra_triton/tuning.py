@@ -233,15 +233,22 @@ def load_cache(env: dict, path: Path | None = None) -> dict[str, Config]:
     for e in doc.get("entries", []):
         if all(e.get(k) == v for k, v in env.items()):
             try:
-                kernel, rest = str(e["key"]).split("|", 1)
-                out[f"{_FORMER_NAMES.get(kernel, kernel)}|{rest}"] = Config(**e["config"])
+                out[current_key(e["key"])] = Config(**e["config"])
             except (KeyError, TypeError, ValueError):
                 continue
     return out
 
 
-#: Kernel names that cache files written by earlier versions use: "bwd" is the dS' kernel.
-_FORMER_NAMES = {"bwd": "ds"}
+#: Kernel names that earlier versions used (in cache files, on the tune command line): "bwd" is
+#: the dS' kernel, "ds".
+FORMER_NAMES = {"bwd": "ds"}
+
+
+def current_key(key: str) -> str:
+    """A cache key (:func:`make_key`) with its kernel under today's name; ValueError for a
+    string that is no key."""
+    kernel, rest = str(key).split("|", 1)
+    return f"{FORMER_NAMES.get(kernel, kernel)}|{rest}"
 
 
 def _read_entries(path: Path) -> list:
@@ -300,10 +307,19 @@ def save_choice(key: str, cfg: Config, ms: float, env: dict, path: Path | None =
     path = path or cache_path()
     with _file_lock(path):
         entries = [e for e in _read_entries(path)
-                   if not (e.get("key") == key and all(e.get(k) == v for k, v in env.items()))]
+                   if not (_same_key(e.get("key"), key)
+                           and all(e.get(k) == v for k, v in env.items()))]
         entries.append(dict(key=key, config=asdict(cfg), median_ms=ms, **env))
         write_atomically(path, json.dumps({"entries": entries}, indent=1) + "\n")
     return path
+
+
+def _same_key(a, b: str) -> bool:
+    """Whether the cache entry's key ``a`` is ``b`` once both name their kernel as today."""
+    try:
+        return current_key(a) == current_key(b)
+    except ValueError:
+        return False
 
 
 _loaded_for: dict | None = None
@@ -364,6 +380,8 @@ def drop_known_spills(space: list[Config], kernel: str, shape: Problem, dtype: t
     ``source``: the kernel's source hash (``JITFunction.cache_key``; None under the
     interpreter, where nothing is compiled)."""
     arch = arch_name(arch)
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     known = known_spills(kernel, arch, shape, dtype, space[1:],
                          source)
     return [c for c in space if c not in known], known

@@ -24,8 +24,9 @@ def test_opcheck_fwd(dtype, backend, device):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_opcheck_fwd_empty_batch(dtype, backend, device):
-    """B = 0: nothing is launched, and still every output is defined (the Triton path's kept
-    prepared weight is the weight in x's dtype, not uninitialised memory)."""
+    """B = 0: only the weight is prepared (the Triton path's prep launch), and still every
+    output is defined (the kept prepared weight is the weight in x's dtype, not uninitialised
+    memory)."""
     x3 = torch.randn(0, 16, 3, device=device).to(dtype).requires_grad_()
     weight = torch.randn(2, 4, 16, device=device, requires_grad=True)
     torch.library.opcheck(torch.ops.csra_triton.csra_fwd.default,

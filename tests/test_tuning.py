@@ -60,8 +60,9 @@ def test_cache_round_trip_and_mismatches_ignored(tmp_path):
 
 def test_cache_files_naming_the_ds_kernel_bwd_still_serve(tmp_path):
     """Cache files written before the dS' kernel had one name key it "bwd": their entries
-    serve the "ds" lookups (the newer entry wins where both are there), and a key without a
-    kernel part is skipped, not an error."""
+    serve the "ds" lookups, a "ds" choice saved for the same key replaces them, and a key
+    without a kernel part is skipped, not an error. Everything that takes a kernel name takes
+    today's only."""
     path = tmp_path / "tune.json"
     env = {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0"}
     ds = tuning.make_key("ds", 4, 80, 2048, 196, torch.bfloat16)
@@ -70,9 +71,37 @@ def test_cache_files_naming_the_ds_kernel_bwd_still_serve(tmp_path):
     assert tuning.load_cache(env, path) == {ds: tuning.Config(16, 32, 128, 8, 3)}
     tuning.save_choice(ds, tuning.Config(16, 32, 128, 4, 2), 0.04, env, path)
     doc = json.loads(path.read_text())
+    assert [e["key"] for e in doc["entries"]] == [ds]
     doc["entries"].append(dict(key="no-kernel-part", config={"BC": 1, "BN": 1, "BD": 1}, **env))
     path.write_text(json.dumps(doc))
     assert tuning.load_cache(env, path) == {ds: tuning.Config(16, 32, 128, 4, 2)}
+    shape = tuning.Problem(B=2, heads=4, C=80, d=2048, N=196)
+    space = tuning.config_space("ds", 4, 80, 2048, 196, 2, tiles=(16, 32, 128))
+    for call in (lambda: tuning.config_space("bwd", 4, 80, 2048, 196),
+                 lambda: tuning.drop_known_spills(space, "bwd", shape, torch.bfloat16, "sm_90a",
+                                                  "f" * 32),
+                 lambda: csra_triton.triton_impl.kernel_source("bwd")):
+        with pytest.raises(ValueError, match="kernel must be one of"):
+            call()
+
+
+def test_an_empty_batch_asks_tuning_for_nothing(monkeypatch):
+    """B = 0 prepares the weight and launches nothing else, so it has no config to choose: a
+    sweep of empty launches would time launch overhead alone and save a config picked by
+    noise for every later batch of that key."""
+    asked, choose = [], tuning.choose
+    monkeypatch.setattr(tuning, "choose", lambda *a, **k: asked.append(a[:5]) or choose(*a, **k))
+    head = csra_triton.CSRATriton(16, 6, heads=2)
+    x = torch.randn(0, 16, 3, 2, requires_grad=True)
+    with csra_triton.use_backend("triton"):
+        with torch.no_grad():
+            assert head(x).shape == (0, 6)
+        head(x).sum().backward()
+        y, *state = torch.ops.csra_triton.csra_fwd(x.flatten(2), head.weight, [1.0, 0.0], 0.1,
+                                                    True)
+    assert asked == []
+    assert x.grad.shape == x.shape and not x.grad.any()
+    assert head.weight.grad is not None and not head.weight.grad.any()
 
 
 def test_single_config_without_gpu(monkeypatch):

@@ -323,8 +323,8 @@ def _tune(args) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes = bm.parse_shapes(args.shapes or "coco-r101-448,latency-r101-224")
-    kernels = ["fwd", "ds"] if args.kernel == "all" else [{"bwd": "ds"}.get(args.kernel,
-                                                                             args.kernel)]
+    kernels = (list(tuning.KERNELS) if args.kernel == "all"
+               else [tuning.FORMER_NAMES.get(args.kernel, args.kernel)])
     if device.type != "cuda":
         print("tune: sweeps need CUDA (without a GPU exactly one config, the default, is used). "
               "The pruned config spaces:")

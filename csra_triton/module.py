@@ -85,14 +85,22 @@ def csra(x: Tensor, weight: Tensor, temperatures: Sequence[float], lam: float,
     return ops.run(xs, weight, temps, lam, bool(normalize), layout)
 
 
-def _csra_prechecked(x: Tensor, weight: Tensor, temps: Sequence[float], lam: float,
-                     normalize: bool, layout: str, scalars: Tensor | None = None,
-                     compiling: bool | None = None) -> Tensor:
-    """``csra`` for the module, whose temperatures and lam were validated when they were set:
-    ``temps`` are as ``check_temperatures`` returns them (inf = max head); ``scalars``: the
-    module's mirror of them as a tensor (``ops.scalars_tensor``), which a compiled module
-    passes instead (``temps`` and ``lam`` are then placeholders); ``compiling``: whether
-    torch.compile is tracing, where the caller knows (None: asked)."""
+def _head_call(head: "CSRATriton", x: Tensor, layout: str) -> Tensor:
+    """``csra`` for a ``CSRATriton``, whose temperatures and lam were validated when they were
+    set (``_temperatures`` as ``check_temperatures`` returns them: inf = max head); under
+    torch.compile and torch.export with the arguments of ``CSRATriton._traced_args``. (A
+    function rather than a method, and the eager arguments read one statement each rather
+    than as a tuple: both cost fewer instructions per call; bench/NOTES.md.)"""
+    if torch.compiler.is_compiling():
+        weight, temps, lam, normalize, scalars = head._traced_args()
+        compiling = True
+    else:
+        weight = head._checked_weight()
+        temps = head._temperatures
+        lam = head.lam
+        normalize = head._normalize
+        scalars = None
+        compiling = False
     xs = _check_inputs(x, weight, layout)
     if isinstance(lam, Tensor) and lam.device != xs.device:
         raise ValueError(f"lam: the learnable lam is on {lam.device}, x on {xs.device}")
@@ -249,17 +257,11 @@ class CSRATriton(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, in_ch, h, w) -> logits (B, classes) in x's dtype."""
-        compiling = torch.compiler.is_compiling()
-        w, temps, lam, normalize, scalars = self._traced_args() if compiling else (
-            self._checked_weight(), self._temperatures, self.lam, self._normalize, None)
-        return _csra_prechecked(x, w, temps, lam, normalize, "nchw", scalars, compiling)
+        return _head_call(self, x, "nchw")
 
     def forward_tokens(self, x: Tensor) -> Tensor:
         """x (B, N, in_ch) tokens (e.g. a ViT's patch tokens, class token dropped) -> (B, classes)."""
-        compiling = torch.compiler.is_compiling()
-        w, temps, lam, normalize, scalars = self._traced_args() if compiling else (
-            self._checked_weight(), self._temperatures, self.lam, self._normalize, None)
-        return _csra_prechecked(x, w, temps, lam, normalize, "tokens", scalars, compiling)
+        return _head_call(self, x, "tokens")
 
     def _traced_args(self) -> tuple:
         """(weight, temperatures, lam, normalize, scalars) of a call under torch.compile and

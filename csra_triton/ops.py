@@ -393,9 +393,9 @@ def forward(x: Tensor, weight: Tensor, temps: list[float], lam, normalize: bool,
             y_dtype: torch.dtype | None = None, scalars: Tensor | None = None,
             compiling: bool | None = None) -> tuple:
     """Every output of the forward, on the eager or op routes of :func:`run` (resolved once,
-    when the module calls or traces it).
-    ``temps``: validated (inf = max head). ``lam`` is a Python number, or a one-element tensor (a learnable lam: it reaches the op
-    as ``lam_t``, and its gradient is sum_b,c g * sum_k att from the forward's state).
+    when the module calls or traces it). ``temps``: validated (inf = max head). ``lam`` is a
+    Python number, or a one-element tensor (a learnable lam: it reaches the op as ``lam_t``,
+    and its gradient is sum_b,c g * sum_k att from the forward's state).
     In eager mode (:func:`_eager`) inference returns the implementation's outputs directly and
     a training call returns ``(y,)`` from :class:`_EagerCSRA`; ``eager=False`` always calls
     the ops (every output). ``layout``: how x holds (B, D, N) (:func:`common.as_bdn`); the
@@ -413,7 +413,7 @@ def forward(x: Tensor, weight: Tensor, temps: list[float], lam, normalize: bool,
         return (_eager_training(x, weight, lam_t,
                                 (temps, lam, normalize, backend, layout, y_dtype)),)
     x = as_bdn(x, layout)
-    if x.is_cuda and backend == "triton":      # the triton_op route
+    if x.is_cuda and backend == "triton":      # the triton_op route (use_cuda_ops, inline)
         return torch.ops.csra_triton.csra_fwd_cuda(x, weight, _to_schema(temps), lam,
                                                    normalize, keep, lam_t, y_dtype, scalars)
     return torch.ops.csra_triton.csra_fwd(x, weight, _to_schema(temps), lam, normalize, keep,

@@ -20,7 +20,7 @@ import torch
 from . import benchmark as bm
 from .. import fallback, ops
 from ..module import csra
-from ..reference import OFFICIAL_TEMPERATURES, as_operand, csra_reference
+from ..reference import as_operand, csra_reference
 
 CPU_SHAPE = dict(B=2, d=256, h=7, w=7, C=80, heads=4)       # reduced, for the interpreter
 
@@ -29,7 +29,7 @@ def verify_rows(shape: dict, dtypes, device: torch.device, backends, reps: int =
                 lam: float = 0.1):
     """One row per (backend, dtype): errors of y, dx, dW against float64, and ms per call."""
     B, d, h, w, C, H = (shape[k] for k in ("B", "d", "h", "w", "C", "heads"))
-    temps = [float("inf") if t == 99 else float(t) for t in OFFICIAL_TEMPERATURES[H]]
+    temps = bm.temperatures(H)
     gen = torch.Generator(device="cpu").manual_seed(0)
     x0 = torch.randn(B, d, h, w, generator=gen).to(device)
     w0 = (torch.rand(H, C, d, generator=gen) * 2 - 1).div(d ** 0.5).to(device)

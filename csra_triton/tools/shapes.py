@@ -3,10 +3,10 @@ used by the compile report, the tuner and the benchmarks alike."""
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 
+from ..common import check_temperatures
 from ..reference import OFFICIAL_TEMPERATURES
 
 #: Measured ceilings (shared DESIGN.md §3): dense bf16/fp16 TFLOP/s (TF32 is half), copy TB/s.
@@ -108,4 +108,6 @@ def gpu_tag(device: torch.device) -> str:
 
 
 def temperatures(heads: int) -> list[float]:
-    return [math.inf if t == 99 else float(t) for t in OFFICIAL_TEMPERATURES[heads]]
+    """The official temperatures for ``heads`` heads, in the package's encoding (inf: a max
+    head)."""
+    return check_temperatures(OFFICIAL_TEMPERATURES[heads], heads)

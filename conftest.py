@@ -32,6 +32,20 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 
+import pytest  # noqa: E402
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_cmdline_main(config):
+    """Under pytest-xdist (``-n``), "load" becomes "loadgroup": each test goes to whichever
+    worker is free, except the tests of one ``xdist_group`` (a compile-report slice, a module
+    whose module-scoped fixture is costly), which share a worker. Set here rather than in
+    pyproject's addopts, so that a run without xdist (``pytest --benchmark-only``) needs no
+    unknown option."""
+    if getattr(config.option, "dist", None) == "load":
+        config.option.dist = "loadgroup"
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "no_triton: the test runs no Triton code (the PyTorch fallback, pure Python): "

@@ -17,6 +17,7 @@ Usage: python bench/memory_account.py [--root CHECKOUT] [SHAPES]
 import argparse
 import gc
 import importlib
+import inspect
 import math
 import sys
 import weakref
@@ -87,11 +88,17 @@ def account(pkg, shape, stub) -> dict:
     temps = [1.0, 2.0, 4.0, 0.0][:H] if H <= 4 else [float(t) for t in range(1, H)] + [0.0]
     fwd = ops.csra_fwd._init_fn
     bwd = ops.csra_bwd._init_fn
-    mode = Allocations(exclude=(x, weight, g))
+    if "values" in inspect.signature(fwd).parameters:     # the ops' values tensor
+        values = torch.empty(H + 1, dtype=torch.float64, device="meta")
+        scalars = (values,)
+    else:                                                   # (checkouts before it)
+        values = None
+        scalars = (temps, 0.1)
+    mode = Allocations(exclude=(x, weight, g) + ((values,) if values is not None else ()))
     with stub(), ops.use_backend("triton"), torch.no_grad():
         with mode:
-            y, *state = fwd(x, weight, temps, 0.1, True)
-            grads = bwd(g, x, weight, *state, temps, 0.1, True)
+            y, *state = fwd(x, weight, *scalars, True)
+            grads = bwd(g, x, weight, *state, *scalars, True)
             del y, state
             gc.collect()
             after = mode.total()

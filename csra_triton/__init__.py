@@ -8,8 +8,8 @@ official full models) -> the ``tools`` subpackage (benchmarks, compile report, h
 timing, demo, CLI), which the runtime never imports.
 """
 from .interop import OfficialCheckpointError
-from .module import CSRATriton, csra, load_official
-from .ops import CSRAFunction, use_backend
+from .module import CSRAFunction, CSRATriton, csra, load_official
+from .ops import use_backend
 from .reference import OFFICIAL_TEMPERATURES, csra_reference
 from . import reference
 

@@ -11,12 +11,23 @@ GPU machines' stack; CI runs the interpreter suite and the compile report with i
 * triton 3.6's ``tl.dot`` asserts that an accumulator argument has the dot's ``out_dtype``
   (default fp32): fp64 scores (the gradcheck path) failed to trace and compile. 3.9 infers it.
   The kernels pass ``out_dtype`` explicitly (``kernels._score_tiles``), which both accept.
+* Whether the kernels run in Triton's interpreter is Triton's own decision, made when
+  ``@triton.jit`` decorates them, from its own reading of ``TRITON_INTERPRET`` (1, true, on,
+  yes, y; any case; no padding): :func:`interpreted` asks the decorated function rather than
+  parse the variable a second way.
 """
 from __future__ import annotations
 
 import triton
 
 TRITON_VERSION = tuple(int(p) for p in triton.__version__.split(".")[:2])
+
+
+def interpreted(fn) -> bool:
+    """Whether ``fn`` (a ``@triton.jit`` function) is one of Triton's interpreter functions."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(fn, InterpretedFunction)
 
 
 def patch_interpreter() -> None:

@@ -13,7 +13,9 @@ import functools
 import math
 import numbers
 import threading
+from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -187,10 +189,38 @@ def hold_if_capturing(t: Tensor) -> None:
             _captured[id(t)] = t
 
 
-# --------------------------------------------------------------------------- temperatures
+# --------------------------------------------------------------------------- lam and temperatures
 
 
-def check_temperatures(temperatures, heads: int) -> list[float]:
+class Scalars(NamedTuple):
+    """The temperatures and lam of one call: the package's one value of them, validated
+    (:func:`scalars`).
+
+    ``temps``: one per head, each > 0; ``inf`` is a max head (the official flag 99 becomes inf
+    at the public entry points). ``lam``: a finite number, or a one-element floating tensor (a
+    learnable lam, which gets a gradient). ``values``: the same numbers as the (H + 1,) float64
+    tensor ``[T_1, ..., T_H, lam]`` on the call's device, the form the ops take
+    (``ops.op_values`` makes it, ``ops.from_values`` reads it), where the caller has it
+    already: a compiled module passes its values as a graph input and reads no Python float
+    (a float would be a guarded constant of the graph: every new lam would recompile), so
+    ``temps`` and a number ``lam`` are then None, "known on the device only"."""
+    temps: tuple | None
+    lam: "float | Tensor | None"
+    values: Tensor | None = None
+
+
+def _is_sym(v) -> bool:
+    """A symbolic number (``torch.SymFloat``: a traced float; under torch.compile Dynamo shows
+    it as a ``float`` that is not read on the host, which the checks below respect too)."""
+    return isinstance(v, (torch.SymFloat, torch.SymInt))
+
+
+def _number(v):
+    """``v`` as a float, without reading a symbolic one (``float()`` would specialise it)."""
+    return v if type(v) is float or _is_sym(v) else float(v)
+
+
+def check_temperatures(temperatures, heads: int) -> tuple:
     """Validated temperatures, one per head, each > 0, in the package's one encoding: a max
     head is inf (the official flag 99 becomes inf here, at the public boundary). Raises
     TypeError / ValueError naming ``temperatures``."""
@@ -199,16 +229,24 @@ def check_temperatures(temperatures, heads: int) -> list[float]:
         raise TypeError(f"temperatures: expected a sequence of {heads} numbers, "
                         f"got {type(temperatures).__name__}")
     try:
-        temps = [float(t) for t in temperatures]
-    except (TypeError, ValueError):
+        items = list(temperatures)
+    except TypeError:
         raise TypeError(f"temperatures: expected a sequence of {heads} numbers, "
                         f"got {temperatures!r}") from None
+    temps = []
+    for t in items:
+        if isinstance(t, Tensor) and t.dim() == 0 and t.is_floating_point() or _is_sym(t) or \
+                isinstance(t, numbers.Real) and not isinstance(t, (bool, np.bool_)):
+            temps.append(_number(t))
+        else:
+            raise TypeError(f"temperatures: expected a sequence of {heads} numbers, got an "
+                            f"element {t!r} ({type(t).__name__})")
     if len(temps) != heads:
         raise ValueError(f"temperatures: expected one per head ({heads}), got {len(temps)}: {temps}")
     for t in temps:
-        if math.isnan(t) or t <= 0:
+        if not t > 0:           # (NaN too; a symbolic one is guarded, not read)
             raise ValueError(f"temperatures: each must be > 0 (inf or 99 for a max head), got {t}")
-    return [math.inf if t == 99 else t for t in temps]
+    return tuple(math.inf if t == 99 else t for t in temps)
 
 
 def check_lam(lam, device: torch.device | None = None):
@@ -222,12 +260,45 @@ def check_lam(lam, device: torch.device | None = None):
         if device is not None and lam.device != device:
             raise ValueError(f"lam: expected a tensor on {device} (x's device), got {lam.device}")
         return lam
-    if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
+    if isinstance(lam, (bool, np.bool_)) or not (isinstance(lam, numbers.Real) or _is_sym(lam)):
         raise TypeError(f"lam: expected a Python number (or a one-element tensor), "
                         f"got {type(lam).__name__}")
-    if not math.isfinite(lam):
+    if not lam - lam == 0:      # inf and NaN (symbolic numbers: guarded, not read)
         raise ValueError(f"lam: expected a finite number, got {lam}")
-    return float(lam)
+    return _number(lam)
+
+
+def check_normalize(normalize) -> bool:
+    """A validated ``normalize``: a bool (NumPy's too, and the integers 0 and 1). Raises
+    TypeError naming ``normalize``: ``bool("no")`` is True, so strings, None and other objects
+    are refused rather than read as truthy."""
+    if isinstance(normalize, (bool, np.bool_)) or \
+            isinstance(normalize, numbers.Integral) and normalize in (0, 1):
+        return bool(normalize)
+    raise TypeError(f"normalize: expected a bool, got {normalize!r} ({type(normalize).__name__})")
+
+
+def traced_tensor(numbers, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``numbers`` (Python or symbolic) as a 1-D tensor made on ``device`` by fills, for a
+    traced graph: no host tensor is lifted into it (a constant that Inductor would copy from
+    the host on every call, which also keeps CUDA graphs from capturing it), and a symbolic
+    number stays a graph input (``torch.full`` would specialise it)."""
+    return torch.stack([torch.scalar_tensor(v, dtype=dtype, device=device) for v in numbers])
+
+
+def host_values(s: Scalars) -> tuple:
+    """(temps, lam) of ``s`` on the host: as given, or read from ``s.values`` (a device read,
+    where those live on a GPU)."""
+    if s.temps is not None:
+        return s.temps, s.lam
+    vals = s.values.detach().tolist()
+    return tuple(vals[:-1]), vals[-1]
+
+
+def scalars(temperatures, lam, heads: int, device: torch.device | None = None) -> Scalars:
+    """The validated :class:`Scalars` of a call's ``temperatures`` and ``lam`` (see
+    :func:`check_temperatures`, :func:`check_lam`)."""
+    return Scalars(check_temperatures(temperatures, heads), check_lam(lam, device))
 
 
 # --------------------------------------------------------------------------- backward layout

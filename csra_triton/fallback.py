@@ -36,7 +36,8 @@ import platform
 
 import torch
 
-from .common import acc_dtype, fwd_outputs, mm, new, x_matrix
+from .common import acc_dtype, fwd_outputs, host_values, mm, new, x_matrix
+from .interface import Forward, ForwardState
 from .settings import ENV
 
 LN2 = math.log(2.0)
@@ -108,7 +109,7 @@ def gemm_dtype(x_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """dtype of the fallback's GEMM operands for x of ``x_dtype`` on ``device``: bf16 for bf16 x on
     a CPU that multiplies bf16 in hardware (or as ``BF16_GEMM`` forces), else fp32 (fp64 for
     fp64 x)."""
-    acc = torch.float64 if x_dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x_dtype)
     if x_dtype != torch.bfloat16 or device.type != "cpu":
         return acc
     fast = native_bf16() if BF16_GEMM is None else BF16_GEMM
@@ -139,13 +140,14 @@ def head_mm(w3, x2, out, add=None, beta=1.0):
     return out
 
 
-def products(w3, x2, acc, refine=True, hi=None, keep=None, work=None):
+def products(w3, x2, acc, refine=True, hi=None, products_out=None, work=None):
     """``w3 @ x2`` in ``acc``: w3 (H, Cc, D) and x2 (D, B*N) in the GEMM dtype; (H, Cc, B*N).
 
     bf16 operands: the fp32 sum to ~2^-17 relative (two GEMMs, see the module docstring), or,
     with ``refine=False``, rounded to bf16 (one GEMM); ``refine`` a list of heads: those heads
     refined, the others rounded. ``hi``: the (rounded) product, already
-    computed (the forward's, kept); ``keep``: an (H, Cc, B*N) view that receives it. ``work``
+    computed (the forward's, kept); ``products_out``: an (H, Cc, B*N) view that receives it.
+    ``work``
     (:class:`Work`): where the products and the sum go (buffers "hi", "lo", "s"); fresh tensors
     without it."""
     H, Cc, _ = w3.shape
@@ -154,9 +156,11 @@ def products(w3, x2, acc, refine=True, hi=None, keep=None, work=None):
     if w3.dtype != torch.bfloat16:          # fp32/fp64: the sum itself, kept or computed
         if hi is not None:
             return hi
-        return head_mm(w3, x2, keep if keep is not None else work.get("s", shape, w3.dtype))
+        out = products_out if products_out is not None else work.get("s", shape, w3.dtype)
+        return head_mm(w3, x2, out)
     if hi is None:
-        hi = head_mm(w3, x2, keep if keep is not None else work.get("hi", shape, w3.dtype))
+        out = products_out if products_out is not None else work.get("hi", shape, w3.dtype)
+        hi = head_mm(w3, x2, out)
     out = work.get("s", shape, acc).copy_(hi)
     heads = sorted(range(H) if refine is True else (refine or ()))
     # W x - hi: -hi joins the fp32 sum. Runs of consecutive heads go as one product each (the
@@ -184,19 +188,19 @@ def gemm_operands(x, weight):
     return x_matrix(x, gemm), w_chunk
 
 
-def scores(x, weight, temps, inv_n, c0, c1, acc, refine=True, operands=None, hi=None,
-           keep=None, work=None):
+def score_chunk(x, weight, temps, inv_n, c0, c1, acc, refine=True, operands=None, hi=None,
+                products_out=None, work=None):
     """Scores (H, c1-c0, B, N) in ``acc``, and the temperatures as (H, 1, 1, 1): whether a head
     is a max head, and T (1 for a max head). ``operands`` from :func:`gemm_operands`; ``hi`` and
-    ``keep`` as for :func:`products`; the scores go to ``work``'s buffer "s" (fresh without
+    ``products_out`` as for :func:`products`; the scores go to ``work``'s buffer "s" (fresh without
     it)."""
     H, _, _ = weight.shape
     B, _, N = x.shape
     x2, w_chunk = operands or gemm_operands(x, weight)
     work = work or Work(x.device)
-    p = products(w_chunk(c0, c1), x2, acc, refine, hi, keep, work)
+    p = products(w_chunk(c0, c1), x2, acc, refine, hi, products_out, work)
     scale = inv_n[:, c0:c1, None, None]
-    if p is not hi and p is not keep:       # the sum in "s" (or autograd's own tensor)
+    if p is not hi and p is not products_out:     # the sum in "s" (or autograd's own tensor)
         s = p.view(H, c1 - c0, B, N).mul_(scale)
     else:                                   # never scale the kept products in place
         s = torch.mul(p.view(H, c1 - c0, B, N), scale,
@@ -244,7 +248,7 @@ def fwd(x, weight, temps, lam, normalize, chunk, outs, scores_out=None):
     inv_n (H, C)): the kernel's state, in base 2 (z = T log2(e) s, m = max_j z_j,
     l = sum_j 2^(z_j - m)). ``scores_out`` (H*C, B*N) in the GEMM dtype, if given, receives
     the products (:func:`keeps_scores`)."""
-    y, m, l, att, amax, inv_n = outs
+    y, m, l, att, argmax, inv_n = outs
     C = y.shape[1]
     acc = inv_n.dtype
     work = Work(x.device)
@@ -252,9 +256,9 @@ def fwd(x, weight, temps, lam, normalize, chunk, outs, scores_out=None):
     operands = gemm_operands(x, weight)
     for c0 in range(0, C, chunk):
         c1 = min(C, c0 + chunk)
-        keep = None if scores_out is None else scores_out.view(weight.shape[0], C, -1)[:, c0:c1]
-        s, is_max, t_fin = scores(x, weight, temps, inv_n, c0, c1, acc, FWD_REFINE, operands,
-                                  keep=keep, work=work)
+        kept = None if scores_out is None else scores_out.view(weight.shape[0], C, -1)[:, c0:c1]
+        s, is_max, t_fin = score_chunk(x, weight, temps, inv_n, c0, c1, acc, FWD_REFINE,
+                                       operands, products_out=kept, work=work)
         zmax, l_c, p = _softmax(s, t_fin, work)                     # (H, Cc, B, 1|N)
         best, best_j = s.max(dim=-1)
         a = torch.where(is_max[..., 0], best, p.mul_(s).sum(-1))   # p . s (p is spent)
@@ -262,41 +266,34 @@ def fwd(x, weight, temps, lam, normalize, chunk, outs, scores_out=None):
         m[:, :, c0:c1] = zmax[..., 0].permute(2, 0, 1)
         l[:, :, c0:c1] = l_c[..., 0].permute(2, 0, 1)
         att[:, :, c0:c1] = a.permute(2, 0, 1)
-        amax[:, :, c0:c1] = best_j.permute(2, 0, 1)
+        argmax[:, :, c0:c1] = best_j.permute(2, 0, 1)
     return outs
 
 
-def exact_first_max(sk, x, w_rows, inv_n, rel=2.0 ** -15, block=1024, rounded=False):
+def exact_first_max(sk, x, w_rows, inv_n, rel=2.0 ** -15, block=1024):
     """First position of the maximum of the exact sums W x for scores ``sk`` = inv_n W x
-    (Cc, B, N) from the two bf16 GEMMs (``products``); w_rows (Cc, D) and x (B, D, N) are their
-    bf16 operands, inv_n (Cc,) the rows' scales. ``rounded``: ``sk`` comes from the rounded
-    GEMM alone (``hi``), each score within 2^-8 (1 + 2^-8) |s| of its fp32 sum; rounding is
-    monotonic, so only a tie or a gap within the fp32 sums' own error hides the true maximum,
-    behind one rounding at most: the window widens by twice 2^-8 (1 + 2^-8) of the row's
-    largest |s|.
+    (Cc, B, N) from the rounded bf16 GEMM (``products`` without its ``lo`` correction: what a
+    max head's backward computes); w_rows (Cc, D) and x (B, D, N) are its bf16 operands,
+    inv_n (Cc,) the rows' scales. Each score is within 2^-8 (1 + 2^-8) |s| of its fp32 sum;
+    rounding is monotonic, so only a tie or a gap within the fp32 sums' own error hides the
+    true maximum, behind one rounding at most.
 
-    Two GEMMs resolve ~2^-17 |w||x| (the rounding of lo, plus fp32 accumulation, ~2^-18.5 at
-    d=2048, typically); a max head's argmax flips on smaller gaps, and one flipped position
-    moves lam * g * Wn of dx (one flip in 19,210 rows gave 7.8e-3 relative error in dx and dW
-    at openimages-r101-448@B=2, against 1.7e-3). Positions within ``rel`` |w_c| sqrt(D)
-    max|x| (>= |w_c||x_bj|) of the row's maximum are candidates; rows with several are
-    settled in float64 on the candidates alone (products of bf16 are exact there), in blocks
-    of ``block`` pairs (3 x block x D float64 at a time: 48 MB at d=2048)."""
+    The fp32 sums resolve ~2^-17 |w||x| (accumulation, ~2^-18.5 at d=2048, typically); a max
+    head's argmax flips on smaller gaps, and one flipped position moves lam * g * Wn of dx.
+    Positions within ``rel`` |w_c| sqrt(D) max|x| (>= |w_c||x_bj|) of the row's maximum, plus
+    twice 2^-8 (1 + 2^-8) of the row's largest |s| (the rounding of both the maximum and a
+    candidate), are candidates; rows with several are settled in float64 on the candidates
+    alone (products of bf16 are exact there), in blocks of ``block`` pairs (3 x block x D
+    float64 at a time)."""
     j = sk.argmax(-1)
-    # |x_bj| <= sqrt(D) max|x|: one pass over bf16 x (aminmax: 47 us at 2x2048x196, against
-    # 112 for abs().amax() and 2 ms for fp32 column norms)
+    # |x_bj| <= sqrt(D) max|x|: one pass over bf16 x
     lo_x, hi_x = torch.aminmax(x)
     x_max = torch.maximum(hi_x, -lo_x).float() * math.sqrt(x.shape[1])
-    # row norms of bf16 w in bf16 (converting the rows cost 2.3 ms a chunk at 9,605 classes),
-    # with a margin for their rounding
+    # row norms of bf16 w in bf16 (no fp32 copy of the rows), with a margin for their rounding
     w_norm = torch.linalg.vector_norm(w_rows, dim=-1).float() * (1 + 2.0 ** -7)
     slack = (rel * x_max) * (inv_n * w_norm)[:, None, None]
-    if rounded:     # bf16 rounding of both the maximum and a candidate: 2 x 2^-8 of max|s|
-        lo_s, hi_s = torch.aminmax(sk, dim=-1, keepdim=True)
-        top = hi_s
-        slack = slack + torch.maximum(hi_s, -lo_s) * (2.0 ** -7 * (1 + 2.0 ** -8))
-    else:
-        top = sk.amax(-1, keepdim=True)
+    lo_s, top = torch.aminmax(sk, dim=-1, keepdim=True)
+    slack = slack + torch.maximum(top, -lo_s) * (2.0 ** -7 * (1 + 2.0 ** -8))
     cand = sk >= top - slack                                           # (Cc, B, N)
     rows = (cand.sum(-1) > 1).nonzero()                                # (r, 2): class, batch
     if rows.numel() == 0:
@@ -332,11 +329,11 @@ def ds_chunk(x, weight, temps, grad_y, inv_n, lam, c0, c1, out, operands=None, h
     # a max head's scores serve only its argmax, which exact_first_max settles from hi alone
     # (a wider window): its lo GEMM is skipped (a quarter of them at 4 heads)
     refine = [k for k in range(len(temps)) if k not in max_heads] if bf16 and max_heads else True
-    s, is_max, t_fin = scores(x, weight, temps, inv_n, c0, c1, acc, refine, operands, hi,
-                              work=work)
+    s, is_max, t_fin = score_chunk(x, weight, temps, inv_n, c0, c1, acc, refine, operands, hi,
+                                   work=work)
     if bf16 and max_heads:
         w_rows = w_chunk(c0, c1)
-        best_j = {k: exact_first_max(s[k], x, w_rows[k], inv_n[k, c0:c1], rounded=True)
+        best_j = {k: exact_first_max(s[k], x, w_rows[k], inv_n[k, c0:c1])
                   for k in max_heads}
     else:
         best_j = {k: s[k].argmax(-1) for k in max_heads}        # first maximum, as the kernels
@@ -352,29 +349,6 @@ def ds_chunk(x, weight, temps, grad_y, inv_n, lam, c0, c1, out, operands=None, h
         torch.mul(d_att, g[..., None], out=out)
     else:   # in place, then rounded: a broadcast multiply into bf16 took 4-10x longer
         out.copy_(d_att.mul_(g[..., None]))
-
-
-def forward_graph(x, weight, temps, lam, normalize, first_max=False, y_dtype=None):
-    """y (B, C) in x's dtype as one graph of standard operators, for exporters that cannot call
-    the custom op (ONNX) and for what needs autograd through every step (double backward,
-    torch.func): the same math and operand rounding as the kernels, in fp32 (fp64 for fp64 x).
-    x (B, D, N); temps validated (a max head is inf); lam a number or a tensor.
-    ``first_max``: a max head's gradient goes to the first maximum, as the op routes it
-    (``max(dim)``); else ``amax``, which exports to ONNX as one ReduceMax."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    w = weight.to(x.dtype).to(acc)                                  # (H, C, D)
-    s = torch.matmul(w.unsqueeze(0), x.to(acc).unsqueeze(1))        # (B, H, C, N)
-    if normalize:
-        s = s * torch.rsqrt(weight.to(acc).pow(2).sum(-1, keepdim=True))
-    heads = []
-    for k, t in enumerate(temps):
-        sk = s[:, k]
-        if math.isinf(t):
-            att = sk.max(dim=-1).values if first_max else sk.amax(dim=-1)
-        else:
-            att = (torch.softmax(sk * t, dim=-1) * sk).sum(-1)
-        heads.append(sk.mean(-1) + lam * att)
-    return torch.stack(heads, 0).sum(0).to(y_dtype or x.dtype)
 
 
 # --------------------------------------------------------------------------- the op's interface
@@ -407,47 +381,65 @@ def scores_output(x, weight, keep: bool, alloc=new):
     return alloc((H * C, B * N), gemm_dtype(x.dtype, x.device), x.device)
 
 
-def forward(x, weight, temps, lam, normalize, keep, lam_t=None, y_dtype=None):
-    """(y, m, l, att, argmax, inv_n, w_op, scores), as the Triton implementation returns them:
-    ``w_op`` is always empty here (the products use the weight as it is); ``scores`` holds the
-    score products when :func:`keeps_scores`, else is empty. ``lam_t``:
-    lam as a one-element tensor (a learnable lam), used instead of ``lam``; ``y_dtype``: y's
-    dtype if not x's (rounded once, from the accumulation dtype)."""
+def kept_output(x, weight, keep: bool, alloc=new):
+    """The forward's ``kept`` output: always empty here (the products read the weight as it
+    is; nothing is prepared)."""
+    return alloc((0,), x.dtype, x.device)
+
+
+#: Never a triton_op (interface.Implementation): its ops are the custom ops on every device.
+triton_op = False
+
+
+def serves(device: torch.device, dtype: torch.dtype) -> bool:
+    """Every device and dtype (the automatic choice's last resort)."""
+    return True
+
+
+def _lam(lam, acc):
+    """lam for the products: a number as it is, a learnable one as a 0-d tensor in ``acc``."""
+    return lam.detach().reshape(()).to(acc) if isinstance(lam, torch.Tensor) else lam
+
+
+def forward(x, weight, scalars, normalize, keep, y_dtype=None, packed=False) -> Forward:
+    """y and the state (``interface.Forward``), as the Triton implementation returns them:
+    ``kept`` is always empty here (the products use the weight as it is); ``scores`` holds the
+    score products when :func:`keeps_scores`, else is empty. ``y_dtype``: y's dtype if not
+    x's (rounded once, from the accumulation dtype). ``packed`` changes nothing here."""
     B, D, N = x.shape
     H, C, _ = weight.shape
     acc = acc_dtype(x.dtype)
-    if lam_t is not None:
-        lam = lam_t.detach().reshape(()).to(acc)
-    scores = scores_output(x, weight, keep)
+    temps, lam = host_values(scalars)
+    products_out = scores_output(x, weight, keep)
     outs = fwd_outputs(x, H, C, y_dtype=y_dtype)
-    fwd(x, weight, torch.tensor(temps, dtype=acc), lam, normalize, chunk_classes(H, C, B, N),
-        outs, scores_out=scores if scores.numel() else None)
+    fwd(x, weight, torch.tensor(temps, dtype=acc), _lam(lam, acc), normalize,
+        chunk_classes(H, C, B, N), outs,
+        scores_out=products_out if products_out.numel() else None)
     if not keep:
         outs = (*outs[:5], new((0,), acc, x.device))
-    return (*outs, new((0,), x.dtype, x.device), scores)
+    return Forward(outs[0], ForwardState(*outs[1:], kept_output(x, weight, keep), products_out))
 
 
 class Backward:
-    """The fallback's side of the op's backward loop (see ops.csra_bwd): dS' of a class chunk
-    recomputed from the scores, GEMMs in :func:`gemm_dtype`, the weight gradient projected per
-    chunk while its rows are in cache."""
+    """The fallback's side of the op's backward loop (see ops.backward_loop): dS' of a class
+    chunk recomputed from the scores, GEMMs in :func:`gemm_dtype`, the weight gradient
+    projected per chunk while its rows are in cache."""
 
     #: the product G = dS' x^T of the backward loop (common.mm: oneDNN's fp32 GEMM on CPU)
     mm = staticmethod(mm)
 
-    def __init__(self, grad_y, x, weight, state, inv_n, kept, temps, lam, normalize,
-                 scores=None, lam_t=None, launch_plan=None):
-        # (kept, launch_plan: the Triton implementation's prepared weight and launch plan)
+    def __init__(self, grad_y, x, weight, state, scalars, normalize, plan=None):
+        # (plan: the Triton implementation's launch plan; none here)
         B, D, N = x.shape
         H, C, _ = weight.shape
         self.acc = acc = acc_dtype(x.dtype)
-        if lam_t is not None:
-            lam = lam_t.detach().reshape(()).to(acc)
+        temps, lam = host_values(scalars)
+        inv_n = state.inv_norm
         if inv_n.numel() == 0:                  # the forward kept nothing (keep=False)
             inv_n = inv_norms(weight, normalize, acc)
         self.x, self.weight, self.grad_y, self.inv_n = x, weight, grad_y, inv_n
-        self.scores = scores
-        self.lam, self.normalize = lam, normalize
+        self.scores = state.scores
+        self.lam, self.normalize = _lam(lam, acc), normalize
         self.temps = torch.tensor(temps, dtype=acc)
         self.gemm = gemm_dtype(x.dtype, x.device) if not x.is_cuda else x.dtype
         self.chunk = chunk_classes(H, C, B, N)

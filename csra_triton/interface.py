@@ -1,9 +1,12 @@
-"""The interface the two implementations share (the helpers layer, docs/ARCHITECTURE.md).
+"""The interface every implementation of the head provides (the helpers layer,
+docs/architecture.md).
 
-``triton_impl`` (the Triton kernels) and ``fallback`` (PyTorch) each provide, as module-level
-names, what :class:`Implementation` declares; the op layer (``ops``) calls nothing else of
-them. Their ``Backward`` objects are what :class:`BackwardPass` declares: ``ops._backward_loop``
-drives one over chunks of classes. ``tests/test_layers.py`` checks that both modules conform.
+An implementation is a module (``triton_impl``: the Triton kernels; ``fallback``: PyTorch) with
+the members :class:`Implementation` declares; the op layer (``ops``) finds it in its registry
+(``ops.IMPLEMENTATIONS``, ``ops.register``) and calls nothing else of it. Its ``Backward``
+objects are what :class:`BackwardPass` declares: ``ops.backward_loop`` drives one over chunks
+of classes. ``tests/test_op.py`` checks that both modules conform and runs the op-level tests
+through a third implementation registered by the test (the float64 reference).
 
 Nothing here runs on the data path: these are declarations, for readers and type checkers.
 """
@@ -14,24 +17,33 @@ from typing import Callable, NamedTuple, Protocol
 import torch
 from torch import Tensor
 
+from .common import Scalars
+
 
 class ForwardState(NamedTuple):
-    """What a training forward returns beside y (the forward's outputs 2-8), saved for the
-    backward. B, H, C: batch, heads, classes; ``acc``: the accumulation dtype (fp32, fp64 for
-    fp64 inputs). An implementation may return an empty (0,) tensor for ``inv_norm``, ``kept``
-    and ``scores`` (inference keeps none of them), and the eager path None for ``kept`` and
-    ``scores``."""
+    """What a training forward keeps for its backward (the op's outputs 2-8). B, H, C: batch,
+    heads, classes; ``acc``: the accumulation dtype (fp32, fp64 for fp64 inputs). Inference
+    (``keep=False``) returns empty (0,) tensors for ``inv_norm``, ``kept`` and ``scores``; the
+    eager route's forward (``packed=True``) returns None for a ``kept`` or ``scores`` it did not
+    keep."""
     m: Tensor          #: (B, H, C) acc: softmax max of z = T log2(e) s, base 2
     l: Tensor          #: (B, H, C) acc: sum_j 2^(z_j - m)
     att: Tensor        #: (B, H, C) acc: the attention logit sum_j p_j s_j (max heads: max_j s)
     argmax: Tensor     #: (B, H, C) int32: the first position of max_j s
     inv_norm: Tensor   #: (H, C) acc: 1 / ||W row|| (ones without normalisation)
-    kept: Tensor       #: (H*C, D) x's dtype: the prepared weight (Triton, when small)
+    kept: Tensor       #: the prepared weight an implementation hands its backward, or (0,)
     scores: Tensor     #: the score products before the row norms, in the implementation's layout
 
 
+class Forward(NamedTuple):
+    """What a forward returns, from every implementation and on every route of ``ops.run``."""
+    y: Tensor                          #: (B, C) logits
+    state: ForwardState | None         #: None where autograd keeps it (training) or none exists
+    plan: object = None                #: the implementation's handle for the eager backward
+
+
 class BackwardPass(Protocol):
-    """One backward of one call, driven by ``ops._backward_loop``: for each chunk of classes
+    """One backward of one call, driven by ``ops.backward_loop``: for each chunk of classes
     [c0, c1) it fills dS' (``ds``), multiplies (``mm``) into dx and G = dS' x^T, then hands G
     back (``chunk_done``; ``finish`` at the end) for the weight gradient through the row
     normalisation."""
@@ -58,24 +70,33 @@ class BackwardPass(Protocol):
 
 
 class Implementation(Protocol):
-    """A module implementing the head: ``triton_impl`` or ``fallback``.
+    """A module implementing the head (``triton_impl``, ``fallback``).
 
-    ``forward(x, weight, temps, lam, normalize, keep, lam_t=None, y_dtype=None)`` ->
-    ``(y, *ForwardState)``: x (B, D, N) with any strides, weight (H, C, D), ``temps`` validated
-    (a max head is inf), ``keep`` False for inference (nothing kept for a backward), ``lam_t``
-    a learnable lam (a one-element tensor, used instead of ``lam``), ``y_dtype`` y's dtype if
-    not x's, in this order. (The Triton side also takes ``packed`` and ``scalars`` after them:
-    see its docstring.)
+    ``forward(x, weight, scalars, normalize, keep, y_dtype=None, packed=False)`` ->
+    :class:`Forward`: x (B, D, N) with any strides, weight (H, C, D), ``scalars`` a validated
+    :class:`~csra_triton.common.Scalars` (its ``values`` only where the host values are not
+    known), ``keep`` False for inference (nothing kept for a backward), ``y_dtype`` y's dtype
+    if not x's; ``packed``: the eager route's call (the state may share one allocation, what
+    is not kept is None, and ``plan`` may hold what the backward reuses).
 
-    ``Backward(grad_y, x, weight, state, inv_n, kept, temps, lam, normalize, scores=None,
-    lam_t=None, launch_plan=None)`` -> a :class:`BackwardPass`; ``state`` is (m, l, att, argmax),
-    ``launch_plan`` the Triton forward's launch plan (reused by the eager path; None elsewhere).
+    ``Backward(grad_y, x, weight, state, scalars, normalize, plan=None)`` -> a
+    :class:`BackwardPass`; ``state`` a :class:`ForwardState`, ``plan`` the forward's.
 
-    ``scores_output(x, weight, keep, alloc)``: the forward's ``scores`` output as it will be
-    returned (``alloc(shape, dtype, device)``: real or fake tensors), for the ops' fake
-    implementations.
+    ``kept_output(x, weight, keep, alloc)`` and ``scores_output(x, weight, keep, alloc)``: the
+    forward's ``kept`` and ``scores`` outputs as it will return them (``alloc(shape, dtype,
+    device)``: real or fake tensors), for the ops' fake implementations: the keep rules.
+
+    ``serves(device, dtype)``: whether the automatic choice (``ops.backend_for``) may take it
+    for tensors on ``device``; ``triton_op``: whether on CUDA tensors its ops are the
+    ``torch.library.triton_op`` pair, whose kernel launches Inductor traces into its graph.
     """
 
-    forward: Callable[..., tuple]
+    triton_op: bool
+    serves: Callable[[torch.device, torch.dtype], bool]
+    forward: Callable[..., Forward]
     Backward: Callable[..., BackwardPass]
+    kept_output: Callable[..., Tensor]
     scores_output: Callable[..., Tensor]
+
+
+__all__ = ["Scalars", "ForwardState", "Forward", "BackwardPass", "Implementation"]

@@ -51,10 +51,6 @@ import triton
 import triton.language as tl
 
 from . import _compat
-from .settings import ENV
-
-if ENV.triton_interpret:
-    _compat.patch_interpreter()
 
 BIG = tl.constexpr(2147483647)  # int32 max: "no position" in the argmax reduction
 
@@ -475,3 +471,7 @@ def csra_ds_kept_kernel(
                     mask=row_ok[:, None] & (nn < N)[None, :], other=0.0)
         _ds_half(a, nn, N, inv, cz, t_fin, m, att, best_j, is_max, k0, kp, out_rows, row_ok,
                  EMU_BF16)
+
+
+if _compat.interpreted(csra_fwd_kernel):      # (TRITON_INTERPRET: the tests on CPU)
+    _compat.patch_interpreter()

@@ -13,13 +13,11 @@ x's dtype), computed in fp32 (fp64 for fp64 x).
 from __future__ import annotations
 
 import math
-from typing import Sequence
-
 import torch
 from torch import Tensor
 
 from . import fallback, ops
-from .common import acc_dtype, check_temperatures
+from .common import Scalars, acc_dtype
 
 #: Largest number of score elements computed at once.
 CHUNK_ELEMS = 1 << 24
@@ -39,8 +37,8 @@ def _class_index(classes, C: int, device) -> Tensor:
     return idx.long() % C
 
 
-def _maps(x: Tensor, weight: Tensor, temperatures: Sequence[float], normalize: bool, classes,
-          kind: str, lam: float) -> Tensor:
+def _maps(x: Tensor, weight: Tensor, scalars: Scalars, normalize: bool, classes,
+          kind: str) -> Tensor:
     B, D, h, w = x.shape
     N = h * w
     H, C, _ = weight.shape
@@ -49,18 +47,18 @@ def _maps(x: Tensor, weight: Tensor, temperatures: Sequence[float], normalize: b
     x3 = x.flatten(2)
     w_sel = weight.index_select(1, idx)                                 # (H, K, D)
     inv_n = fallback.inv_norms(w_sel, normalize, acc)                   # (H, K)
-    valid = check_temperatures(temperatures, H)                       # (inf: a max head)
-    temps = torch.tensor(valid, dtype=acc)
-    if kind == "attention" and math.inf in valid:
+    temps = torch.tensor(scalars.temps, dtype=acc)                      # (inf: a max head)
+    if kind == "attention" and math.inf in scalars.temps:
         with torch.no_grad():  # the forward's own argmax, for every class
-            amax = ops.forward(x3.detach(), weight.detach(), valid, lam, normalize, False)[4]
-        amax = amax.index_select(2, idx)                                # (B, H, K)
+            argmax = ops.run(x3.detach(), weight.detach(), scalars, normalize,
+                             need_state=True).state.argmax
+        argmax = argmax.index_select(2, idx)                            # (B, H, K)
     K = idx.numel()
     out = torch.empty(B, H, K, N, dtype=acc, device=x.device)
     chunk = max(1, CHUNK_ELEMS // max(1, B * H * N))
     for c0 in range(0, K, chunk):
         c1 = min(K, c0 + chunk)
-        s, is_max, t_fin = fallback.scores(x3, w_sel, temps, inv_n, c0, c1, acc)  # (H, k, B, N)
+        s, is_max, t_fin = fallback.score_chunk(x3, w_sel, temps, inv_n, c0, c1, acc)
         s, is_max, t_fin = s.permute(2, 0, 1, 3), is_max.view(H, 1, 1), t_fin.view(H, 1, 1)
         if kind == "score":
             out[:, :, c0:c1] = s
@@ -68,15 +66,18 @@ def _maps(x: Tensor, weight: Tensor, temperatures: Sequence[float], normalize: b
         soft = torch.softmax(s * t_fin, dim=-1)
         if is_max.any():
             pos = torch.arange(N, device=x.device)
-            one_hot = (pos == amax[:, :, c0:c1, None]).to(acc)
+            one_hot = (pos == argmax[:, :, c0:c1, None]).to(acc)
             soft = torch.where(is_max, one_hot, soft)
         out[:, :, c0:c1] = soft
     return out.view(B, H, K, h, w)
 
 
-def score_maps(x, weight, temperatures, normalize=True, classes=None) -> Tensor:
-    return _maps(x, weight, temperatures, normalize, classes, "score", 0.0)
+def score_maps(x, weight, scalars: Scalars, normalize=True, classes=None) -> Tensor:
+    """(B, H, K, h, w) score maps of x (B, D, h, w), validated (``CSRATriton.score_maps``)."""
+    return _maps(x, weight, scalars, normalize, classes, "score")
 
 
-def attention_maps(x, weight, temperatures, normalize=True, classes=None, lam=0.1) -> Tensor:
-    return _maps(x, weight, temperatures, normalize, classes, "attention", lam)
+def attention_maps(x, weight, scalars: Scalars, normalize=True, classes=None) -> Tensor:
+    """(B, H, K, h, w) attention maps of x (B, D, h, w), validated
+    (``CSRATriton.attention_maps``)."""
+    return _maps(x, weight, scalars, normalize, classes, "attention")

@@ -1,21 +1,26 @@
-"""Functional form and ``nn.Module`` (the module layer, docs/ARCHITECTURE.md).
+"""Functional form and ``nn.Module`` (the module layer, docs/architecture.md).
 
-Validation of user input lives here, at the public entry points; the ops below assume it.
+Validation of user input lives here, at the public entry points (:func:`csra`,
+:class:`CSRAFunction`, :class:`CSRATriton`), in one place (:func:`_check_inputs`,
+``common.scalars``): every entry refuses the same inputs with the same message. The op layer's
+:func:`ops.run` then chooses the call's route.
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Mapping, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from . import interop, maps, ops
-from .common import check_lam, check_temperatures
+from .common import Scalars, check_lam, check_normalize, check_temperatures, scalars
 from .reference import OFFICIAL_TEMPERATURES
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: The layouts of x: (B, in_ch, h, w); (B, N, in_ch) tokens; (B, in_ch, N) (CSRAFunction's)
+_NDIM = {"nchw": 4, "tokens": 3, "bdn": 3}
 
 
 def _autocast(x: Tensor) -> Tensor:
@@ -31,8 +36,9 @@ def _autocast(x: Tensor) -> Tensor:
 
 
 def _check_inputs(x, weight, layout: str) -> Tensor:
-    """Validates x (in ``layout``) and weight; returns x as it is, cast to the autocast dtype
-    under autocast (the op views it as (B, D, N): ``common.as_bdn``)."""
+    """Validates x (in ``layout``: "nchw", "tokens" or "bdn") and weight; returns x as it is,
+    cast to the autocast dtype under autocast (the op views it as (B, D, N):
+    ``common.as_bdn``)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     if not isinstance(weight, Tensor):
@@ -49,25 +55,32 @@ def _check_inputs(x, weight, layout: str) -> Tensor:
         raise ValueError(f"x and weight must be on the same device: x on {x.device}, "
                          f"weight on {weight.device}")
     d = weight.shape[2]
-    if layout == "nchw":
-        if x.dim() != 4:
-            raise ValueError(f"x: expected a 4-D (B, in_ch, h, w) tensor, got shape {tuple(x.shape)}")
-        if x.shape[1] != d:
-            raise ValueError(f"x: expected {d} channels (dim 1), got {x.shape[1]} "
-                             f"(shape {tuple(x.shape)})")
-        if x.shape[2] * x.shape[3] == 0:
-            raise ValueError(f"x: expected h*w >= 1 positions, got shape {tuple(x.shape)}")
-    elif layout == "tokens":
-        if x.dim() != 3:
-            raise ValueError(f"x: expected 3-D tokens (B, N, in_ch), got shape {tuple(x.shape)}")
-        if x.shape[2] != d:
-            raise ValueError(f"x: expected {d} channels (dim 2), got {x.shape[2]} "
-                             f"(shape {tuple(x.shape)})")
-        if x.shape[1] == 0:
-            raise ValueError(f"x: expected N >= 1 tokens, got shape {tuple(x.shape)}")
-    else:
+    ndim = _NDIM.get(layout)
+    if ndim is None:
         raise ValueError(f"layout: expected 'nchw' or 'tokens', got {layout!r}")
-    return _autocast(x) if torch.is_autocast_enabled(x.device.type) else x
+    if x.dim() != ndim:
+        what = {"nchw": "a 4-D (B, in_ch, h, w) tensor", "tokens": "3-D tokens (B, N, in_ch)",
+                "bdn": "a 3-D (B, in_ch, N) tensor"}[layout]
+        raise ValueError(f"x: expected {what}, got shape {tuple(x.shape)}")
+    ch = 2 if layout == "tokens" else 1
+    if x.shape[ch] != d:
+        raise ValueError(f"x: expected {d} channels (dim {ch}), got {x.shape[ch]} "
+                         f"(shape {tuple(x.shape)})")
+    if math.prod(x.shape[1:2] if layout == "tokens" else x.shape[2:]) == 0:
+        what = {"nchw": "h*w >= 1 positions", "tokens": "N >= 1 tokens",
+                "bdn": "N >= 1 positions"}[layout]
+        raise ValueError(f"x: expected {what}, got shape {tuple(x.shape)}")
+    if not x.is_meta and torch.is_autocast_enabled(x.device.type):
+        return _autocast(x)
+    return x
+
+
+def _call(x, weight, temperatures, lam, normalize, layout: str) -> Tensor:
+    """The functional entries' one call (:func:`csra`, :class:`CSRAFunction`): every argument
+    validated, then :func:`ops.run`."""
+    xs = _check_inputs(x, weight, layout)
+    sc = scalars(temperatures, lam, weight.shape[0], x.device)
+    return ops.run(xs, weight, sc, check_normalize(normalize), layout).y
 
 
 def csra(x: Tensor, weight: Tensor, temperatures: Sequence[float], lam: float,
@@ -75,36 +88,51 @@ def csra(x: Tensor, weight: Tensor, temperatures: Sequence[float], lam: float,
     """Multi-head CSRA logits (B, C) in x's dtype (the autocast dtype under autocast).
 
     x: (B, in_ch, h, w) features (any strides; channels_last is read in place), or with
-    ``layout="tokens"`` (B, N, in_ch) tokens as a ViT emits them. weight: (heads, classes, in_ch).
-    temperatures: one per head; ``math.inf`` or 99 makes a max-pooling head. lam: the weight of
-    the attention logit, a number or a one-element tensor on x's device (it gets a gradient). normalize: divide each class's scores by its weight row's L2 norm.
+    ``layout="tokens"`` (B, N, in_ch) tokens as a ViT emits them. weight: (heads, classes,
+    in_ch). temperatures: one per head; ``math.inf`` or 99 makes a max-pooling head. lam: the
+    weight of the attention logit, a number or a one-element tensor on x's device (it gets a
+    gradient). normalize: divide each class's scores by its weight row's L2 norm.
     """
-    xs = _check_inputs(x, weight, layout)
-    temps = check_temperatures(temperatures, weight.shape[0])
-    lam = check_lam(lam, x.device)
-    return ops.run(xs, weight, temps, lam, bool(normalize), layout)
+    if layout not in ("nchw", "tokens"):
+        raise ValueError(f"layout: expected 'nchw' or 'tokens', got {layout!r}")
+    return _call(x, weight, temperatures, lam, normalize, layout)
+
+
+class CSRAFunction:
+    """``CSRAFunction.apply(x, weight, temperatures, lam, normalize=True) -> y``: :func:`csra`
+    on a (B, in_ch, N) view of the features (any strides), under the name of the
+    ``autograd.Function`` it once was. Every argument is validated as :func:`csra` validates
+    it; the call takes the route :func:`csra` would (autograd, torch.compile, export, ONNX,
+    torch.func: the same)."""
+
+    @staticmethod
+    def apply(x, weight, temperatures, lam, normalize=True) -> Tensor:
+        return _call(x, weight, temperatures, lam, normalize, "bdn")
 
 
 def _head_call(head: "CSRATriton", x: Tensor, layout: str) -> Tensor:
-    """``csra`` for a ``CSRATriton``, whose temperatures and lam were validated when they were
-    set (``_temperatures`` as ``check_temperatures`` returns them: inf = max head); under
-    torch.compile and torch.export with the arguments of ``CSRATriton._traced_args``. (A
-    function rather than a method, and the eager arguments read one statement each rather
-    than as a tuple: both cost fewer instructions per call; bench/NOTES.md.)"""
-    if torch.compiler.is_compiling():
-        weight, temps, lam, normalize, scalars = head._traced_args()
-        compiling = True
+    """``csra`` for a ``CSRATriton``, whose temperatures, lam and normalize were validated when
+    they were set: under torch.compile and torch.export the temperatures and lam reach the ops
+    as the module's values tensor (:meth:`CSRATriton._traced_scalars`), else as the Python
+    values. (A function rather than a method, and the attributes read one statement each:
+    both cost fewer instructions per call; bench/NOTES.md.)"""
+    compiling = torch.compiler.is_compiling()
+    weight = head._parameters.get("weight")
+    if weight is None:              # (nn.DataParallel's replicas hold plain tensors)
+        weight = head.weight
+    if compiling:
+        sc = head._traced_scalars(weight)
     else:
-        weight = head._checked_weight()
-        temps = head._temperatures
-        lam = head.lam
-        normalize = head._normalize
-        scalars = None
-        compiling = False
+        lam = head._parameters.get("lam")
+        sc = Scalars(head._temperatures, head._lam if lam is None else lam)
+    if weight.shape != head._shape:                # torch.Size == tuple
+        raise ValueError(f"weight: expected shape (heads, classes, in_ch) = {head._shape}, "
+                         f"got {tuple(weight.shape)}")
     xs = _check_inputs(x, weight, layout)
-    if isinstance(lam, Tensor) and lam.device != xs.device:
+    lam = sc.lam
+    if lam.__class__ is not float and isinstance(lam, Tensor) and lam.device != xs.device:
         raise ValueError(f"lam: the learnable lam is on {lam.device}, x on {xs.device}")
-    return ops.run(xs, weight, temps, lam, normalize, layout, scalars, compiling)
+    return ops.run(xs, weight, sc, head._normalize, layout, compiling).y
 
 
 class CSRATriton(nn.Module):
@@ -115,6 +143,14 @@ class CSRATriton(nn.Module):
     ``load_state_dict`` also accepts the official keys ``multi_head.{k}.head.weight`` (C, d, 1, 1)
     and mmpretrain's ``csra_heads.{k}.head.weight`` (:meth:`from_mmpretrain` builds a head from
     mmpretrain's config fields).
+
+    ``temperatures``, ``lam`` and ``normalize`` are the module's one copy of those values,
+    Python attributes validated when assigned (a learnable lam is the parameter ``lam``).
+    Under torch.compile the module hands the ops a tensor of them, ``_values``: derived from
+    the Python values whenever those or the weight's device change, never written in place,
+    and not a buffer, so that nn.Module's machinery (``.to``, ``.type``, ``to_empty``,
+    ``load_state_dict``, copies, pickling) cannot cast, move, share or strand it; a call whose
+    ``_values`` is not on the weight's device takes the Python values instead.
     """
 
     #: The attributes a call reads, each validated when set (see the properties below).
@@ -132,7 +168,7 @@ class CSRATriton(nn.Module):
                                  f"{sorted(OFFICIAL_TEMPERATURES)}); pass temperatures explicitly")
             temperatures = OFFICIAL_TEMPERATURES[heads]
         self.in_ch, self.classes, self.heads = in_ch, classes, heads
-        self._register_scalars(None)
+        self.__dict__["_shape"] = (heads, classes, in_ch)
         self.temperatures = temperatures
         self.lam = lam
         self.normalize = normalize
@@ -148,56 +184,82 @@ class CSRATriton(nn.Module):
             object.__setattr__(self, name, value)     # the property's setter
         else:
             super().__setattr__(name, value)
+            if name == "weight":     # (load_state_dict(assign=True), a new Parameter)
+                self._derive()
 
     def __delattr__(self, name):
         if name in CSRATriton._LIVE:
             raise AttributeError(f"{name}: cannot be deleted; assign a new value")
         super().__delattr__(name)
 
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else dict(self.__dict__)
+        state = dict(state)
+        state.pop("_values", None)        # derived: made again on unpickling
+        return state
+
     def __setstate__(self, state):
         # A module pickled whole by an earlier version kept temperatures, lam and normalize as
-        # plain attributes: route them through the setters.
+        # plain attributes, and a _scalars buffer: read them through the setters.
         old = {k: state.pop(k) for k in CSRATriton._LIVE if k in state}
-        state.pop("_op_temperatures", None)          # (kept by earlier versions)
+        state.pop("_op_temperatures", None)
+        buffers = state.get("_buffers")
+        if buffers is not None and "_scalars" in buffers:
+            state["_buffers"] = {k: v for k, v in buffers.items() if k != "_scalars"}
         super().__setstate__(state)
+        if "_shape" not in self.__dict__:
+            self.__dict__["_shape"] = (self.heads, self.classes, self.in_ch)
         for k, v in old.items():
             setattr(self, k, v)
-        if "_scalars" not in self._buffers:           # pickled before the mirror existed
-            self._register_scalars(self.weight.device)
-            self._sync_scalars()
+        self._derive()
 
-    def _register_scalars(self, device) -> None:
-        """The temperatures and lam as a tensor, for compiled calls (see :meth:`_traced_args`):
-        written from the Python values at every assignment and device or dtype move, never
-        read back; not saved in the state dict."""
-        self.register_buffer("_scalars", torch.zeros(self.heads + 1, dtype=torch.int64,
-                                                     device=device), persistent=False)
+    def __copy__(self):
+        """A new head sharing the weight (and a learnable lam) with this one, with registries
+        of its own: assigning ``lam``, ``temperatures``, ``normalize`` or a parameter on either
+        leaves the other as it was (``copy.copy`` of a plain Module shares its parameter
+        dictionary, so that a new lam on the copy would reach this head)."""
+        new = self.__class__.__new__(self.__class__)
+        state = self.__getstate__()
+        for k in ("_parameters", "_buffers", "_modules"):
+            state[k] = dict(state[k])
+        new.__setstate__(state)
+        return new
 
-    def _sync_scalars(self) -> None:
-        """Writes the temperatures and lam into the ``_scalars`` buffer (a learnable lam's slot
-        holds 0: the parameter itself reaches the ops). On a GPU each element is filled by a
-        small kernel, so that an assignment never waits for the device."""
-        buf = self._buffers.get("_scalars")
-        temps = self.__dict__.get("_temperatures")
-        if buf is None or temps is None or buf.is_meta:    # (during __init__; no data on meta)
+    def _derive(self) -> None:
+        """Makes ``_values`` (see the class docstring) from the Python values, on the weight's
+        device (none before the weight exists)."""
+        d = self.__dict__
+        weight = self._parameters.get("weight") if "_parameters" in d else None
+        temps = d.get("_temperatures")
+        if weight is None or temps is None:
+            d["_values"] = None
             return
-        lam = self.__dict__.get("_lam")
-        vals = ops.scalars_tensor(temps, lam if isinstance(lam, float) else 0.0)
-        if buf.shape != vals.shape:
-            raise RuntimeError("_scalars: expected one element per head and one for lam")
-        with torch.no_grad():
-            if buf.device.type == "cpu":
-                buf.copy_(vals)
-            else:
-                for i, v in enumerate(vals.tolist()):
-                    buf[i].fill_(v)
+        lam = d.get("_lam")
+        d["_values"] = ops.op_values(Scalars(temps, lam if lam is not None else 0.0),
+                                     weight.device, False)
 
     def _apply(self, fn, *args, **kwargs):
-        # .to(), .cuda(), to_empty(), ...: the mirror is rewritten on its new device (to_empty
-        # leaves it uninitialised; int64 bits are untouched by dtype casts anyway)
+        # .to(), .cuda(), .type(), to_empty(), share_memory(), ...: the values follow the
+        # weight's device, made again from the Python values (never cast)
         out = super()._apply(fn, *args, **kwargs)
-        self._sync_scalars()
+        self._derive()
         return out
+
+    def _traced_scalars(self, weight: Tensor) -> Scalars:
+        """The scalars of a call under torch.compile and torch.export: ``_values`` (a graph
+        input: the graph holds no Python float of them, so that assigning new ones costs no
+        recompile) and a learnable lam; the Python values where ``_values`` is not on the
+        weight's device (a weight moved by ``.data`` or ``load_state_dict(assign=True)``: the
+        graph then guards on the values) and under ONNX export (standard operators, which read
+        them)."""
+        lam = self._parameters.get("lam")
+        if lam is None and getattr(self, "_is_replica", False):   # nn.DataParallel's replica
+            lam = self.__dict__["_lam"] if isinstance(self.__dict__["_lam"], Tensor) else None
+        values = self._values
+        if values is None or values.device != weight.device or \
+                torch.onnx.is_in_onnx_export():
+            return Scalars(self._temperatures, lam if lam is not None else self._lam)
+        return Scalars(None, lam, values)
 
     @property
     def temperatures(self) -> tuple[float, ...]:
@@ -207,9 +269,8 @@ class CSRATriton(nn.Module):
 
     @temperatures.setter
     def temperatures(self, value) -> None:
-        temps = check_temperatures(value, self.heads)
-        self.__dict__["_temperatures"] = tuple(temps)
-        self._sync_scalars()
+        self.__dict__["_temperatures"] = check_temperatures(value, self.heads)
+        self._derive()
 
     @property
     def lam(self) -> float | nn.Parameter:
@@ -236,7 +297,7 @@ class CSRATriton(nn.Module):
         else:
             self.__dict__["_lam"] = check_lam(value)
             self._parameters.pop("lam", None)
-        self._sync_scalars()
+        self._derive()
 
     @property
     def normalize(self) -> bool:
@@ -245,9 +306,7 @@ class CSRATriton(nn.Module):
 
     @normalize.setter
     def normalize(self, value) -> None:
-        if not isinstance(value, (bool, int, np.bool_)) or isinstance(value, Tensor):
-            raise TypeError(f"normalize: expected a bool, got {type(value).__name__}")
-        self.__dict__["_normalize"] = bool(value)
+        self.__dict__["_normalize"] = check_normalize(value)
 
     def reset_parameters(self) -> None:
         # PyTorch's Conv2d default: kaiming_uniform_(a=sqrt(5)) with fan_in = in_ch (1x1 kernel).
@@ -263,26 +322,11 @@ class CSRATriton(nn.Module):
         """x (B, N, in_ch) tokens (e.g. a ViT's patch tokens, class token dropped) -> (B, classes)."""
         return _head_call(self, x, "tokens")
 
-    def _traced_args(self) -> tuple:
-        """(weight, temperatures, lam, normalize, scalars) of a call under torch.compile and
-        torch.export: the temperatures and lam reach the ops as the ``_scalars`` buffer, a
-        graph input, so that the graph holds no Python float of them and assigning new ones
-        costs no recompile (a float would be a guarded constant); ``temperatures`` and a
-        number lam are then placeholders. The ONNX exporter takes the floats (its graph is
-        standard operators; scalars None)."""
-        if torch.onnx.is_in_onnx_export():
-            return self._checked_weight(), self._temperatures, self.lam, self.normalize, None
-        lam = self._parameters.get("lam")
-        if lam is None and getattr(self, "_is_replica", False):   # nn.DataParallel's replica
-            lam = self.__dict__["_lam"]
-        return (self._checked_weight(), [1.0] * self.heads, lam if lam is not None else 0.0,
-                self.normalize, self._buffers["_scalars"])
-
     def _checked_weight(self) -> Tensor:
         w = self.weight
-        if w.shape != (self.heads, self.classes, self.in_ch):     # torch.Size == tuple
+        if w.shape != self._shape:     # torch.Size == tuple
             raise ValueError(f"weight: expected shape (heads, classes, in_ch) = "
-                             f"{(self.heads, self.classes, self.in_ch)}, got {tuple(w.shape)}")
+                             f"{self._shape}, got {tuple(w.shape)}")
         return w
 
     def extra_repr(self) -> str:
@@ -297,18 +341,23 @@ class CSRATriton(nn.Module):
         """(B, heads, K, h, w): the softmax weights over positions each head used, or for a max
         head a one-hot of the position the forward chose; K = all classes or ``classes``
         (indices), computed in class chunks. fp32 (fp64 for fp64 x)."""
-        return maps.attention_maps(self._map_input(x), self.weight, self.temperatures,
-                                   self.normalize, classes, self.lam)
+        return maps.attention_maps(self._map_input(x), self.weight, self._map_scalars(),
+                                   self.normalize, classes)
 
     def score_maps(self, x: Tensor, classes=None) -> Tensor:
         """(B, heads, K, h, w): the normalised class scores s, the maps the official
         visualisation overlays; K = all classes or ``classes`` (indices)."""
-        return maps.score_maps(self._map_input(x), self.weight, self.temperatures,
+        return maps.score_maps(self._map_input(x), self.weight, self._map_scalars(),
                                self.normalize, classes)
 
     def _map_input(self, x: Tensor) -> Tensor:
         """x validated (and cast under autocast) as for forward, kept (B, in_ch, h, w)."""
         return _check_inputs(x, self._checked_weight(), "nchw")
+
+    def _map_scalars(self) -> Scalars:
+        """The temperatures and lam (a learnable one's value, detached) for the maps."""
+        lam = self.lam
+        return Scalars(self._temperatures, lam.detach() if isinstance(lam, Tensor) else lam)
 
     def to_official_state_dict(self, prefix: str = "") -> dict:
         """The weight in the official layout: ``{prefix}multi_head.{k}.head.weight`` (C, d, 1, 1)."""

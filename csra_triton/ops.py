@@ -1,64 +1,71 @@
-"""Custom ops and autograd (the op layer, docs/ARCHITECTURE.md).
+"""The op layer (docs/architecture.md): the registry of implementations, the one function that
+chooses a call's route (:func:`run`), the custom ops and autograd.
 
-Two ops in the ``csra_triton`` namespace, both with fake (meta) implementations so that
+Routes (:func:`run`, the first that applies):
+
+===============  ===========================================  ==================================
+route            when                                         forward / backward
+===============  ===========================================  ==================================
+composite        an ONNX export traces; a torch.func          ``graph``:
+                 transform, or forward-mode AD on a dual      standard operators, which every
+                 input, is active                             transform and exporter takes
+eager inference  :func:`_eager`, no gradient will be asked    the implementation's ``forward``
+eager training   :func:`_eager`, a gradient will be asked     :class:`_EagerCSRA`
+triton_op        CUDA tensors on an implementation whose      ``csra_fwd_cuda`` /
+                 ops are triton_ops (``triton_impl``)         ``csra_bwd_cuda``
+op               anything else: torch.compile, export,        ``csra_fwd`` / ``csra_bwd``
+                 dispatch modes, subclasses, the meta device,
+                 ``CSRA_TRITON_EAGER=0``
+===============  ===========================================  ==================================
+
+Every route but the composite runs the implementation's ``forward`` and :func:`backward_loop`,
+so they give the same bits. The ops (``csra_triton::csra_fwd`` / ``csra_bwd``, and on CUDA the
+``triton_op`` pair ``csra_fwd_cuda`` / ``csra_bwd_cuda``) have fake implementations, so that
 ``torch.compile(fullgraph=True)`` and ``torch.export`` trace through them:
 
-* ``csra_triton::csra_fwd(x, weight, temperatures, lam, normalize, keep=True, backend="auto",
-  lam_t=None, y_dtype=None, scalars=None)`` -> ``(y, m, l, att, argmax, inv_norm, kept,
-  scores)``; x is (B, D, N) with any strides, weight (H, C, D). y (B, C) has x's dtype (or
-  ``y_dtype``: the official head's under autocast); m, l, att, argmax are the O(B*H*C) state
-  that the backward needs (see kernels.py: softmax max and sum in base 2, attention logit,
-  argmax); inv_norm (H, C) the inverse row norms. ``kept``: the prepared weight (H*C, D) in
-  x's dtype, which the Triton path hands its backward when it is small
-  (``triton_impl.keeps_weight``), else empty (0,) (always on the fallback). ``scores``: the
-  score products before the row norms, kept for the backward, in the implementation's layout:
-  the Triton path's (H, C, B, N) in the accumulation dtype when they have no more elements
-  than x (``triton_impl.keeps_scores``; dS' is then elementwise), the CPU fallback's (H*C,
-  B*N) in its GEMM dtype (``fallback.keeps_scores``; one GEMM fewer), else empty (0,).
-  ``keep=False`` (inference: the module passes it when no gradient is needed)
-  keeps nothing: inv_norm, kept and scores are empty. ``lam_t``: a learnable lam (a
-  one-element tensor, used instead of ``lam``); ``scalars``: the temperatures and lam as a
-  tensor (:func:`scalars_tensor`, a compiled module's), used instead of both.
-* ``csra_triton::csra_bwd(grad_y, x, weight, m, l, att, argmax, inv_norm, kept, scores,
-  temperatures, lam, normalize, backend="auto", lam_t=None, scalars=None)`` ->
-  ``(grad_x, grad_weight)``.
+* ``csra_fwd(x, weight, values, normalize, keep=True, backend="auto", y_dtype=None)`` ->
+  ``(y, *interface.ForwardState)``: x (B, D, N) with any strides, weight (H, C, D), ``values``
+  the temperatures and lam as one (H + 1,) float64 tensor on x's device (:func:`op_values`:
+  the ops' one form of them; a learnable lam enters as itself and gets its gradient through
+  it), y (B, C) in x's dtype or ``y_dtype``; ``keep=False`` (inference) keeps nothing for a
+  backward (``inv_norm``, ``kept`` and ``scores`` empty).
+* ``csra_bwd(grad_y, x, weight, *state, values, normalize, backend="auto")`` ->
+  ``(grad_x, grad_weight)``: grad_x as the backward's buffer, (B*N, D) for channels-innermost x
+  (channels_last, tokens), else (D, B*N) (:func:`dx_of` views it as (B, D, N)): a plain
+  2-D output, whose strides Inductor's dynamic shapes handle (a (B, D, N) view of the
+  (D, B*N) buffer failed its stride reasoning, with a batch equal to h or w).
 
-``backend`` names the implementation ("triton", "torch"; "auto": :func:`backend_for`). The
-module resolves it when it calls (or traces) the op, so that the shapes of the outputs, which
-depend on the implementation (``kept``), are a function of the arguments: a compiled graph
-(and Inductor's FX-graph cache) never pairs one implementation's fake outputs with the other's.
+``backend`` names a registered implementation (:data:`IMPLEMENTATIONS`), "auto" letting
+:func:`backend_for` choose; the module layer resolves it before calling, so that the shapes of
+the outputs, which depend on the implementation (``kept``, ``scores``), are a function of the
+arguments in a traced graph.
 
-``csra_fwd`` carries ``register_autograd`` (no zero gradients are materialised for its state
-outputs); :class:`CSRAFunction` is a thin ``autograd.Function`` over the same two ops.
-
-Dispatch, once per call: CUDA tensors run the Triton implementation (``triton_impl``). CPU
-tensors run the same kernels in Triton's interpreter when ``TRITON_INTERPRET=1`` was set before
-triton was imported, and otherwise the PyTorch fallback (``fallback``). :func:`use_backend`
-overrides this choice. Both implementations offer ``forward`` and ``Backward``; the backward's
-loop over class chunks and its GEMMs are here, once:
-
-dS' is materialised in chunks of classes, (H, chunk, B, N) elements, then two GEMMs per chunk:
-``dx += W_chunk^T dS'`` and ``G_chunk = dS' x^T``; finally ``dW = G - W * rowsum(W * G) *
-inv_norm^2`` (the gradient through the row normalisation).
+Backward: dS' is materialised in chunks of classes, (H, chunk, B, N) elements, then two GEMMs
+per chunk: ``dx += W_chunk^T dS'`` and ``G_chunk = dS' x^T``; finally ``dW = G - W * rowsum(W *
+G) * inv_norm^2`` (the gradient through the row normalisation): :func:`backward_loop`, once for
+every implementation.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import threading
-import warnings
 from typing import Iterator
 
 import torch
 from torch import Tensor
 
-from . import archs, fallback, triton_impl
-from .common import (acc_dtype, as_bdn, channels_inner, check_lam, check_temperatures, dx_view,
-                     empty, from_bdn, fwd_outputs, mm_plain, new)
+from . import fallback, graph, triton_impl
+from .common import (BoundedCache, Scalars, as_bdn, channels_inner, dx_view, empty, from_bdn,
+                     fwd_outputs, hold_if_capturing, host_values, mm_plain, new, traced_tensor)
+from .interface import Forward, ForwardState, Implementation
 from .settings import ENV
 
-_BACKENDS = ("auto", "triton", "torch")
+# --------------------------------------------------------------------------- the registry
+
+#: The implementations by name, in the order the automatic choice tries them
+#: (``Implementation.serves``): a new backend is one module and one :func:`register` call.
+IMPLEMENTATIONS: dict[str, Implementation] = {"triton": triton_impl, "torch": fallback}
 #: The backend ``use_backend`` forces, per thread: a new thread starts at "auto", and one
 #: thread's block never changes another's calls. A ``threading.local`` rather than a
 #: ``contextvars.ContextVar``: torch.compile traces (and guards on) a thread-local's attribute,
@@ -66,17 +73,35 @@ _BACKENDS = ("auto", "triton", "torch")
 _forced = threading.local()
 
 
-def _forced_backend() -> str:
-    return getattr(_forced, "name", "auto")
+def register(name: str, impl: Implementation, first: bool = False) -> None:
+    """Adds (or replaces) the implementation ``name``; ``first``: the automatic choice tries it
+    before the others (else after them). ``use_backend(name)`` selects it explicitly."""
+    if not isinstance(name, str) or not name or name == "auto":
+        raise ValueError(f"name: expected a non-empty name other than 'auto', got {name!r}")
+    missing = [m for m in Implementation.__annotations__ if not hasattr(impl, m)]
+    if missing:
+        raise TypeError(f"impl: missing the interface's members {missing} "
+                        f"(csra_triton.interface.Implementation)")
+    IMPLEMENTATIONS.pop(name, None)
+    items = list(IMPLEMENTATIONS.items())
+    IMPLEMENTATIONS.clear()
+    IMPLEMENTATIONS.update([(name, impl)] + items if first else items + [(name, impl)])
+
+
+def unregister(name: str) -> None:
+    """Removes the implementation ``name`` (one :func:`register` added)."""
+    IMPLEMENTATIONS.pop(name)
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Force ``"triton"`` or ``"torch"`` (the fallback) inside the block, for the calls this
-    thread makes; ``"auto"`` restores the automatic choice. Blocks nest."""
-    if name not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")
-    old = _forced_backend()
+    """Force a registered implementation ("triton", "torch": the fallback, ...) inside the
+    block, for the calls this thread makes; ``"auto"`` restores the automatic choice. Blocks
+    nest."""
+    if name != "auto" and name not in IMPLEMENTATIONS:
+        raise ValueError(f"backend must be 'auto' or one of {tuple(IMPLEMENTATIONS)}, "
+                         f"got {name!r}")
+    old = getattr(_forced, "name", "auto")
     _forced.name = name
     try:
         yield
@@ -85,160 +110,171 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def backend_for(device: torch.device, dtype: torch.dtype | None = None) -> str:
-    """Which implementation runs for tensors on ``device``: 'triton' or 'torch'. bf16 on a GPU
-    without bf16 tensor cores (Turing, sm_75: Triton cannot multiply bf16 there) runs the
-    PyTorch fallback on the GPU, with a warning once."""
-    forced = getattr(_forced, "name", "auto")          # (_forced_backend, inline)
-    if forced != "auto":
-        return forced
-    if device.type == "cuda":
-        if dtype == torch.bfloat16 and not triton_impl.INTERPRET and torch.cuda.is_available():
-            arch = archs.device_arch(device)
-            if not archs.bf16_supported(arch):
-                _warn_bf16(device, arch)
-                return "torch"
-        return "triton"
-    return "triton" if triton_impl.INTERPRET else "torch"
+    """The name of the implementation that runs for tensors on ``device`` of ``dtype``: the
+    one :func:`use_backend` forces, else the first registered one that ``serves`` them."""
+    name = getattr(_forced, "name", "auto")
+    if name != "auto":
+        return name
+    for name, impl in IMPLEMENTATIONS.items():
+        if impl.serves(device, dtype):
+            return name
+    raise RuntimeError(f"no registered implementation serves {dtype} tensors on {device}")
 
 
-@functools.cache
-def _warn_bf16(device, arch):
-    warnings.warn(f"csra_triton: {archs.device_name(device)} ({arch}) has no bf16 tensor cores "
-                  f"and Triton cannot multiply bf16 there; bf16 inputs run the PyTorch fallback "
-                  f"on the GPU (cuBLAS). fp16 (autocast dtype=torch.float16) or fp32 run the "
-                  f"Triton kernels.", stacklevel=4)
+def implementation(backend: str, x: Tensor) -> Implementation:
+    """The registered implementation ``backend`` ("auto": :func:`backend_for` x's)."""
+    if backend == "auto":
+        backend = backend_for(x.device, x.dtype)
+    try:
+        return IMPLEMENTATIONS[backend]
+    except KeyError:
+        raise ValueError(f"backend must be 'auto' or one of {tuple(IMPLEMENTATIONS)}, "
+                         f"got {backend!r}") from None
 
 
-def implementation(x: Tensor, backend: str = "auto"):
-    """The module implementing this call: ``triton_impl`` or ``fallback``. ``backend`` is the
-    ops' argument: "triton", "torch", or "auto" (:func:`backend_for` decides)."""
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    name = backend_for(x.device, x.dtype) if backend == "auto" else backend
-    return triton_impl if name == "triton" else fallback
+# --------------------------------------------------------------------------- the ops' values
+
+#: The ops' values of host scalars, per device (bounded; keyed by the values themselves, so
+#: never stale): repeat calls on the op route copy nothing from the host.
+_values_cache = BoundedCache(256)
 
 
-#: How the ops' schema carries a max head: temperature 0.0 (users' temperatures are > 0).
-#: Exported programs serialise float lists as JSON numbers, and an inf there made
-#: torch._inductor.aoti_load_package fail ("type must be number, but is string"). Everywhere
-#: else in the package a max head is inf (``common.check_temperatures``); the two functions
-#: below are the only crossing: where an op is called, and in the ops' bodies and contexts.
-SCHEMA_MAX_HEAD = 0.0
+def op_values(scalars: Scalars, device: torch.device, compiling: bool) -> Tensor:
+    """The ops' form of ``scalars``: [T_1, ..., T_H, lam] as one (H + 1,) float64 tensor on
+    ``device`` (inf: a max head), ``scalars.values`` where the caller has it. A learnable lam
+    enters as itself (a differentiable ``cat``: the op's gradient for this tensor reaches it).
+    Made in the graph while anything traces (torch.compile, a dispatch mode: symbolic numbers
+    included), else taken from a cache keyed by the numbers."""
+    values, lam = scalars.values, scalars.lam
+    learnable = isinstance(lam, Tensor)
+    if values is None:
+        host = (*scalars.temps, 0.0 if learnable else lam)
+        if compiling or device.type == "meta" or torch._C._len_torch_dispatch_stack():
+            values = traced_tensor(host, torch.float64, device)     # (traced: not kept)
+        else:
+            key = (host, device)
+            values = _values_cache.get(key)
+            if values is None:
+                values = _values_cache.put(key, torch.tensor(host, dtype=torch.float64,
+                                                             device=device))
+            hold_if_capturing(values)
+    if learnable:
+        values = torch.cat((values[:-1], lam.reshape(1).to(torch.float64)))
+    return values
 
 
-def _to_schema(temps) -> list[float]:
-    return [SCHEMA_MAX_HEAD if t == math.inf else t for t in temps]
+def from_values(values: Tensor) -> Scalars:
+    """The :class:`Scalars` of the ops' ``values``: read on the host where that is free (CPU
+    tensors), else left on the device (``Scalars.values`` alone: nothing waits for a GPU)."""
+    if values.device.type == "cpu":
+        vals = values.tolist()
+        return Scalars(tuple(vals[:-1]), vals[-1], values)
+    return Scalars(None, None, values)
 
 
-def _from_schema(temps) -> list[float]:
-    """(inf is taken as well: a direct call of an op may pass either.)"""
-    return [math.inf if (t <= SCHEMA_MAX_HEAD or t == math.inf) else float(t) for t in temps]
-
+# --------------------------------------------------------------------------- the ops
 
 # The kernels read x, the weight and grad_y through their strides: Inductor need not copy
 # inputs into the layout it saw while tracing (it did, with an unbacked batch and a conv trunk).
 _TAGS = (torch.Tag.flexible_layout,)
 
 
-def _kept_like(x: Tensor, weight: Tensor, keep: bool, backend: str, alloc) -> Tensor:
-    """The forward's ``kept`` output (the prepared weight) as the implementation returns it."""
-    if implementation(x, backend) is fallback:
-        return alloc((0,), x.dtype, x.device)
-    H, C, D = weight.shape
-    if keep and triton_impl.keeps_weight(x, weight):
-        return alloc((H * C, D), x.dtype, x.device)
-    return alloc((0,), x.dtype, x.device)
-
-
-def _scores_like(x: Tensor, weight: Tensor, keep: bool, backend: str, alloc) -> Tensor:
-    """The forward's ``scores`` output as the implementation returns it."""
-    return implementation(x, backend).scores_output(x, weight, keep, alloc)
+def _check_devices(x: Tensor, weight: Tensor, values: Tensor) -> None:
+    """An op called with tensors on several devices (a weight left on the meta device, say)
+    would run its fake implementation, which allocates outputs and never fills them: refused."""
+    if weight.device != x.device or values.device != x.device:
+        raise ValueError(f"x, weight and values must be on one device: x on {x.device}, "
+                         f"weight on {weight.device}, values on {values.device}")
 
 
 @torch.library.custom_op("csra_triton::csra_fwd", mutates_args=(), tags=_TAGS)
-def csra_fwd(x: Tensor, weight: Tensor, temperatures: list[float], lam: float,
-             normalize: bool, keep: bool = True, backend: str = "auto",
-             lam_t: Tensor | None = None, y_dtype: torch.dtype | None = None,
-             scalars: Tensor | None = None
+def csra_fwd(x: Tensor, weight: Tensor, values: Tensor, normalize: bool, keep: bool = True,
+             backend: str = "auto", y_dtype: torch.dtype | None = None
              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _forward_impl(x, weight, _from_schema(temperatures), lam, normalize, keep,
-                         backend, lam_t, y_dtype=y_dtype, scalars=scalars)
-
-
-def scalars_tensor(temps, lam: float, device="cpu") -> Tensor:
-    """The temperatures (inf = max head) and lam as one (H + 1,) int64
-    tensor holding their float64 bits: what a compiled module passes the ops (``scalars``)
-    instead of Python floats, so that new values reach a compiled graph without a recompile.
-    int64, so that ``module.to(dtype)`` leaves the values exact."""
-    vals = [float(t) for t in temps] + [float(lam)]
-    return torch.tensor(vals, dtype=torch.float64, device=device).view(torch.int64)
-
-
-def _host_scalars(x: Tensor, scalars: Tensor, temps, lam):
-    """(temps, lam, scalars) for an implementation: read from ``scalars`` on the host (a CPU
-    custom op reads them for free), except while tracing (the CUDA triton_op under
-    torch.compile), where the tensor stays and the kernels' parameters are made from it on
-    the device (``triton_impl.with_lam``)."""
-    if triton_impl.tracing(x):
-        return temps, lam, scalars
-    vals = scalars.view(torch.float64).tolist()
-    return vals[:-1], vals[-1], None
-
-
-def _forward_impl(x, weight, temps, lam, normalize, keep, backend, lam_t, packed=False,
-                  y_dtype=None, scalars=None):
-    """What every forward path computes (the custom op, the triton_op, the eager path):
-    ``temps`` validated (inf = max head); ``packed``: the eager path's allocation (see
-    ``triton_impl.forward``), and a 9th element: the Triton launch plan the backward reuses
-    (None on the fallback), so that a forward+backward looks its problem up once;
-    ``y_dtype``: y's dtype where it is not x's (the official head's under autocast);
-    ``scalars``: the temperatures and lam as a tensor (:func:`scalars_tensor`), which then
-    replace ``temps`` and ``lam``."""
-    impl = implementation(x, backend)
-    if scalars is not None:
-        temps, lam, scalars = _host_scalars(x, scalars, temps, lam)
-    if impl is triton_impl:
-        return triton_impl.forward(x, weight, temps, lam, normalize, keep, lam_t, y_dtype,
-                                   packed, scalars)
-    out = fallback.forward(x, weight, temps, lam, normalize, keep, lam_t, y_dtype)
-    return (*out, None) if packed else out
+    _check_devices(x, weight, values)
+    f = implementation(backend, x).forward(x, weight, from_values(values), normalize, keep,
+                                           y_dtype)
+    return (f.y, *f.state)
 
 
 @csra_fwd.register_fake
-def _(x, weight, temperatures, lam, normalize, keep=True, backend="auto", lam_t=None,
-      y_dtype=None, scalars=None):
+def _(x, weight, values, normalize, keep=True, backend="auto", y_dtype=None):
+    _check_devices(x, weight, values)
+    impl = implementation(backend, x)
     H, C, _ = weight.shape
     outs = fwd_outputs(x, H, C, empty, keep, y_dtype)
-    return (*outs, _kept_like(x, weight, keep, backend, empty),
-            _scores_like(x, weight, keep, backend, empty))
+    return (*outs, impl.kept_output(x, weight, keep, empty),
+            impl.scores_output(x, weight, keep, empty))
 
 
 @torch.library.custom_op("csra_triton::csra_bwd", mutates_args=(), tags=_TAGS)
 def csra_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, m: Tensor, l: Tensor, att: Tensor,
-             amax: Tensor, inv_n: Tensor, kept: Tensor, scores: Tensor,
-             temperatures: list[float], lam: float, normalize: bool, backend: str = "auto",
-             lam_t: Tensor | None = None, scalars: Tensor | None = None
-             ) -> tuple[Tensor, Tensor]:
-    return _backward_loop(grad_y, x, weight, m, l, att, amax, inv_n, kept, scores,
-                          _from_schema(temperatures), lam, normalize, backend, lam_t,
-                          scalars=scalars)
+             argmax: Tensor, inv_norm: Tensor, kept: Tensor, scores: Tensor, values: Tensor,
+             normalize: bool, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    state = ForwardState(m, l, att, argmax, inv_norm, kept, scores)
+    return backward_loop(grad_y, x, weight, state, from_values(values), normalize,
+                         implementation(backend, x))
 
 
-def _backward_loop(grad_y, x, weight, m, l, att, amax, inv_n, kept, scores, temperatures, lam,
-                   normalize, backend, lam_t=None, plan=None, scalars=None):
+@csra_bwd.register_fake
+def _(grad_y, x, weight, m, l, att, argmax, inv_norm, kept, scores, values, normalize,
+      backend="auto"):
+    B, D, N = x.shape
+    return x.new_empty((B * N, D) if channels_inner(x) else (D, B * N)), torch.empty_like(weight)
+
+
+# CUDA: the same two ops as ``torch.library.triton_op``s. In eager they run exactly as the
+# custom ops above; under ``torch.compile`` / ``torch.export`` their bodies are traced and every
+# kernel launch is recorded through ``wrap_triton`` (triton_impl._jit_launch), so that
+# Inductor's generated code (and an AOTInductor package) launches the kernels itself, without
+# a Python custom-op call, and CUDA graphs (``mode="reduce-overhead"``) capture them. CPU
+# tensors never reach them: a traced ``wrap_triton`` needs a GPU driver ("0 active drivers").
+
+
+@torch.library.triton_op("csra_triton::csra_fwd_cuda", mutates_args=())
+def csra_fwd_cuda(x: Tensor, weight: Tensor, values: Tensor, normalize: bool, keep: bool = True,
+                  y_dtype: torch.dtype | None = None
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _check_devices(x, weight, values)
+    f = IMPLEMENTATIONS["triton"].forward(x, weight, from_values(values), normalize, keep,
+                                          y_dtype)
+    return (f.y, *f.state)
+
+
+@torch.library.triton_op("csra_triton::csra_bwd_cuda", mutates_args=())
+def csra_bwd_cuda(grad_y: Tensor, x: Tensor, weight: Tensor, m: Tensor, l: Tensor, att: Tensor,
+                  argmax: Tensor, inv_norm: Tensor, kept: Tensor, scores: Tensor,
+                  values: Tensor, normalize: bool) -> tuple[Tensor, Tensor]:
+    state = ForwardState(m, l, att, argmax, inv_norm, kept, scores)
+    return backward_loop(grad_y, x, weight, state, from_values(values), normalize,
+                         IMPLEMENTATIONS["triton"])
+
+
+def _fwd_op(x3, weight, values, normalize, keep, backend, y_dtype) -> Forward:
+    """The forward op of the route (the triton_op for CUDA tensors on an implementation whose
+    ops are triton_ops, else the custom op), as a :class:`Forward`."""
+    if x3.is_cuda and IMPLEMENTATIONS[backend].triton_op:
+        outs = torch.ops.csra_triton.csra_fwd_cuda(x3, weight, values, normalize, keep, y_dtype)
+    else:
+        outs = torch.ops.csra_triton.csra_fwd(x3, weight, values, normalize, keep, backend,
+                                              y_dtype)
+    return Forward(outs[0], ForwardState(*outs[1:]))
+
+
+# --------------------------------------------------------------------------- the backward
+
+
+def backward_loop(grad_y: Tensor, x: Tensor, weight: Tensor, state: ForwardState,
+                  scalars: Scalars, normalize: bool, impl: Implementation, plan=None):
+    """(dx, dW) of one call: the implementation's :class:`interface.BackwardPass` driven over
+    chunks of classes, with the GEMMs here. dx is the loop's buffer, (B*N, D) for
+    channels-innermost x, else (D, B*N), in x's dtype (:func:`dx_of` views it as (B, D, N))."""
     B, D, N = x.shape
     H, C, _ = weight.shape
     inner = channels_inner(x)
     if B == 0 or C == 0:        # nothing to launch: zero gradients (an empty one for C == 0)
-        dx = x.new_zeros((B * N, D) if inner else (D, B * N))
-        return dx_view(dx, B, D, N, inner), torch.zeros_like(weight)
-    kw = {}
-    if scalars is not None:
-        temperatures, lam, scalars = _host_scalars(x, scalars, temperatures, lam)
-        kw = {} if scalars is None else {"scalars": scalars}      # (traced: the Triton side)
-    bw = implementation(x, backend).Backward(grad_y, x, weight, (m, l, att, amax), inv_n, kept,
-                                             temperatures, lam, normalize,
-                                             scores, lam_t, plan, **kw)
+        return x.new_zeros((B * N, D) if inner else (D, B * N)), torch.zeros_like(weight)
+    bw = impl.Backward(grad_y, x, weight, state, scalars, normalize, plan)
     chunk, x_dk, w_gemm = bw.chunk, bw.x_dk, bw.w_gemm
     if chunk >= C:
         # One chunk holds every class: one GEMM each over all heads, written functionally (no
@@ -251,12 +287,12 @@ def _backward_loop(grad_y, x, weight, m, l, att, amax, inv_n, kept, scores, temp
         dW = bw.new_weight_grad(G)
         bw.chunk_done(G, dW, 0, C)
         dW = bw.finish(G, dW)
-        return dx_view(dx.to(x.dtype), B, D, N, inner), dW
+        return dx.to(x.dtype), dW
     G = new((H, C, D), bw.gemm, x.device)
     dW = bw.new_weight_grad(G)
     # dx accumulates over class chunks in the layout of x: (B*N, D) for channels-innermost x,
-    # else (D, B*N); both are returned as (B, D, N) views. Where the implementation sums chunks
-    # in a wider dtype than its GEMMs (the fallback's bf16 products), each chunk is added.
+    # else (D, B*N). Where the implementation sums chunks in a wider dtype than its GEMMs (the
+    # fallback's bf16 products), each chunk is added.
     several = bw.dx_dtype != bw.gemm
     dx = new((B * N, D) if inner else (D, B * N), bw.dx_dtype, x.device)
     # The Triton path sums chunks inside the GEMM (addmm_); the fallback's products (common.mm:
@@ -288,91 +324,265 @@ def _backward_loop(grad_y, x, weight, m, l, att, amax, inv_n, kept, scores, temp
                 dx.copy_(part) if first else dx.add_(part)
         bw.chunk_done(G, dW, c0, c1)
     dW = bw.finish(G, dW)
-    return dx_view(dx.to(x.dtype), B, D, N, inner), dW
+    return dx.to(x.dtype), dW
 
 
-@csra_bwd.register_fake
-def _(grad_y, x, weight, m, l, att, amax, inv_n, kept, scores, temperatures, lam, normalize,
-      backend="auto", lam_t=None, scalars=None):
+def dx_of(dx: Tensor, x: Tensor) -> Tensor:
+    """The (B, D, N) view of the backward's dx buffer for x (B, D, N) (no copy)."""
     B, D, N = x.shape
-    inner = channels_inner(x)
-    dx = x.new_empty((B * N, D) if inner else (D, B * N))
-    return dx_view(dx, B, D, N, inner), torch.empty_like(weight)
+    return dx_view(dx, B, D, N, channels_inner(x))
 
 
-# --------------------------------------------------------------------------- CUDA: triton_op
-# The same two ops for CUDA tensors as ``torch.library.triton_op``s: in eager they run exactly
-# as the custom ops above; under ``torch.compile`` / ``torch.export`` their bodies are traced and
-# every kernel launch is recorded through ``wrap_triton`` (triton_impl._jit_launch), so that
-# Inductor's generated code (and an AOTInductor package) launches the kernels itself, without a
-# Python custom-op call, and CUDA graphs (``mode="reduce-overhead"``) capture them. CPU tensors
-# never reach them: a traced ``wrap_triton`` needs a GPU driver ("0 active drivers").
+# --------------------------------------------------------------------------- autograd
+
+#: vmap's batched tensors: ``autograd.grad(..., is_grads_batched=True)`` hands an
+#: autograd.Function's backward the legacy "Batched" kind; torch.func's is FuncTorchBatched.
+_BATCHED = torch._C._dispatch_key_parse("Batched")
+_FUNCTORCH_BATCHED = torch._C.DispatchKey.FuncTorchBatched
+_state = functools.partial(tuple.__new__, ForwardState)     # (no Python call per backward)
+_forward = functools.partial(tuple.__new__, Forward)        # (nor per eager call)
 
 
-@torch.library.triton_op("csra_triton::csra_fwd_cuda", mutates_args=())
-def csra_fwd_cuda(x: Tensor, weight: Tensor, temperatures: list[float], lam: float,
-                  normalize: bool, keep: bool = True, lam_t: Tensor | None = None,
-                  y_dtype: torch.dtype | None = None, scalars: Tensor | None = None
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _forward_impl(x, weight, _from_schema(temperatures), lam, normalize, keep,
-                         "triton", lam_t, y_dtype=y_dtype, scalars=scalars)
+def _save(ctx, route: str, backend: str, x, weight, state, scalars: Scalars, normalize: bool,
+          plan=None) -> None:
+    """What every route with a backward saves for it, written once, by name: x and the weight
+    as given, the forward's ``state``, and the scalars: the eager route's host values (a
+    learnable lam as a saved tensor), the op routes' ``values`` tensor (saved: autograd checks
+    their versions); normalize; ``route`` ("eager": the backward runs the loop itself with the
+    forward's launch ``plan``; "op": csra_bwd; "triton_op": csra_bwd_cuda) and the
+    implementation's name (``backend``)."""
+    lam = scalars.lam
+    extra = scalars.values if scalars.values is not None else (
+        lam if isinstance(lam, Tensor) else None)
+    ctx.save_for_backward(x, weight, *state, extra)
+    ctx.temps = scalars.temps
+    ctx.lam = lam if lam.__class__ is float else None
+    ctx.normalize, ctx.route, ctx.backend, ctx.plan = normalize, route, backend, plan
 
 
-@torch.library.triton_op("csra_triton::csra_bwd_cuda", mutates_args=())
-def csra_bwd_cuda(grad_y: Tensor, x: Tensor, weight: Tensor, m: Tensor, l: Tensor, att: Tensor,
-                  amax: Tensor, inv_n: Tensor, kept: Tensor, scores: Tensor,
-                  temperatures: list[float], lam: float, normalize: bool,
-                  lam_t: Tensor | None = None, scalars: Tensor | None = None
-                  ) -> tuple[Tensor, Tensor]:
-    return _backward_loop(grad_y, x, weight, m, l, att, amax, inv_n, kept, scores,
-                          _from_schema(temperatures), lam, normalize, "triton", lam_t,
-                          scalars=scalars)
+def _setup_context(ctx, inputs, output):
+    """The custom op's (csra_fwd): ``inputs`` by its schema, all passed (defaults filled in)."""
+    x, weight, values, normalize, _keep, backend, _y_dtype = inputs
+    _save_op(ctx, "op", backend, x, weight, output, values, normalize)
 
 
-def use_cuda_ops(x: Tensor, backend: str) -> bool:
-    """CUDA tensors on the Triton implementation take the triton_ops."""
-    return x.is_cuda and implementation(x, backend) is triton_impl
+def _setup_context_cuda(ctx, inputs, output):
+    """The CUDA triton_op's (csra_fwd_cuda: the Triton implementation, no backend argument)."""
+    x, weight, values, normalize, _keep, _y_dtype = inputs
+    _save_op(ctx, "triton_op", "triton", x, weight, output, values, normalize)
 
 
-def run(x: Tensor, weight: Tensor, temps, lam, normalize: bool, layout: str = "bdn",
-        scalars: Tensor | None = None, compiling: bool | None = None) -> Tensor:
-    """y (B, C) of one call of the head, on the route chosen here: the one place that chooses
-    it, the first that applies (docs/ARCHITECTURE.md, "The routes of a call"):
+def _save_op(ctx, route, backend, x, weight, output, values, normalize):
+    _, *state = output
+    _save(ctx, route, backend, x, weight, state, Scalars(None, None, values), bool(normalize))
+    ctx.mark_non_differentiable(*state)
+    # The state outputs take no gradient: without this autograd hands the backward six
+    # zero-filled tensors (six kernels per backward) for them.
+    ctx.set_materialize_grads(False)
 
-    ===============  ==========================================  ===========================
-    route            when                                        forward / backward
-    ===============  ==========================================  ===========================
-    onnx             an ONNX export traces                       ``fallback.forward_graph``
-    composite        a torch.func transform is active            :func:`composite`'s graph
-    eager inference  :func:`_eager`, no gradient will be asked   the implementation's forward
-    eager training   :func:`_eager`, a gradient will be asked    :class:`_EagerCSRA`
-    triton_op        CUDA tensors on the Triton implementation   ``csra_fwd_cuda`` / ``_bwd_cuda``
-    op               anything else (compile, export, modes, ...) ``csra_fwd`` / ``csra_bwd``
-    ===============  ==========================================  ===========================
 
-    The last four are :func:`forward`'s. x: validated, in ``layout`` (viewed as (B, D, N):
-    ``common.as_bdn``); temps: validated (inf = max head); lam: a number or a learnable
-    one-element tensor; scalars: a compiled module's temperatures and lam as a tensor
-    (:func:`scalars_tensor`), which replace ``temps`` and ``lam``; compiling: whether
-    torch.compile is tracing, where the caller knows (None: asked)."""
+def _op_backward(n_args: int):
+    """The custom op's backward (and the triton_op's): gradients for x, the weight and the
+    values (slots 0-2), None for the op's other ``n_args - 3`` inputs."""
+    def backward(ctx, grad_y, *_state_grads):
+        return (*_grads(ctx, grad_y, ctx.needs_input_grad[:3]), *([None] * (n_args - 3)))
+    return backward
+
+
+def _scalars_of(ctx, extra) -> Scalars:
+    """The forward's scalars, from what :func:`_save` kept."""
+    if ctx.temps is None:                              # the op routes: values
+        return Scalars(None, None, extra)
+    return Scalars(ctx.temps, extra if extra is not None else ctx.lam)
+
+
+def _grads(ctx, grad_y, need: tuple, layout: str = "bdn") -> tuple:
+    """(dx, dW, d third) of every route's backward, from what :func:`_save` saved; ``need``:
+    whether x, the weight and the third input (a learnable lam on the eager route, the values
+    on the op routes) want one; ``layout``: how the saved x holds (B, D, N) (dx is returned in
+    it). One rule: under ``create_graph=True`` through the composite (differentiable again);
+    the eager route runs the loop itself; everything else, and a batch of gradients
+    (``is_grads_batched``: vmap runs the op once per gradient; the loop and the kernels read
+    storage, which a batched tensor has not), the backward op."""
+    x, weight, *saved = ctx.saved_tensors
+    extra = saved.pop()
+    scalars = _scalars_of(ctx, extra)
+    if grad_y is None:
+        return None, None, None
+    if torch.is_grad_enabled():                     # create_graph=True
+        return _differentiable_backward(x, weight, scalars, extra, ctx.normalize, grad_y, need,
+                                        layout)
+    state = _state(saved)
+    grad_x = grad_w = None
+    keys = torch._C._dispatch_keys(grad_y)           # (inline: no Python call per backward)
+    batched = keys.has(_BATCHED) or keys.has(_FUNCTORCH_BATCHED)
+    if need[0] or need[1]:
+        x3 = as_bdn(x, layout)
+        if ctx.route == "eager" and not batched:
+            grad_x, grad_w = backward_loop(grad_y, x3, weight, state, scalars, ctx.normalize,
+                                           IMPLEMENTATIONS[ctx.backend], ctx.plan)
+        else:
+            grad_x, grad_w = _backward_op(ctx, grad_y, x3, weight, state, scalars)
+        grad_x = dx_of(grad_x, x3)
+        if need[0] and layout != "bdn":
+            grad_x = from_bdn(grad_x, layout, x.shape)
+    grad_third = None
+    if extra is not None and len(need) > 2 and need[2]:
+        grad_third = _scalar_grad(grad_y, state.att, extra, ctx.temps is None, batched)
+    return grad_x if need[0] else None, grad_w if need[1] else None, grad_third
+
+
+def _backward_op(ctx, grad_y, x, weight, state, scalars):
+    """(dx, dW) from the backward op of the route's kind: csra_bwd_cuda for the triton_op
+    (and for the eager route on CUDA tensors on a triton_op implementation), else csra_bwd.
+    The eager route's state holds None for what it did not keep (its packed forward)."""
+    m, l, att, argmax, inv_n, kept, scores = state
+    kept = x.new_empty((0,)) if kept is None else kept
+    scores = att.new_empty((0,)) if scores is None else scores
+    values = op_values(scalars, x.device, False).detach()
+    if x.is_cuda and IMPLEMENTATIONS[ctx.backend].triton_op:
+        return torch.ops.csra_triton.csra_bwd_cuda(grad_y, x, weight, m, l, att, argmax, inv_n,
+                                                   kept, scores, values, ctx.normalize)
+    return torch.ops.csra_triton.csra_bwd(grad_y, x, weight, m, l, att, argmax, inv_n, kept,
+                                          scores, values, ctx.normalize, ctx.backend)
+
+
+def lam_grad(grad_y: Tensor, att: Tensor, batched: bool = False) -> Tensor:
+    """d loss / d lam = sum_b,c g[b, c] * sum_k att[b, k, c] (att: the forward's attention
+    logits, in score units, every head's), a 0-d tensor in att's dtype. ``batched``: grad_y
+    is vmap's batched tensor (``is_grads_batched``), which einsum has no batching rule for."""
+    g = grad_y.to(att.dtype)
+    return (g.unsqueeze(1) * att).sum() if batched else torch.einsum("bc,bhc->", g, att)
+
+
+def _scalar_grad(grad_y, att, target: Tensor, values: bool, batched: bool) -> Tensor:
+    """The gradient for the third input: a learnable lam's (``target`` the lam, in its dtype
+    and shape), or the ops' ``values``' (lam's slot; zeros for the temperatures)."""
+    s = lam_grad(grad_y, att, batched)
+    if not values:
+        return s.to(target.dtype).reshape(target.shape)
+    s = s.to(target.dtype).reshape(1)
+    return torch.cat((s.new_zeros(target.shape[0] - 1), s))
+
+
+def _differentiable_backward(x, weight, scalars: Scalars, extra, normalize, grad_y, need,
+                             layout="bdn"):
+    """The backward when its own graph is recorded (``create_graph=True``: a gradient
+    penalty, Hessian-vector products): the first derivatives through ``graph.composite``, so
+    that autograd differentiates them again exactly (double backward on both backends).
+    ``need``: whether x (in ``layout``), the weight and ``extra`` (a learnable lam, or the
+    ops' values) want a gradient; returns the three."""
+    third = extra if extra is not None else None
+    slots = [(i, t) for i, t in enumerate((x, weight, third)) if t is not None and
+             i < len(need) and need[i]]
+    grads = [None, None, None]
+    if not slots:
+        return tuple(grads)
+    with torch.enable_grad():
+        if scalars.temps is None:                 # the op routes: the values, read here
+            temps = tuple(scalars.values.detach().tolist()[:-1])
+            lam = extra[-1]                       # (differentiable: the values' lam slot)
+        else:
+            temps, lam = scalars.temps, scalars.lam
+        y = graph.composite(as_bdn(x, layout), weight, temps, lam, normalize)
+        got = torch.autograd.grad(y, [t for _, t in slots], grad_y, create_graph=True,
+                                  allow_unused=True)
+    for (i, t), g in zip(slots, got):
+        grads[i] = torch.zeros_like(t) if g is None else g
+    return tuple(grads)
+
+
+# slots: csra_fwd (x, weight, values, normalize, keep, backend, y_dtype), csra_fwd_cuda (x,
+# weight, values, normalize, keep, y_dtype)
+csra_fwd.register_autograd(_op_backward(7), setup_context=_setup_context)
+csra_fwd_cuda.register_autograd(_op_backward(6), setup_context=_setup_context_cuda)
+
+
+# --------------------------------------------------------------------------- the eager route
+# In eager mode (nothing tracing) a call reaches the implementation through a plain
+# autograd.Function (training) or directly (inference), skipping torch.library's dispatch
+# layers; torch.compile, export, ONNX, AOTI, tensor subclasses and dispatch modes take the ops
+# above. Both run the implementation's forward and backward_loop: the same launches, the same
+# results.
+
+#: ``CSRA_TRITON_EAGER=0`` sends eager calls through the custom ops too.
+EAGER = ENV.eager
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+class _EagerCSRA(torch.autograd.Function):
+    """The training forward in eager mode: y, with the state saved for the backward (views of
+    one allocation: the implementation's ``packed`` forward). ``spec``: (scalars, normalize,
+    backend, layout, y_dtype) as one argument (``apply`` costs per argument); x comes in the
+    caller's ``layout`` and is viewed as (B, D, N) here, dx returned in that layout."""
+
+    @staticmethod
+    def forward(ctx, x, weight, lam_t, spec):
+        scalars, normalize, backend, layout, y_dtype = spec
+        f = IMPLEMENTATIONS[backend].forward(as_bdn(x, layout), weight, scalars, normalize,
+                                             True, y_dtype, True)
+        _save(ctx, "eager", backend, x, weight, f.state, scalars, normalize, f.plan)
+        ctx.layout = layout
+        return f.y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return (*_grads(ctx, grad_y, ctx.needs_input_grad[:3], ctx.layout), None)
+
+
+_eager_training = _EagerCSRA.apply
+_fwad = torch.autograd.forward_ad
+
+
+def _dual(*ts) -> bool:
+    """Whether any of ``ts`` carries a forward-mode tangent (a ``forward_ad`` dual tensor)."""
+    return any(isinstance(t, Tensor) and _fwad.unpack_dual(t).tangent is not None for t in ts)
+
+
+def run(x: Tensor, weight: Tensor, scalars: Scalars, normalize: bool, layout: str = "bdn",
+        compiling: bool | None = None, need_state: bool = False) -> Forward:
+    """One call of the head on the route chosen here (the module docstring's table): the one
+    place that chooses it, for every public entry. x: validated, in ``layout`` (viewed as
+    (B, D, N): ``common.as_bdn``); scalars: validated; ``compiling``: whether torch.compile is
+    tracing, where the caller knows (None: asked); ``need_state``: the caller reads the
+    forward's state (the attention maps: no gradient, not the composite). Returns a
+    :class:`~csra_triton.interface.Forward` (``state`` None where autograd keeps it)."""
     if compiling is None:
         compiling = torch.compiler.is_compiling()
+    lam = scalars.lam
     y_dtype = None
-    if normalize and torch.is_autocast_enabled(x.device.type):
+    if normalize and not x.is_meta and torch.is_autocast_enabled(x.device.type):
         y_dtype = autocast_logits_dtype(x, weight)
     # (torch._C._is_tracing: torch.jit.is_tracing without its Python frames, reached only when
     # nothing compiles; ONNX's own check runs only while something traces)
     onnx = (compiling or torch._C._is_tracing()) and torch.onnx.is_in_onnx_export()
-    if not (onnx or functorch_active(compiling)):
-        # keep=False when no gradient will be asked for (inference): the op then keeps nothing
-        # for a backward (inv_norm, the prepared weight and the scores are not returned)
-        keep = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (
-            isinstance(lam, Tensor) and lam.requires_grad))
-        return forward(x, weight, temps, lam, normalize, keep, layout=layout, y_dtype=y_dtype,
-                       scalars=scalars, compiling=compiling)[0]
-    # the onnx and composite routes: one graph of standard operators
-    return fallback.forward_graph(as_bdn(x, layout), weight, temps, lam, normalize,
-                                  first_max=not onnx, y_dtype=y_dtype)
+    if onnx or not (need_state or compiling) and (
+            torch._C._functorch.peek_interpreter_stack() is not None
+            or _fwad._current_level >= 0 and _dual(x, weight, lam)):
+        temps, lam = host_values(scalars)
+        y = (graph.onnx_graph if onnx else graph.composite)(as_bdn(x, layout), weight, temps,
+                                                            lam, normalize, y_dtype)
+        return Forward(y, None)
+    # keep=False when no gradient will be asked for (inference): the op then keeps nothing
+    # for a backward (inv_norm, the prepared weight and the scores are not returned)
+    keep = not need_state and torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or isinstance(lam, Tensor) and lam.requires_grad)
+    backend = backend_for(x.device, x.dtype)
+    if (EAGER and not compiling and scalars.values is None and type(x) is Tensor
+            and type(weight) in _PLAIN and (lam.__class__ is float or type(lam) in _PLAIN)
+            and not x.is_meta and not torch._C._is_tracing()
+            and torch._C._len_torch_dispatch_stack() == 0):
+        # the eager route: plain tensors, nothing tracing or compiling, no dispatch mode
+        # (profilers' modes, fake tensors, FlopCounter see the ops); a TorchScript trace
+        # records the op
+        if not keep:
+            return IMPLEMENTATIONS[backend].forward(as_bdn(x, layout), weight, scalars,
+                                                    normalize, False, y_dtype, True)
+        y = _eager_training(x, weight, lam if isinstance(lam, Tensor) else None,
+                            (scalars, normalize, backend, layout, y_dtype))
+        return _forward((y, None, None))
+    return _fwd_op(as_bdn(x, layout), weight, op_values(scalars, x.device, compiling),
+                   normalize, keep, backend, y_dtype)
 
 
 def autocast_logits_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
@@ -386,308 +596,3 @@ def autocast_logits_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
         norm = torch.float32
     out = torch.promote_types(x.dtype, norm)
     return None if out == x.dtype else out
-
-
-def forward(x: Tensor, weight: Tensor, temps: list[float], lam, normalize: bool,
-            keep: bool, backend: str = "auto", eager: bool = True, layout: str = "bdn",
-            y_dtype: torch.dtype | None = None, scalars: Tensor | None = None,
-            compiling: bool | None = None) -> tuple:
-    """Every output of the forward, on the eager or op routes of :func:`run` (resolved once,
-    when the module calls or traces it). ``temps``: validated (inf = max head). ``lam`` is a
-    Python number, or a one-element tensor (a learnable lam: it reaches the op as ``lam_t``,
-    and its gradient is sum_b,c g * sum_k att from the forward's state).
-    In eager mode (:func:`_eager`) inference returns the implementation's outputs directly and
-    a training call returns ``(y,)`` from :class:`_EagerCSRA`; ``eager=False`` always calls
-    the ops (every output). ``layout``: how x holds (B, D, N) (:func:`common.as_bdn`); the
-    eager training call takes x as it is and views it inside, so that autograd records no
-    view node (~17 µs of a forward+backward on the CPU proxy). ``y_dtype``: y's dtype where
-    it is not x's (None: x's). ``scalars`` (:func:`scalars_tensor`): the temperatures and lam
-    as a tensor, which replace ``temps`` and ``lam`` (a compiled module's: always the ops).
-    ``compiling``: whether torch.compile is tracing, where the caller knows (None: asked)."""
-    backend = backend_for(x.device, x.dtype) if backend == "auto" else backend
-    lam, lam_t = (0.0, lam) if isinstance(lam, Tensor) else (lam, None)
-    if eager and EAGER and scalars is None and _eager(x, weight, lam_t, compiling):
-        if not keep:              # inference: nothing for autograd to record
-            return _forward_impl(as_bdn(x, layout), weight, temps, lam, normalize, False,
-                                 backend, lam_t, True, y_dtype)
-        return (_eager_training(x, weight, lam_t,
-                                (temps, lam, normalize, backend, layout, y_dtype)),)
-    x = as_bdn(x, layout)
-    if x.is_cuda and backend == "triton":      # the triton_op route (use_cuda_ops, inline)
-        return torch.ops.csra_triton.csra_fwd_cuda(x, weight, _to_schema(temps), lam,
-                                                   normalize, keep, lam_t, y_dtype, scalars)
-    return torch.ops.csra_triton.csra_fwd(x, weight, _to_schema(temps), lam, normalize, keep,
-                                          backend, lam_t, y_dtype, scalars)
-
-
-def _save(ctx, route: str, backend: str, x, weight, state, lam_t, scalars, temps, lam,
-          normalize, plan=None) -> None:
-    """What every route with a backward saves for it, written once, by name: x and the weight
-    as given, the forward's ``state`` (``interface.ForwardState``), a learnable ``lam_t`` and a
-    compiled module's ``scalars`` where there are (saved tensors, so that autograd checks
-    their versions); the temperatures (inf = max head), lam and normalize; ``route`` ("eager":
-    the backward runs the loop itself with the forward's launch ``plan``; "op": csra_bwd;
-    "triton_op": csra_bwd_cuda) and the implementation's name (``backend``)."""
-    ctx.has_lam_t = lam_t is not None
-    ctx.has_scalars = scalars is not None
-    ctx.save_for_backward(x, weight, *state, *((lam_t,) if ctx.has_lam_t else ()),
-                          *((scalars,) if ctx.has_scalars else ()))
-    ctx.temperatures, ctx.lam, ctx.normalize = temps, lam, normalize
-    ctx.route, ctx.backend, ctx.plan = route, backend, plan
-
-
-def _setup_context(ctx, inputs, output):
-    """The custom op's (csra_fwd): ``inputs`` by its schema, all passed (defaults filled in)."""
-    x, weight, temperatures, lam, normalize, _keep, backend, lam_t, _y_dtype, scalars = inputs
-    _save_op_outputs(ctx, "op", backend, x, weight, output, lam_t, scalars, temperatures, lam,
-                     normalize)
-
-
-def _setup_context_cuda(ctx, inputs, output):
-    """The CUDA triton_op's (csra_fwd_cuda: the Triton implementation, no backend argument)."""
-    x, weight, temperatures, lam, normalize, _keep, lam_t, _y_dtype, scalars = inputs
-    _save_op_outputs(ctx, "triton_op", "triton", x, weight, output, lam_t, scalars,
-                     temperatures, lam, normalize)
-
-
-def _save_op_outputs(ctx, route, backend, x, weight, output, lam_t, scalars, temperatures, lam,
-                     normalize):
-    _, *state = output
-    _save(ctx, route, backend, x, weight, state, lam_t, scalars, _from_schema(temperatures),
-          float(lam), bool(normalize))
-    ctx.mark_non_differentiable(*state)
-    # The state outputs take no gradient: without this autograd hands the backward six
-    # zero-filled tensors (six kernels per backward) for them.
-    ctx.set_materialize_grads(False)
-
-
-def functorch_active(compiling: bool | None = None) -> bool:
-    """Whether a torch.func transform (grad, vmap, jacrev, ...) is active in this thread. The
-    ops have no batching or functional-grad rules: under a transform the head runs its
-    composite (:func:`composite`), which every transform differentiates and batches.
-    ``compiling``: whether torch.compile is tracing, where the caller knows (None: asked)."""
-    if torch.compiler.is_compiling() if compiling is None else compiling:
-        return False
-    return torch._C._functorch.peek_interpreter_stack() is not None
-
-
-def composite(x: Tensor, weight: Tensor, temps: list[float], lam, normalize: bool,
-              y_dtype: torch.dtype | None = None) -> Tensor:
-    """y through standard operators with autograd at every step (``fallback.forward_graph``,
-    first-maximum routing as the op's): what torch.func transforms and double backward
-    differentiate. Same values as the op to rounding; it holds the (B, H, C, N) scores."""
-    return fallback.forward_graph(x, weight, temps, lam, normalize, first_max=True,
-                                  y_dtype=y_dtype)
-
-
-def _differentiable_backward(ctx, x, weight, lam_t, grad_y, need, layout="bdn", scalars=None):
-    """The backward when its own graph is recorded (``create_graph=True``: a gradient
-    penalty, Hessian-vector products): the first derivatives through :func:`composite`, so
-    that autograd differentiates them again exactly (double backward on both backends).
-    ``need``: whether x (in ``layout``), the weight and lam_t want a gradient; returns (dx,
-    dW, dlam)."""
-    slots = [(i, t) for i, t in enumerate((x, weight, lam_t)) if t is not None and need[i]]
-    grads = [None, None, None]
-    if not slots:
-        return tuple(grads)
-    temps, lam = ctx.temperatures, ctx.lam
-    if scalars is not None:           # a compiled module's: the values, read on the host
-        vals = scalars.view(torch.float64).tolist()
-        temps, lam = vals[:-1], vals[-1]
-    with torch.enable_grad():
-        y = composite(as_bdn(x, layout), weight, temps, lam_t if lam_t is not None else lam,
-                      ctx.normalize)
-        got = torch.autograd.grad(y, [t for _, t in slots], grad_y, create_graph=True,
-                                  allow_unused=True)
-    for (i, t), g in zip(slots, got):
-        grads[i] = torch.zeros_like(t) if g is None else g
-    return tuple(grads)
-
-
-def lam_grad(grad_y: Tensor, att: Tensor, lam_t: Tensor, batched: bool = False) -> Tensor:
-    """d loss / d lam = sum_b,c g[b, c] * sum_k att[b, k, c] (att: the forward's attention
-    logits, in score units, every head's), in lam_t's dtype and shape. ``batched``: grad_y is
-    vmap's batched tensor (``is_grads_batched``), which einsum has no batching rule for."""
-    g = grad_y.to(att.dtype)
-    s = (g.unsqueeze(1) * att).sum() if batched else torch.einsum("bc,bhc->", g, att)
-    return s.to(lam_t.dtype).reshape(lam_t.shape)
-
-
-def _op_backward(lam_slot: int, n_args: int):
-    """The custom op's backward (and the triton_op's): gradients for x (slot 0), the weight
-    (slot 1) and lam_t (``lam_slot``), None for the op's other ``n_args - 3`` inputs."""
-    def backward(ctx, grad_y, *_state_grads):
-        need = ctx.needs_input_grad      # shorter where trailing defaults were not passed
-        need_lam = len(need) > lam_slot and need[lam_slot]
-        gx, gw, glam = _grads(ctx, grad_y, (need[0], need[1], need_lam))
-        grads = [None] * n_args
-        grads[0], grads[1], grads[lam_slot] = gx, gw, glam
-        return tuple(grads)
-    return backward
-
-
-def _backward_op(ctx, grad_y, x, weight, state, lam_t, scalars):
-    """(dx, dW) from the backward op of the route's kind: csra_bwd_cuda for the triton_op
-    (and for the eager route on CUDA tensors on the Triton side), else csra_bwd. The eager
-    route's state holds None for what it did not keep (its packed forward)."""
-    m, l, att, amax, inv_n, kept, scores = state
-    if kept is None or scores is None:
-        kept = x.new_empty((0,)) if kept is None else kept
-        scores = att.new_empty((0,)) if scores is None else scores
-    temps = _to_schema(ctx.temperatures)
-    if ctx.route == "triton_op" or (ctx.route == "eager" and use_cuda_ops(x, ctx.backend)):
-        return torch.ops.csra_triton.csra_bwd_cuda(grad_y, x, weight, m, l, att, amax, inv_n,
-                                                   kept, scores, temps, ctx.lam, ctx.normalize,
-                                                   lam_t, scalars)
-    return torch.ops.csra_triton.csra_bwd(grad_y, x, weight, m, l, att, amax, inv_n, kept,
-                                          scores, temps, ctx.lam, ctx.normalize, ctx.backend,
-                                          lam_t, scalars)
-
-
-#: vmap's batched tensors: ``autograd.grad(..., is_grads_batched=True)`` hands an
-#: autograd.Function's backward the legacy "Batched" kind; torch.func's is FuncTorchBatched.
-_BATCHED = torch._C._dispatch_key_parse("Batched")
-_FUNCTORCH_BATCHED = torch._C.DispatchKey.FuncTorchBatched
-
-
-def _grads(ctx, grad_y, need: tuple, layout: str = "bdn") -> tuple:
-    """(dx, dW, dlam) of every route's backward, from what :func:`_save` saved; ``need``:
-    whether x, the weight and lam_t want one (None where not); ``layout``: how the saved x
-    holds (B, D, N) (dx is returned in it). One rule: under ``create_graph=True`` through the
-    composite (differentiable again); the eager route runs the loop itself; everything else,
-    and a batch of gradients (``is_grads_batched``: vmap runs the op once per gradient; the
-    loop and the kernels read storage, which a batched tensor has not), the backward op."""
-    x, weight, *state = ctx.saved_tensors
-    scalars = state.pop() if ctx.has_scalars else None
-    lam_t = state.pop() if ctx.has_lam_t else None
-    if grad_y is None:
-        return None, None, None
-    if torch.is_grad_enabled():                     # create_graph=True
-        return _differentiable_backward(ctx, x, weight, lam_t, grad_y, need, layout, scalars)
-    grad_x = grad_w = None
-    keys = torch._C._dispatch_keys(grad_y)           # (inline: no Python call per backward)
-    batched = keys.has(_BATCHED) or keys.has(_FUNCTORCH_BATCHED)
-    if need[0] or need[1]:
-        if ctx.route == "eager" and not batched:
-            grad_x, grad_w = _backward_loop(grad_y, as_bdn(x, layout), weight, *state,
-                                            ctx.temperatures, ctx.lam, ctx.normalize,
-                                            ctx.backend, lam_t, ctx.plan)
-        else:
-            grad_x, grad_w = _backward_op(ctx, grad_y, as_bdn(x, layout), weight, state, lam_t,
-                                          scalars)
-        if need[0] and layout != "bdn":
-            grad_x = from_bdn(grad_x, layout, x.shape)
-    grad_lam = (lam_grad(grad_y, state[2], lam_t, batched) if lam_t is not None and need[2]
-                else None)
-    return grad_x if need[0] else None, grad_w if need[1] else None, grad_lam
-
-
-# --------------------------------------------------------------------------- the eager path
-# In eager mode (nothing tracing) a call reaches the implementation through a plain
-# autograd.Function (training) or directly (inference), skipping torch.library's dispatch
-# layers; torch.compile, export, ONNX, AOTI, tensor subclasses and dispatch modes take the ops
-# above. Both run _forward_impl and _backward_loop: the same launches, the same results.
-
-#: ``CSRA_TRITON_EAGER=0`` sends eager calls through the custom ops too.
-EAGER = ENV.eager
-
-
-def _eager(x: Tensor, weight: Tensor, lam_t, compiling: bool | None = None) -> bool:
-    """Whether this call may take the eager path: plain tensors, nothing tracing, no
-    dispatch mode (profilers' modes, fake tensors, FlopCounter see the ops). ``compiling``:
-    whether torch.compile is tracing, where the caller knows (None: asked). (The C-level
-    checks are torch.jit.is_tracing's and _get_current_dispatch_mode's, without their Python
-    frames; the first is reached only when nothing compiles.)"""
-    return (type(x) is Tensor and type(weight) in _PLAIN
-            and (lam_t is None or type(lam_t) in _PLAIN)
-            and not (torch.compiler.is_compiling() if compiling is None else compiling)
-            and not torch._C._is_tracing()          # a TorchScript trace records the op
-            and torch._C._len_torch_dispatch_stack() == 0)
-
-
-_PLAIN = (Tensor, torch.nn.Parameter)
-
-
-class _EagerCSRA(torch.autograd.Function):
-    """The training forward in eager mode: y, with the op's state saved for the backward
-    (views of one allocation: ``triton_impl.forward(packed=True)``). ``spec``: (temps,
-    lam, normalize, backend, layout, y_dtype) as one argument (``apply`` costs per argument); x comes
-    in the caller's ``layout`` and is viewed as (B, D, N) here, dx returned in that layout."""
-
-    @staticmethod
-    def forward(ctx, x, weight, lam_t, spec):
-        temps, lam, normalize, backend, layout, y_dtype = spec
-        y, *state, plan = _forward_impl(as_bdn(x, layout), weight, temps, lam, normalize, True,
-                                        backend, lam_t, True, y_dtype)
-        _save(ctx, "eager", backend, x, weight, state, lam_t, None, temps, lam, normalize, plan)
-        ctx.layout = layout
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        return (*_grads(ctx, grad_y, ctx.needs_input_grad[:3], ctx.layout), None)
-
-
-#: ``_EagerCSRA.apply``, bound once (the eager training route's entry)
-_eager_training = _EagerCSRA.apply
-
-
-# slots: csra_fwd (x, weight, temperatures, lam, normalize, keep, backend, lam_t, y_dtype,
-# scalars), csra_fwd_cuda (x, weight, temperatures, lam, normalize, keep, lam_t, y_dtype,
-# scalars)
-csra_fwd.register_autograd(_op_backward(7, 10), setup_context=_setup_context)
-csra_fwd_cuda.register_autograd(_op_backward(6, 9), setup_context=_setup_context_cuda)
-
-
-class CSRAFunction(torch.autograd.Function):
-    """``CSRAFunction.apply(x, weight, temperatures, lam, normalize) -> y``.
-
-    x (B, D, N) with any strides, weight (H, C, D), temperatures one per head, each > 0 (inf or
-    the official 99: a max head), validated as :func:`csra_triton.csra` validates them, and lam
-    a finite number or a one-element floating tensor (which gets a gradient). Forward and
-    backward call the registered ops, so this traces under torch.compile too.
-    """
-
-    @classmethod
-    def apply(cls, x, weight, temperatures, lam, normalize=True):
-        if functorch_active():       # torch.func: the composite (no functorch rules here)
-            _check_function_args(x, weight)
-            temps = check_temperatures(temperatures, weight.shape[0])
-            return composite(x, weight, temps, check_lam(lam, x.device), bool(normalize))
-        return super().apply(x, weight, temperatures, lam, normalize)
-
-    @staticmethod
-    def forward(ctx, x, weight, temperatures, lam, normalize=True):
-        _check_function_args(x, weight)
-        temps = check_temperatures(temperatures, weight.shape[0])
-        lam, normalize = check_lam(lam, x.device), bool(normalize)
-        backend = backend_for(x.device, x.dtype)
-        lam_t = lam if isinstance(lam, torch.Tensor) else None
-        lam_f = 0.0 if lam_t is not None else lam
-        plan = None
-        if EAGER and _eager(x, weight, lam_t):
-            route = "eager"
-            y, *state, plan = _forward_impl(x, weight, temps, lam_f, normalize, True, backend,
-                                            lam_t, packed=True)
-        else:
-            route = "triton_op" if use_cuda_ops(x, backend) else "op"
-            y, *state = forward(x, weight, temps, lam, normalize, True, backend, eager=False)
-        _save(ctx, route, backend, x, weight, state, lam_t, None, temps, lam_f, normalize, plan)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        need = ctx.needs_input_grad           # (x, weight, temperatures, lam, normalize)
-        gx, gw, glam = _grads(ctx, grad_y, (need[0], need[1], need[3]))
-        return gx, gw, None, glam, None
-
-
-def _check_function_args(x, weight) -> None:
-    if (not isinstance(weight, torch.Tensor) or weight.dim() != 3 or weight.shape[0] == 0
-            or weight.shape[2] == 0):
-        raise ValueError(f"weight: expected a (heads, classes, in_ch) tensor with heads >= 1 "
-                         f"and in_ch >= 1, got {getattr(weight, 'shape', type(weight).__name__)}")
-    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] != weight.shape[2]:
-        raise ValueError(f"x: expected a (B, {weight.shape[2]}, N) tensor, got "
-                         f"{getattr(x, 'shape', type(x).__name__)}")
-

@@ -1,8 +1,8 @@
 """Every setting the package reads from the environment, parsed and validated in one place
 (the lowest layer: it imports nothing of the package).
 
-The package reads the environment once, when it is imported (:data:`ENV`); each module takes its
-values from there. A malformed value raises ``ValueError`` naming the variable and the values it
+The package reads the environment once, when it is imported (:data:`ENV`); every module takes its
+values from there (tests replace :data:`ENV` or a module's copy of a value, never the environment). A malformed value raises ``ValueError`` naming the variable and the values it
 accepts, at import, so that no setting is silently ignored. Unset or empty means the default.
 The README's "Settings" table lists them.
 """
@@ -71,19 +71,12 @@ def parse_float(env: Mapping[str, str], name: str, default: float, minimum: floa
     return v
 
 
-def triton_interpret(env: Mapping[str, str]) -> bool:
-    """``TRITON_INTERPRET`` as Triton itself reads it (1, true, on; any case): Triton's own
-    variable, so it is not refused here, only read the same way."""
-    return env.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on")
-
-
 @dataclass(frozen=True)
 class Settings:
     """The package's settings, one field per environment variable (``CSRA_TRITON_<FIELD>``
-    upper-cased, except ``triton_interpret``)."""
+    upper-cased). (``TRITON_INTERPRET`` is Triton's own: Triton reads it, and the package asks
+    Triton what it made of it, ``_compat.interpreted``.)"""
 
-    #: Triton's interpreter runs the kernels on CPU tensors (``TRITON_INTERPRET``).
-    triton_interpret: bool = False
     #: Eager calls take the plain autograd.Function (else the custom ops).
     eager: bool = True
     #: Fill every output and workspace with NaN on allocation (the tests).
@@ -118,7 +111,6 @@ def from_environ(env: Mapping[str, str]) -> Settings:
     p = "CSRA_TRITON_"
     d = Settings()
     return Settings(
-        triton_interpret=triton_interpret(env),
         eager=parse_bool(env, p + "EAGER", d.eager),
         poison=parse_bool(env, p + "POISON", d.poison),
         onednn_fp32=parse_bool(env, p + "ONEDNN_FP32", d.onednn_fp32),
@@ -137,8 +129,7 @@ def from_environ(env: Mapping[str, str]) -> Settings:
 
 def variables() -> list[str]:
     """The environment variables :func:`from_environ` reads."""
-    return ["TRITON_INTERPRET"] + ["CSRA_TRITON_" + f.name.upper() for f in fields(Settings)
-                                   if f.name != "triton_interpret"]
+    return ["CSRA_TRITON_" + f.name.upper() for f in fields(Settings)]
 
 
 #: The settings of this process, read when the package was imported.

@@ -25,17 +25,22 @@ import contextlib
 import functools
 import math
 import threading
+import warnings
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from . import archs, tuning
-from .common import (BoundedCache, acc_dtype, cdiv, empty, fwd_outputs, hold_if_capturing,
-                     mm_plain, new, pow2, rel_err, x_matrix)
+from . import _compat, archs, kernels, tuning
+from .common import (BoundedCache, Scalars, acc_dtype, cdiv, empty, fwd_outputs,
+                     hold_if_capturing, mm_plain, new, pow2, rel_err, traced_tensor, x_matrix)
+from .interface import Forward, ForwardState
 from .settings import ENV
 
-INTERPRET = ENV.triton_interpret
+#: Whether the kernels are Triton's interpreter functions (CPU tensors: the tests): as Triton
+#: made them when ``kernels`` was imported, from its own reading of ``TRITON_INTERPRET``.
+INTERPRET = _compat.interpreted(kernels.csra_fwd_kernel)
+
 #: Launch compiled kernels directly on repeat calls (see the module docstring).
 DIRECT_LAUNCH = ENV.direct_launch
 
@@ -90,30 +95,16 @@ def _arch(x: Tensor, target: str | None = None) -> str:
     return archs.DEFAULT
 
 
-_kmod = None
-
-
-def _k():
-    """The kernels module, imported on first use (importing the package needs no Triton; an
-    import statement per launch cost ~1 µs of the host path). Launch builders read
-    ``_kmod or _k()``: no call once it is loaded."""
-    global _kmod
-    if _kmod is None:
-        from . import kernels
-        _kmod = kernels
-    return _kmod
-
-
 def _acc_tl(dtype: torch.dtype):
     """The kernels' accumulation dtype (``tl``) for state in ``dtype``."""
-    tl = (_kmod or _k()).tl
+    tl = kernels.tl
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def _dtypes(x: Tensor, target: str | None) -> dict:
     """Dtype constexprs of the kernels for x, compiled for ``target`` (see :func:`_arch`; None:
     for this process, a GPU unless the interpreter runs them)."""
-    tl = (_kmod or _k()).tl
+    tl = kernels.tl
     on_gpu = target is not None or not INTERPRET
     acc = _acc_tl(x.dtype)
     # The interpreter's tl.dot is wrong on bf16 operands: products go through fp32 there.
@@ -270,7 +261,7 @@ def prep_call(x: Tensor, weight: Tensor, normalize: bool, w_op: Tensor, inv_n: T
     R = H * C
     d = kw if kw is not None else _dtypes(x, target)
     br, bd = row_tiles(D)
-    return Call((_kmod or _k()).csra_prep_kernel, (cdiv(R, br),),
+    return Call(kernels.csra_prep_kernel, (cdiv(R, br),),
                 (weight, *weight.stride(), w_op, inv_n, R, C, D),
                 dict(NORMALIZE=bool(normalize), BR=br, BD=bd,
                      ACC=d["ACC"], EMU_BF16=d["EMU_BF16"]), ROW_WARPS, 2)
@@ -284,35 +275,38 @@ def fwd_call(x, w_op, inv_n, params, outs, cfg, H, target: str | None = None,
     spilled at 8 (128 x 256 fp32 accumulators already take 255 registers there)."""
     B, D, N = x.shape
     C = inv_n.shape[-1]
-    y, m, l, att, amax = outs[:5]
-    n_cb = cdiv(C, cfg.BC)
+    y, m, l, att, argmax = outs[:5]
     major = cb_major(H, C, D, x.element_size())
     if kw is None:
         kw = _tile_kw(x, cfg, H, D, major, target)
+    n_cb = cdiv(C, kw["BC"])
     save = scores is not None and scores.numel() > 0
     warps = cfg.num_warps
     on_gpu = target is not None or not INTERPRET
     if save and warps == 8 and on_gpu and archs.ARCHS[_arch(x, target)].mma == "wgmma":
         warps = 16
-    return Call((_kmod or _k()).csra_fwd_kernel, _grid(B, n_cb, major),
-                (x, *x.stride(), w_op, inv_n, params, y, *y.stride(), m, l, att, amax,
+    return Call(kernels.csra_fwd_kernel, _grid(B, n_cb, major),
+                (x, *x.stride(), w_op, inv_n, params, y, *y.stride(), m, l, att, argmax,
                  scores if save else m, B, H, C, D, N, n_cb), dict(kw, SAVE_A=save),
                 warps, cfg.num_stages)
 
 
 def ds_call(x, w_op, inv_n, params, grad_y, state, c0, c1, out, cfg, H,
             target: str | None = None, kw: dict | None = None) -> Call:
-    """The dS launch for classes [c0, c1); ``kw`` as for :func:`fwd_call` (the same tiles)."""
+    """The dS launch for classes [c0, c1). ``kw``: the forward's constexprs (a
+    :class:`Plan`'s), whose tiles the kernel runs (it recomputes the forward's scores): the
+    grid is sized by them too, and ``cfg`` gives only its warps and stages; without ``kw``
+    the tiles are ``cfg``'s."""
     B, D, N = x.shape
     C = inv_n.shape[-1]
-    m, l, att, amax = state
-    n_cb = cdiv(c1 - c0, cfg.BC)
+    m, l, att, argmax = state
     major = cb_major(H, C, D, x.element_size())
     if kw is None:
         kw = _tile_kw(x, cfg, H, D, major, target)
-    return Call((_kmod or _k()).csra_ds_kernel, _grid(B, n_cb, major),
+    n_cb = cdiv(c1 - c0, kw["BC"])
+    return Call(kernels.csra_ds_kernel, _grid(B, n_cb, major),
                 (x, *x.stride(), w_op, inv_n, params, grad_y, *grad_y.stride(),
-                 m, l, att, amax, out, B, H, C, D, N, c0, c1 - c0, n_cb),
+                 m, l, att, argmax, out, B, H, C, D, N, c0, c1 - c0, n_cb),
                 kw, cfg.num_warps, cfg.num_stages)
 
 
@@ -320,13 +314,13 @@ def ds_kept_call(scores, inv_n, params, grad_y, state, c0, c1, out, H,
                  target: str | None = None) -> Call:
     """dS' for classes [c0, c1) from the forward's raw scores (H, C, B, N): elementwise."""
     _, C, B, N = scores.shape
-    m, l, att, amax = state
+    m, l, att, argmax = state
     rows = H * (c1 - c0)
     br, bn = ds_kept_tiles(rows, N)
     acc = _acc_tl(scores.dtype)
     emu = target is None and INTERPRET and out.dtype == torch.bfloat16    # the interpreter's
-    return Call((_kmod or _k()).csra_ds_kept_kernel, (cdiv(rows, br), B),
-                (scores, inv_n, params, grad_y, *grad_y.stride(), m, l, att, amax, out,
+    return Call(kernels.csra_ds_kept_kernel, (cdiv(rows, br), B),
+                (scores, inv_n, params, grad_y, *grad_y.stride(), m, l, att, argmax, out,
                  B, H, C, N, c0, c1 - c0),
                 dict(BR=br, BN=bn, ACC=acc, EMU_BF16=emu,
                      XA_P=pow2_divisor(N, max(1, 16 // scores.element_size()))),
@@ -346,7 +340,7 @@ def proj_call(G: Tensor, weight: Tensor, inv_n: Tensor, out: Tensor, normalize: 
     R = H * C
     acc = _acc_tl(inv_n.dtype)
     br, bd = row_tiles(D)
-    return Call((_kmod or _k()).csra_proj_kernel, (cdiv(R, br),),
+    return Call(kernels.csra_proj_kernel, (cdiv(R, br),),
                 (G, weight, *weight.stride(), inv_n, out, R, C, D),
                 dict(NORMALIZE=bool(normalize), BR=br, BD=bd, ONE_PASS=D <= bd, ACC=acc),
                 ROW_WARPS, 2)
@@ -484,109 +478,154 @@ def kernel_source(kernel: str) -> str | None:
 
 class Plan(NamedTuple):
     """What the host computes once per problem: the forward's config, the kernels' scalar
-    parameters and the main kernels' constexprs (tiles, dtypes, alignment, launch order)."""
+    parameters (None where only ``Scalars.values`` is known: :func:`params_of` makes them on
+    the device) and the main kernels' constexprs (tiles, dtypes, alignment, launch order)."""
     cfg: tuning.Config
-    params: Tensor
+    params: Tensor | None
     kw: dict
 
 
 _plans = _new_cache()
 
 
-def plan(x: Tensor, weight: Tensor, temps: list[float], lam: float) -> Plan:
-    """The plan for x (B, D, N) and weight (H, C, D) with these scalars (built once; under
-    tracing built anew and not kept: its parameter tensor becomes a constant of the graph)."""
+def plan_for(x: Tensor, weight: Tensor, scalars: Scalars) -> Plan:
+    """The plan for x (B, D, N) and weight (H, C, D) with these scalars, built once per
+    problem and host values (a learnable lam's slot is filled per call: :func:`params_of`);
+    under tracing built anew and not kept (its parameters are made on the device: a host
+    tensor would become a constant of the graph, copied to the device on every call)."""
     B, D, N = x.shape
     H, C, _ = weight.shape
+    temps, lam = scalars.temps, scalars.lam
+    if lam.__class__ is not float:      # a learnable lam (filled per call), or only values known
+        lam = 0.0
     traced = tracing(x)
     if not traced:
-        key = (x.shape, x.stride(), x.dtype, x.device, weight.shape, tuple(temps), lam,
+        key = (x.shape, x.stride(), x.dtype, x.device, weight.shape, temps, lam,
                tf32_enabled(x))           # (torch.Size hashes as the tuple it is)
         p = _plans.get(key)
         if p is not None:
-            hold_if_capturing(p.params)
+            if p.params is not None:
+                hold_if_capturing(p.params)
             return p
-    cfg = fwd_config(x, H, C, D, N, tune=not traced)
+    cfg = fwd_config(x, H, C, D, N, tune=not traced and not INTERPRET)
     kw = _tile_kw(x, cfg, H, D, cb_major(H, C, D, x.element_size()), None)
+    acc = acc_dtype(x.dtype)
+    if temps is None:
+        params = None
+    elif traced:
+        params = traced_tensor((*temps, lam, math.log2(math.e)), acc, x.device)
+    else:
+        params = params_tensor(temps, lam, acc, x.device)
     if traced:
-        # made on the device (a host tensor would be copied to it on every call, which also
-        # keeps CUDA graphs from capturing the graph)
-        vals = [*temps, lam, math.log2(math.e)]
-        return Plan(cfg, torch.cat([torch.full((1,), v, dtype=acc_dtype(x.dtype),
-                                               device=x.device) for v in vals]), kw)
-    p = _plans.put(key, Plan(cfg, params_tensor(temps, lam, acc_dtype(x.dtype), x.device), kw))
-    hold_if_capturing(p.params)
+        return Plan(cfg, params, kw)
+    p = _plans.put(key, Plan(cfg, params, kw))
+    if p.params is not None:
+        hold_if_capturing(p.params)
     return p
 
 
 # --------------------------------------------------------------------------- entry points
 
 
-def with_lam(params: Tensor, lam_t: Tensor | None, scalars: Tensor | None = None) -> Tensor:
-    """The scalar parameters with lam read from the tensor ``lam_t`` (a learnable lam: one
-    small device op per call, nothing read on the host), and with the temperatures and lam
-    read from ``scalars`` (``ops.scalars_tensor``: a compiled module's, traced; one more small
-    device op), or ``params`` as they are."""
-    H = params.shape[0] - 2
-    if scalars is not None:
-        params = torch.cat((scalars.view(torch.float64).to(params.dtype), params[H + 1:]))
-    if lam_t is None:
-        return params
-    return torch.cat((params[:H], lam_t.detach().reshape(1).to(params.dtype), params[H + 1:]))
+def params_of(p: Plan, scalars: Scalars, x: Tensor) -> Tensor:
+    """The kernels' scalar parameters for this call on x: the plan's, with a learnable lam's
+    value put in, or made from ``scalars.values`` where only those are known; both on the
+    device (a small device op per call, nothing read on the host)."""
+    if p.params is None:
+        acc = acc_dtype(x.dtype)
+        values = scalars.values
+        return torch.cat((values.to(acc), traced_tensor((math.log2(math.e),), acc,
+                                                        values.device)))
+    lam = scalars.lam
+    if not isinstance(lam, Tensor):
+        return p.params
+    H = p.params.shape[0] - 2
+    return torch.cat((p.params[:H], lam.detach().reshape(1).to(p.params.dtype),
+                      p.params[H + 1:]))
 
 
-def forward(x: Tensor, weight: Tensor, temps: list[float], lam: float, normalize: bool,
-            keep: bool, lam_t: Tensor | None = None, y_dtype: torch.dtype | None = None,
-            packed: bool = False, scalars: Tensor | None = None) -> tuple:
-    """(y, m, l, att, argmax, inv_n, kept, scores): two launches (prep, fwd; for B = 0 the prep
+#: triton_op route on CUDA tensors (interface.Implementation): Inductor traces the launches.
+triton_op = True
+
+
+def serves(device: torch.device, dtype: torch.dtype) -> bool:
+    """CUDA tensors (bf16 only where Triton multiplies it: not on Turing, where the fallback
+    runs on the GPU, with a warning once), and CPU tensors under the interpreter."""
+    if device.type == "cuda":
+        if dtype == torch.bfloat16 and not INTERPRET and torch.cuda.is_available():
+            arch = archs.device_arch(device)
+            if not archs.bf16_supported(arch):
+                _warn_bf16(device, arch)
+                return False
+        return True
+    return device.type == "cpu" and INTERPRET
+
+
+@functools.cache
+def _warn_bf16(device, arch):
+    warnings.warn(f"csra_triton: {archs.device_name(device)} ({arch}) has no bf16 tensor cores "
+                  f"and Triton cannot multiply bf16 there; bf16 inputs run the PyTorch fallback "
+                  f"on the GPU (cuBLAS). fp16 (autocast dtype=torch.float16) or fp32 run the "
+                  f"Triton kernels.", stacklevel=5)
+
+
+def kept_output(x: Tensor, weight: Tensor, keep: bool, alloc=new) -> Tensor:
+    """The forward's ``kept`` output: the prepared weight (H*C, D) in x's dtype when ``keep``
+    and it is small (:func:`keeps_weight`), else (0,)."""
+    if keep and keeps_weight(x, weight):
+        H, C, D = weight.shape
+        return alloc((H * C, D), x.dtype, x.device)
+    return alloc((0,), x.dtype, x.device)
+
+
+def forward(x: Tensor, weight: Tensor, scalars: Scalars, normalize: bool, keep: bool,
+            y_dtype: torch.dtype | None = None, packed: bool = False) -> Forward:
+    """y and the state (``interface.Forward``): two launches (prep, fwd; for B = 0 the prep
     alone), the weight prepared from its current values. ``kept`` is the prepared weight when
     ``keep`` and it is small (:func:`keeps_weight`), else (0,); ``scores`` the raw scores when
-    ``keep`` and :func:`keeps_scores`, else (0,). ``packed`` (the eager path, ``ops``): the
-    state and inverse norms are views of one allocation and what is not kept is None
-    (:func:`_forward_packed`; custom ops may not return aliased outputs, so the traced path
-    allocates each); the launches and their results are the same, and the plan comes back as
-    a 9th element (the eager backward's: one plan lookup per forward+backward; None for B = 0,
-    whose backward launches nothing). ``y_dtype``: y's dtype if not x's
-    (the kernel rounds its fp32 sum to it once); ``scalars``: temperatures and lam as a tensor
-    (traced calls of a compiled module; :func:`with_lam`)."""
-    H, C, D = weight.shape
-    # B = 0: y and the state are empty and only the weight is prepared; no plan (nothing to
-    # tune: a sweep of empty launches would time launch overhead alone)
-    p = plan(x, weight, temps, lam) if x.shape[0] != 0 else None
-    if not packed or x.dtype == torch.float64:
-        # inv_n: the prepared one, if kept
-        outs = fwd_outputs(x, H, C, keep=False, y_dtype=y_dtype)[:5]
-        w_op, inv_n = prep_weight(x, weight, normalize)
-        scores = scores_output(x, weight, keep)
-        if p is not None:
-            fwd_call(x, w_op, inv_n, with_lam(p.params, lam_t, scalars), outs, p.cfg, H,
-                     kw=p.kw, scores=scores).run()
-        inv_n = inv_n.view(H, C) if keep else new((0,), acc_dtype(x.dtype), x.device)
-        kept = w_op if keep and keeps_weight(x, weight) else new((0,), x.dtype, x.device)
-        return (*outs, inv_n, kept, scores, *((p,) if packed else ()))
-    return (*_forward_packed(x, weight, p, normalize, keep, lam_t, y_dtype), p)
+    ``keep`` and :func:`keeps_scores`, else (0,). ``y_dtype``: y's dtype if not x's (the kernel
+    rounds its fp32 sum to it once).
 
-
-def _forward_packed(x: Tensor, weight: Tensor, p: "Plan | None", normalize: bool, keep: bool,
-                    lam_t: Tensor | None, y_dtype: torch.dtype | None) -> tuple:
-    """The eager path's forward: the same two launches as :func:`forward`, with m, l, att,
-    argmax (an int32 view) and inv_n as views of one allocation, and None for what is not
-    kept (``kept``, ``scores``): 3 allocations instead of 10 (4 with kept scores)."""
+    ``packed`` (the eager route): m, l, att, argmax and the inverse norms are views of one
+    allocation (3 allocations a call instead of 10), what is not kept is None, and ``plan`` is
+    the launch plan (the eager backward's: one plan lookup per forward+backward; None for
+    B = 0, whose backward launches nothing). The ops' calls allocate each output apart (a
+    custom op returns no aliased outputs); the launches and their results are the same."""
     B, D, N = x.shape
     H, C, _ = weight.shape
     acc = acc_dtype(x.dtype)
-    buf = new((4 * B + 1, H, C), acc, x.device)
-    m, l, att, amax, inv_n = buf.split_with_sizes((B, B, B, B, 1))  # not torch.split: 5 µs
-    amax = amax.view(torch.int32)
-    y = new((B, C), y_dtype or x.dtype, x.device)
+    # B = 0: y and the state are empty and only the weight is prepared; no plan (nothing to
+    # tune: a sweep of empty launches would time launch overhead alone)
+    p = plan_for(x, weight, scalars) if B != 0 else None
+    if packed:
+        y = new((B, C), y_dtype or x.dtype, x.device)
+        if acc == torch.float32:          # argmax: an int32 view of fp32 rows
+            buf = new((4 * B + 1, H, C), acc, x.device)
+            m, l, att, argmax, inv_n = buf.split_with_sizes((B, B, B, B, 1))  # (a C call)
+            argmax = argmax.view(torch.int32)
+        else:                             # (fp64 rows: an int32 view would double C)
+            buf = new((3 * B + 1, H, C), acc, x.device)
+            m, l, att, inv_n = buf.split_with_sizes((B, B, B, 1))
+            argmax = new((B, H, C), torch.int32, x.device)
+        inv_n = inv_n.view(H, C)
+        scores = new((H, C, B, N), acc, x.device) if keep and keeps_scores(x, H, C) else None
+    else:
+        y, m, l, att, argmax = fwd_outputs(x, H, C, keep=False, y_dtype=y_dtype)[:5]
+        inv_n = new((H, C), acc, x.device)
+        scores = scores_output(x, weight, keep)
     w_op = new((H * C, D), x.dtype, x.device)
-    scores = new((H, C, B, N), acc, x.device) if keep and keeps_scores(x, H, C) else None
     prep_call(x, weight, normalize, w_op, inv_n, kw=p.kw if p is not None else None).run()
-    if p is not None:                                           # (None: B = 0)
-        fwd_call(x, w_op, inv_n, with_lam(p.params, lam_t), (y, m, l, att, amax), p.cfg, H,
+    if p is not None:
+        fwd_call(x, w_op, inv_n, params_of(p, scalars, x), (y, m, l, att, argmax), p.cfg, H,
                  kw=p.kw, scores=scores).run()
-    kept = w_op if keep and keeps_weight(x, weight) else None
-    return (y, m, l, att, amax, inv_n.view(H, C), kept, scores)
+    if keep and keeps_weight(x, weight):
+        kept = w_op
+    else:
+        kept = None if packed else new((0,), x.dtype, x.device)
+    if not (keep or packed):
+        inv_n = new((0,), acc, x.device)
+    return Forward(y, ForwardState(m, l, att, argmax, inv_n, kept, scores),
+                   p if packed else None)
 
 
 def scores_output(x: Tensor, weight: Tensor, keep: bool, alloc=new) -> Tensor:
@@ -600,31 +639,32 @@ def scores_output(x: Tensor, weight: Tensor, keep: bool, alloc=new) -> Tensor:
 
 
 class Backward:
-    """The Triton side of the op's backward loop (see ops.csra_bwd): dS' of a class chunk from
-    the kernels, the GEMMs in x's dtype, the weight gradient in one projection launch."""
+    """The Triton side of the op's backward loop (see ops.backward_loop): dS' of a class chunk
+    from the kernels, the GEMMs in x's dtype, the weight gradient in one projection launch."""
 
     #: the product G = dS' x^T of the backward loop
     mm = staticmethod(mm_plain)
 
-    def __init__(self, grad_y, x, weight, state, inv_n, kept, temps, lam, normalize,
-                 scores=None, lam_t=None, launch_plan: Plan | None = None,
-                 scalars: Tensor | None = None):
+    def __init__(self, grad_y, x, weight, state: ForwardState, scalars: Scalars, normalize,
+                 plan: Plan | None = None):
         B, D, N = x.shape
         H, C, _ = weight.shape
-        self.x, self.weight, self.state, self.grad_y = x, weight, state, grad_y
+        self.x, self.weight, self.grad_y = x, weight, grad_y
+        self.state = state[:4]
+        scores, kept = state.scores, state.kept
         self.scores = scores if scores is not None and scores.numel() else None
         self.normalize, self.H = normalize, H
-        # the forward's plan where the caller has it (the eager path), else looked up again
-        if launch_plan is not None:
-            p = launch_plan
+        # the forward's plan where the caller has it (the eager route), else looked up again
+        if plan is not None:
+            p = plan
             hold_if_capturing(p.params)      # a captured backward reads it at every replay
         else:
-            p = plan(x, weight, temps, lam)
-        self.params, fwd_cfg, self.kw = with_lam(p.params, lam_t, scalars), p.cfg, p.kw
+            p = plan_for(x, weight, scalars)
+        self.params, fwd_cfg, self.kw = params_of(p, scalars, x), p.cfg, p.kw
         self.gemm = self.dx_dtype = x.dtype
         self.chunk = ds_chunk_classes(H, C, B, N, fwd_cfg.BC)
         if kept is not None and kept.numel():    # the forward's prepared weight, bit for bit
-            self.w_op, self.inv_n = kept, inv_n
+            self.w_op, self.inv_n = kept, state.inv_norm
         else:
             self.w_op, self.inv_n = prep_weight(x, weight, normalize)
         self.w_gemm = self.w_op.view(H, C, D)
@@ -635,8 +675,9 @@ class Backward:
         w_op, inv_n, params, ws, chunk = self.w_op, self.inv_n, self.params, self.ws, self.chunk
         if self.scores is not None:     # dS' elementwise from the kept scores: no config
             return
+        st = self.state
         self.cfg = ds_config(x, H, C, D, N, fwd_cfg, None if tracing(x) else lambda: ds_bench(
-            x, w_op, inv_n, params, grad_y, state, chunk, ws))
+            x, w_op, inv_n, params, grad_y, st, chunk, ws))
 
     def ds(self, c0: int, c1: int, out: Tensor) -> None:
         if self.scores is not None:

@@ -195,7 +195,7 @@ def base_config(kernel: str, H: int, C: int, D: int, N: int, itemsize: int = 2,
 
 
 def cache_path() -> Path:
-    env = settings.from_environ(os.environ).tune_cache
+    env = settings.ENV.tune_cache
     if env:
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -333,24 +333,24 @@ def choose(kernel: str, H: int, C: int, D: int, N: int, x: torch.Tensor, bench=N
     global _loaded_for
     key = make_key(kernel, H, C, D, N, x.dtype)
     cfg = _memory.get(key)
-    if cfg is not None:
+    if cfg is not None and _fits(cfg, tiles):
         return cfg
     gpu = x.is_cuda and torch.cuda.is_available()      # (fake CUDA tensors trace without one)
     arch = archs.device_arch(x.device) if gpu else archs.DEFAULT
-    fallback = base_config(kernel, H, C, D, N, x.element_size(), tiles, arch)
-    if not gpu or settings.triton_interpret(os.environ):
-        _memory.set(key, fallback)  # one valid config; nothing is benchmarked without a GPU
-        return fallback
+    base = base_config(kernel, H, C, D, N, x.element_size(), tiles, arch)
+    if not gpu:
+        _memory.set(key, base)      # one valid config; nothing is benchmarked without a GPU
+        return base
     env = environment(x.device, arch)
     if _loaded_for != env:
         for k, c in load_cache(env).items():
             _memory.set(k, c)
         _loaded_for = env
     cfg = _memory.get(key)
-    if cfg is not None and (tiles is None or cfg.tiles() == tuple(tiles)):
+    if cfg is not None and _fits(cfg, tiles):
         return cfg
-    cfg = fallback
-    if bench is not None and settings.from_environ(os.environ).autotune:
+    cfg = base
+    if bench is not None and settings.ENV.autotune:
         space, known = drop_known_spills(
             config_space(kernel, H, C, D, N, x.element_size(), tiles, arch), kernel,
             Problem(x.shape[0], H, C, D, N), x.dtype, arch, source)
@@ -362,6 +362,13 @@ def choose(kernel: str, H: int, C: int, D: int, N: int, x: torch.Tensor, bench=N
         save_choice(key, cfg, ms, env)
     _memory.set(key, cfg)
     return cfg
+
+
+def _fits(cfg: Config, tiles: tuple[int, int, int] | None) -> bool:
+    """Whether a stored ``cfg`` may serve a launch that must run ``tiles`` (the dS' kernel
+    recomputes the forward's scores with the forward's tiles: a dS' config stored for other
+    tiles, by an earlier sweep or another forward config, does not serve)."""
+    return tiles is None or cfg.tiles() == tuple(tiles)
 
 
 class Problem(NamedTuple):
@@ -412,7 +419,7 @@ def triton_version() -> str:
 
 
 def inspect_cache_path() -> Path:
-    env = settings.from_environ(os.environ).inspect_cache
+    env = settings.ENV.inspect_cache
     return Path(env) if env else cache_path().with_name("inspect.json")
 
 

@@ -17,6 +17,11 @@ INF = math.inf
 WORST: dict = {}
 
 
+def op_values(temps, lam, device="cpu"):
+    """The ops' ``values`` argument: [T_1, ..., T_H, lam] as float64 (inf: a max head)."""
+    return torch.tensor([*temps, lam], dtype=torch.float64, device=device)
+
+
 def rel_err(out, ref, scale=None) -> float:
     """||out - ref|| / max(||ref||, scale) in float64 (0 when both are zero)."""
     out, ref = out.detach().double().cpu(), ref.detach().double().cpu()

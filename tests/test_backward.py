@@ -193,3 +193,36 @@ def test_kept_scores_give_the_recomputed_gradients(case, dtype, device, monkeypa
     _, dx, dw = ref64(x, weight, temps, 0.3, normalize, grad=g)
     assert rel_err(grads[True][0], dx) <= TOL[dtype]
     assert rel_err(grads[True][1], dw) <= TOL[dtype]
+
+
+def test_wide_rows_take_the_two_pass_projection(backend, device):
+    """Weights with in_ch > 4096 (a whole row no longer fits one program: ``row_tiles`` walks
+    it in steps) take the projection kernel's two-pass form; dW through the row normalisation
+    against float64. Dropping its ``g - w * coef`` term moved dW's error from ~1e-7 to ~2e-2."""
+    D = 4100
+    assert triton_impl.row_tiles(D)[1] < D                   # the two-pass form
+    x = torch.randn(2, D, 1, 2, device=device, requires_grad=True)
+    weight = torch.randn(2, 3, D, device=device, requires_grad=True)
+    g = torch.randn(2, 3, device=device)
+    csra_triton.csra(x, weight, [1.0, INF], 0.3).backward(g)
+    _, dx, dw = ref64(x, weight, [1.0, INF], 0.3, grad=g)
+    assert rel_err(weight.grad, dw) <= TOL[torch.float32]
+    assert rel_err(x.grad, dx) <= TOL[torch.float32]
+
+
+@pytest.mark.no_triton
+@pytest.mark.parametrize("C", [64, 256])
+def test_bf16_dx_sums_its_class_chunks_in_fp32(C, monkeypatch):
+    """The fallback's bf16 GEMMs round each class chunk's dx contribution once; the chunks are
+    summed in fp32 and rounded once at the end, so dx stays within one bf16 rounding of float64
+    however many chunks (here one class each): 2^-7 relative (measured ~3e-3 flat). Summed in
+    bf16, the error grew with the chunks: ~1.9e-2 at 64 classes, ~3.6e-2 at 256."""
+    monkeypatch.setattr(fallback, "BF16_GEMM", True)
+    monkeypatch.setattr(fallback, "CHUNK_ELEMS", 1)                  # one class per chunk
+    x = torch.randn(2, 32, 3, 3).bfloat16().requires_grad_()
+    weight = torch.randn(1, C, 32, requires_grad=True)
+    g = torch.randn(2, C)
+    with csra_triton.use_backend("torch"):
+        csra_triton.csra(x, weight, [1.0], 0.3).backward(g.bfloat16())
+    _, dx, _ = ref64(x, weight, [1.0], 0.3, grad=g)
+    assert rel_err(x.grad, dx) <= 2.0 ** -7

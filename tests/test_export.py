@@ -1,7 +1,7 @@
 """Deployment paths: ONNX (torch.onnx.export, dynamo) run in onnxruntime, and AOTInductor
 (torch.export -> aoti_compile_and_package -> aoti_load_package), both on CPU.
 
-Under ``torch.onnx.export`` the head is written in standard operators (``fallback.forward_graph``,
+Under ``torch.onnx.export`` the head is written in standard operators (``graph.onnx_graph``,
 the kernels' math): ONNX has no translation for the custom op. AOTInductor keeps the custom op
 and calls it through its proxy executor, which is why max heads reach the op as temperature 0
 (a float list with inf serialises as a string and the package failed to load)."""

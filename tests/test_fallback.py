@@ -13,7 +13,7 @@ import torch
 import csra_triton
 import csra_triton.fallback as fallback
 import csra_triton.ops as ops
-from csra_triton import settings
+from csra_triton import common, settings
 from helpers import TOL, error_scales, ref64, rel_err
 
 pytestmark = pytest.mark.no_triton   # the PyTorch fallback only
@@ -196,14 +196,14 @@ def test_keep_ratio_from_the_environment():
 def test_rounded_window_holds_the_maximum_one_rounding_below():
     """exact_first_max on scores from the rounded GEMM alone (a max head without lo): where the
     fp32 sums' error and bf16 rounding put the true maximum one bf16 rounding below another
-    position (258 against 256, float64 sums 256.5 and 257), the widened window (``rounded``)
-    holds it and float64 settles it; the window of the two-GEMM scores misses it."""
+    position (258 against 256, float64 sums 256.5 and 257), the window widened by the
+    rounding holds it and float64 settles it (the fp32 sums' window alone misses it: the
+    mutant that drops the widening returns 0)."""
     w = torch.ones(1, 2).bfloat16()
     x = torch.tensor([[256.0, 256.0], [0.5, 1.0]]).bfloat16()[None]        # (B=1, D=2, N=2)
     sk = torch.tensor([[[258.0, 256.0]]])                                   # (Cc=1, B=1, N=2)
     inv_n = torch.ones(1)
-    assert fallback.exact_first_max(sk, x, w, inv_n, rounded=True).item() == 1
-    assert fallback.exact_first_max(sk, x, w, inv_n).item() == 0
+    assert fallback.exact_first_max(sk, x, w, inv_n).item() == 1
 
 
 def test_x_matrix_copies_only_when_needed():
@@ -322,7 +322,8 @@ def test_chunk_passes_reuse_buffers(dtype, bf16_gemm, monkeypatch):
         x = torch.randn(B, D, N, generator=gen).to(dtype)
         w = torch.randn(H, C, D, generator=gen).to(dtype)
         with torch.no_grad():
-            fwd = _chunk_allocations(lambda: fallback.forward(x, w, temps, 0.1, True, False),
-                                     chunk_bytes)
+            fwd = _chunk_allocations(
+                lambda: fallback.forward(x, w, common.scalars(temps, 0.1, H), True, False),
+                chunk_bytes)
         counts[C] = fwd
     assert counts[64] == counts[16], counts

@@ -10,7 +10,7 @@ import csra_triton
 from csra_triton import triton_impl
 from csra_triton.tools import hostpath, shapes
 from csra_triton.common import BoundedCache
-from helpers import INF, ref64, rel_err
+from helpers import INF, op_values, ref64, rel_err
 
 HEADLINE = ["coco-r101-448", "coco-r101-448-fp32"]       # bf16 and fp32
 #: What a forward+backward at the headline runs (besides the four Triton kernels prep, fwd, dS'
@@ -49,9 +49,12 @@ def test_large_weights_are_prepared_again_not_kept():
                                         "csra_ds_kernel", "csra_proj_kernel"]
 
 
-def test_no_zero_gradients_for_the_state_outputs():
-    """Autograd would hand the backward zero-filled gradients for the six state outputs; the op
-    tells it not to (ctx.set_materialize_grads(False))."""
+@pytest.mark.parametrize("route", ["eager", "op"])
+def test_no_zero_gradients_for_the_state_outputs(route, monkeypatch):
+    """Autograd would hand the op's backward zero-filled gradients for its seven state outputs;
+    the op tells it not to (ctx.set_materialize_grads(False)); the eager Function returns y
+    alone."""
+    monkeypatch.setattr(csra_triton.ops, "EAGER", route == "eager")
     shape = shapes.parse_shapes("coco-r101-448@d=64@C=9")[0]
     aten = hostpath.record(hostpath.steps(shape, "tokens")["fwd+bwd"])["aten"]
     assert not [a for a in aten if a in ("aten::zeros", "aten::zero_", "aten::fill_")], aten
@@ -76,8 +79,8 @@ def test_inference_equals_training_forward(device):
     x3 = x.detach().flatten(2).requires_grad_()
     w = head.weight.detach().requires_grad_()
     with csra_triton.use_backend("triton"):
-        y = torch.ops.csra_triton.csra_fwd(x3, w, [1.0, 2.0, 4.0, 0.0], 0.1, True, False,
-                                           "triton")[0]
+        y = torch.ops.csra_triton.csra_fwd(x3, w, op_values([1.0, 2.0, 4.0, INF], 0.1), True,
+                                           False, "triton")[0]
     assert y.requires_grad
     g = torch.randn_like(y)
     y.backward(g)
@@ -193,13 +196,14 @@ def test_eager_path_skips_the_op_dispatch(monkeypatch):
     head, x = _head_and_input("cpu")
     xg = x.requires_grad_()
     counted = []
-    real = csra_triton.ops._forward_impl
+    impl = csra_triton.ops.implementation("auto", x)
+    real = impl.forward
 
     def spy_impl(*a, **k):
-        counted.append(k.get("packed", False) or (len(a) > 8 and a[8]))
+        counted.append(k.get("packed", False) or (len(a) > 6 and a[6]))
         return real(*a, **k)
 
-    monkeypatch.setattr(csra_triton.ops, "_forward_impl", spy_impl)
+    monkeypatch.setattr(impl, "forward", spy_impl)
     head(xg).sum().backward()
     with torch.no_grad():
         head(x)

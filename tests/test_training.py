@@ -3,7 +3,7 @@
 ``jacrev``), on both backends against float64.
 
 Under ``create_graph=True`` the op's backward computes its first derivatives through the
-composite (``ops.composite``), which autograd differentiates again; under a torch.func transform
+composite (``graph.composite``), which autograd differentiates again; under a torch.func transform
 the module runs the composite. Each test fails when that routing is removed: the op then raises
 ("no autograd formula" for the double backward; functorch's own error for the transforms).
 """
@@ -84,11 +84,11 @@ def test_gradient_penalty_step(backend):
 
 def test_first_order_backward_still_runs_the_op(monkeypatch):
     """Without create_graph the backward is the op's own (the composite is not used)."""
-    import csra_triton.ops as ops
+    from csra_triton import graph
 
     called = []
-    real = ops.composite
-    monkeypatch.setattr(ops, "composite", lambda *a, **k: called.append(1) or real(*a, **k))
+    real = graph.composite
+    monkeypatch.setattr(graph, "composite", lambda *a, **k: called.append(1) or real(*a, **k))
     x = torch.randn(2, 6, 3, 2, requires_grad=True)
     w = torch.randn(4, 3, 6, requires_grad=True)
     csra_triton.csra(x, w, TEMPS, 0.3).sum().backward()

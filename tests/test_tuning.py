@@ -11,7 +11,7 @@ from csra_triton.tools import benchmark as bm
 from csra_triton import tuning
 from csra_triton.common import BoundedCache
 from csra_triton.tools.cli import main
-from helpers import INF, ref64, rel_err
+from helpers import INF, op_values, ref64, rel_err
 
 EDGE = [("N=1", 4, 80, 2048, 1), ("C=1", 4, 1, 2048, 49), ("H=1,C=1,N=1,d=3", 1, 1, 3, 1),
         ("H=8,N=577", 8, 80, 1024, 577)]
@@ -97,7 +97,8 @@ def test_an_empty_batch_asks_tuning_for_nothing(monkeypatch):
         with torch.no_grad():
             assert head(x).shape == (0, 6)
         head(x).sum().backward()
-        y, *state = torch.ops.csra_triton.csra_fwd(x.flatten(2), head.weight, [1.0, 0.0], 0.1,
+        y, *state = torch.ops.csra_triton.csra_fwd(x.flatten(2), head.weight,
+                                                    op_values([1.0, INF], 0.1),
                                                     True)
     assert asked == []
     assert x.grad.shape == x.shape and not x.grad.any()

@@ -6,8 +6,9 @@ time per call. On CUDA it uses the headline shape; without CUDA the Triton kerne
 interpreter at a reduced shape (and the PyTorch fallback is shown beside them).
 
 ``python -m csra_triton bench [--shapes NAMES] [--pass fwd,fwd+bwd] [--out DIR] [--plot]`` times
-eager, torch.compile and csra-triton on the shared DESIGN.md shapes, prints a markdown table and
-writes the results JSON. On CPU it times the PyTorch fallback against eager, labelled as CPU.
+eager, torch.compile and csra-triton on the benchmark shapes (``csra_triton/tools/shapes.py``),
+prints a markdown table and writes the results JSON. On CPU it times the PyTorch fallback against
+eager, labelled as CPU.
 """
 from __future__ import annotations
 
@@ -51,14 +52,17 @@ def verify_rows(shape: dict, dtypes, device: torch.device, backends, reps: int =
                            fwd_err=bm.rel_err(y, y64), dx_err=bm.rel_err(x.grad, x64.grad),
                            dw_err=bm.rel_err(wt.grad, w64.grad))
                 xi = x.detach()
+                # warm-up calls: the interpreter's first is enough; oneDNN's first bf16 calls
+                # on the CPU are many times its steady state, which is what a row reports
+                warmup = 1 if backend == "triton" else 5
                 with torch.no_grad():
                     row["fwd_ms"] = bm.time_ms(lambda: csra(xi, wt, temps, lam), device,
-                                               warmup=1, reps=reps)
+                                               warmup=warmup, reps=reps)
 
                 def step():
                     csra(x, wt, temps, lam).backward(g0.to(dtype))
 
-                row["fwd_bwd_ms"] = bm.time_ms(step, device, warmup=1, reps=reps)
+                row["fwd_bwd_ms"] = bm.time_ms(step, device, warmup=warmup, reps=reps)
             rows.append(row)
     return rows
 
@@ -447,7 +451,7 @@ def main(argv=None) -> int:
             p.add_argument(f"--{k}", type=int, default=None, help=f"override the shape's {k}")
         p.add_argument("--dtypes", default="float32,float16,bfloat16")
         p.add_argument("--reps", type=int, default=3, help="timed repetitions on CPU")
-    b = sub.add_parser("bench", help="eager vs compile vs triton on the DESIGN.md shapes")
+    b = sub.add_parser("bench", help="eager vs compile vs triton on the benchmark shapes")
     b.add_argument("--shapes", default=None,
                    help="comma-separated names, 'all', or name@B=8@C=9605 overrides "
                         "(default: all on CUDA, a CPU set on CPU)")
@@ -492,7 +496,8 @@ def main(argv=None) -> int:
                         "all: both")
     t.add_argument("--budget-s", type=float, default=None,
                    help="per shape and kernel: stop starting new configs after this many seconds")
-    i = sub.add_parser("inspect", help="compile every kernel for sm_90a/sm_80 here (no GPU): "
+    i = sub.add_parser("inspect", help="compile every kernel for GPU archs here (no GPU; ten "
+                                       "archs with --arch all, sm_90a and sm_80 by default): "
                                        "registers, spills, shared memory, MMA kind, traffic model")
     i.add_argument("--arch", default="sm_90a,sm_80",
                    help="'all' or a comma list of sm_75, sm_80, sm_86, sm_89, sm_90a, sm_100a, "

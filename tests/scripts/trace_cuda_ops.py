@@ -16,7 +16,7 @@ HOP = torch.ops.higher_order.triton_kernel_wrapper_functional
 
 
 def summary(gm):
-    kernels, aten, outputs = [], [], []
+    kernels, aten, outputs, h2d = [], [], [], 0
     for n in gm.graph.nodes:
         if n.op == "output":
             outputs = [list(v.meta["val"].shape) for v in torch.utils._pytree.tree_leaves(n.args)
@@ -27,7 +27,11 @@ def summary(gm):
             kernels.append(kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__)
         elif str(n.target).startswith("aten."):
             aten.append(str(n.target))
-    return dict(kernels=kernels, aten=aten, outputs=outputs)
+            src = n.args[0].meta.get("val") if n.args and hasattr(n.args[0], "meta") else None
+            if str(n.target) == "aten._to_copy.default" and src is not None and \
+                    src.device != n.meta["val"].device:
+                h2d += 1          # a copy between devices (a dtype cast stays on the device)
+    return dict(kernels=kernels, aten=aten, outputs=outputs, h2d=h2d)
 
 
 def trace(fn, *args):
@@ -57,26 +61,25 @@ with mode:
                                                            dtype=torch.bfloat16))
     scores = torch.empty(H, C, B, h * w, device="cuda")      # kept by a training forward
     none = torch.empty(0, device="cuda")                     # not kept: dS' recomputed
-    # a compiled module's temperatures and lam: its _scalars buffer (float64 bits as int64)
-    scalars = torch.empty(H + 1, device="cuda", dtype=torch.int64)
+    # the ops' values: temperatures and lam as one float64 tensor on the device (what a
+    # compiled module passes as a graph input)
+    values = torch.empty(H + 1, device="cuda", dtype=torch.float64)
 temps = [1.0, 2.0, 4.0, float("inf")]
+# the functional form with Python numbers: the values are made on the device in the graph
 fwd = trace(lambda a, b: csra_triton.csra(a, b, temps, 0.1), x, weight)
 # the training forward (keep=True) as the op: tracing autograd's backward needs a GPU context
-train = trace(lambda a, b: torch.ops.csra_triton.csra_fwd_cuda(a.flatten(2), b,
-                                                               [1.0, 2.0, 4.0, 0.0], 0.1, True,
-                                                               True), x, weight)
+train = trace(lambda a, b, v: torch.ops.csra_triton.csra_fwd_cuda(a.flatten(2), b, v, True,
+                                                                  True), x, weight, values)
 
 
 def bwd_op(*a):
-    return torch.ops.csra_triton.csra_bwd_cuda(*a, [1.0, 2.0, 4.0, 0.0], 0.1, True)
+    return torch.ops.csra_triton.csra_bwd_cuda(*a, True)
 
 
-bwd = trace(bwd_op, g, x.flatten(2), weight, *state, scores)
-bwd_recompute = trace(bwd_op, g, x.flatten(2), weight, *state, none)
-# the ops as a compiled module calls them: placeholder floats, the values from the buffer
-fwd_scalars = trace(lambda a, b, s: torch.ops.csra_triton.csra_fwd_cuda(
-    a.flatten(2), b, [1.0] * H, 0.0, True, False, None, None, s), x, weight, scalars)
-bwd_scalars = trace(lambda *a: torch.ops.csra_triton.csra_bwd_cuda(
-    *a[:-1], [1.0] * H, 0.0, True, None, a[-1]), g, x.flatten(2), weight, *state, scores, scalars)
+bwd = trace(bwd_op, g, x.flatten(2), weight, *state, scores, values)
+bwd_recompute = trace(bwd_op, g, x.flatten(2), weight, *state, none, values)
+# inference as a compiled module calls it: its values tensor a graph input
+fwd_values = trace(lambda a, b, v: torch.ops.csra_triton.csra_fwd_cuda(
+    a.flatten(2), b, v, True, False), x, weight, values)
 print(json.dumps(dict(fwd=fwd, train=train, bwd=bwd, bwd_recompute=bwd_recompute,
-                      fwd_scalars=fwd_scalars, bwd_scalars=bwd_scalars)))
+                      fwd_values=fwd_values)))

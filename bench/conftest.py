@@ -6,7 +6,7 @@ import torch
 def pytest_addoption(parser):
     parser.addoption("--bench-shapes", default=None,
                      help="comma-separated shape names (csra_triton.tools.benchmark.parse_shapes syntax); "
-                          "default: every DESIGN.md shape (CUDA only) plus the tiny smoke shapes")
+                          "default: every benchmark shape (CUDA only) plus the tiny smoke shapes")
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""pytest-benchmark suite: every DESIGN.md shape x pass x impl (eager, compile, triton).
+"""pytest-benchmark suite: every benchmark shape x pass x impl (eager, compile, triton).
 
     pytest bench --benchmark-only                      # full suite, on a GPU
     pytest bench --benchmark-only --bench-shapes coco-r101-448 --benchmark-json out.json

@@ -1,4 +1,4 @@
-"""The GPU architectures the kernels are built and checked for (plain data; the helpers layer, docs/ARCHITECTURE.md).
+"""The GPU architectures the kernels are built and checked for (plain data; the helpers layer, docs/architecture.md).
 
 Each entry: the compile target Triton takes (``GPUTarget(backend, arch, warp_size)``), the
 per-block shared-memory limit (CUDA: the opt-in maximum per block; AMD: LDS per workgroup), the

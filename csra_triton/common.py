@@ -1,5 +1,5 @@
 """Plain helpers shared by the two implementations and the op layer (the helpers layer of
-docs/ARCHITECTURE.md).
+docs/architecture.md).
 
 Nothing here launches a kernel or imports another module of the package but ``settings``: dtype
 rules, the temperature and lam checks, the error measure, the (optionally poisoned) allocator and
@@ -51,12 +51,11 @@ def onednn_fp32() -> bool:
 
 def mm(a: Tensor, b: Tensor, out: Tensor | None = None, buf: Tensor | None = None) -> Tensor:
     """``a @ b`` (into ``out`` if given). fp32 products on CPU go through oneDNN's matmul
-    (``mkldnn._linear_pointwise``, the op Inductor's CPU GEMMs call): 1.6-2.1x the rate of
-    ``aten::mm``'s fp32 GEMM on the 2-core AVX512 CPU (1.14 against 2.42 ms at 320x2048x392,
-    bench/NOTES.md), and level with it on bf16, so bf16 stays with ``torch.mm``. A transposed
-    ``a`` is copied row-major first, into ``buf`` (flat, at least a's size) if given: oneDNN
-    took 2x longer on it as a strided operand at 2672 rows. Not under autograd (the op has no
-    derivative formula)."""
+    (``mkldnn._linear_pointwise``, the op Inductor's CPU GEMMs call), faster than ``aten::mm``'s
+    fp32 GEMM on AVX512 CPUs and level with it on bf16, so bf16 stays with ``torch.mm``
+    (bench/NOTES.md has the measurements). A transposed ``a`` is copied row-major first, into
+    ``buf`` (flat, at least a's size) if given: oneDNN is slower on it as a strided operand.
+    Not under autograd (the op has no derivative formula)."""
     if (a.dtype == torch.float32 and b.dtype == torch.float32 and a.device.type == "cpu"
             and onednn_fp32()
             and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))):

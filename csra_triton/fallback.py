@@ -1,5 +1,6 @@
-"""Vectorised PyTorch versions of the two kernels in ``kernels.py`` (no Triton: CPU without the
-interpreter, or ``use_backend("torch")``).
+"""The PyTorch implementation (the implementations layer, beside ``triton_impl``): vectorised
+versions of the kernels in ``kernels.py``, for CPU tensors without Triton's interpreter, or under
+``use_backend("torch")``.
 
 Same inputs, outputs and state as the Triton kernels, so the op layer treats both alike. Classes
 go in chunks of about ``CHUNK_ELEMS`` scores (H, chunk, B, N), so memory stays bounded at 9,605
@@ -8,25 +9,26 @@ kernels round them; the statistics are computed in fp32 (fp64 for fp64 inputs).
 
 The products follow what the CPU does fast (:func:`gemm_dtype`). Where it multiplies bf16 in
 hardware (AVX512-BF16, AMX, Arm BF16; the official head's bf16 1x1 convs are fast there too),
-bf16 x runs bf16 GEMMs, about twice as fast as fp32 ones; elsewhere the products run in fp32. A
+bf16 x runs bf16 GEMMs (faster than fp32 ones there); elsewhere the products run in fp32. A
 bf16 GEMM accumulates in fp32 but rounds its output to bf16 (no CPU operator returns the fp32
 sum), i.e. up to 2^-8 |s| in every score. Two GEMMs recover the sum to ~2^-17 |s|: ``hi = W x``
 (rounded), then ``lo = addmm(hi, W, x, beta=-1)`` = W x - hi, where oneDNN adds ``-hi`` to the
 fp32 accumulator before rounding, so only the small ``lo`` is rounded (:func:`products`).
 
-The forward uses ``hi`` alone (``FWD_REFINE``): y moves by about one bf16 rounding of the output
-(1.6e-3 -> 1.9e-3 relative vs float64 at coco-r101-448@B=2), and one GEMM instead of two is
-what makes it faster than the official head. The backward recomputes its softmax statistics
+The forward uses ``hi`` alone (``FWD_REFINE``): y moves by about one bf16 rounding of the
+output, and one GEMM instead of two is what makes it faster than the official head. The
+backward recomputes its softmax statistics
 from ``hi + lo`` (:func:`ds_chunk`) for the softmax heads; a max head's scores serve only its
 argmax, which ``hi`` alone gives up to near-ties (within one bf16 rounding), and those are
-settled in float64 (:func:`exact_first_max`): its gradients are those of the fp32
-sum (2.9e-3 vs float64 at the benchmark shapes, as the GPU kernels), where rounded scores flip
-maxima (the official eager head: 6.5e-2 to 1.2e-1). When the products have no more elements
+settled in float64 (:func:`exact_first_max`): its gradients are those of the fp32 sum, as the
+GPU kernels', where rounded scores flip maxima (as the official eager head's do). When the
+products have no more elements
 than x, or at most ``KEEP_RATIO`` (64) times its elements, the forward hands them to the
 backward (:func:`keeps_scores`), which then skips a GEMM.
 
-The op layer calls :func:`forward` and :class:`Backward`, the interface the Triton
-implementation (``triton_impl.py``) has too.
+The op layer reaches it through ``interface.Implementation`` (``forward``, ``Backward``,
+``kept_output``, ``scores_output``, ``serves``, ``triton_op``); bench/NOTES.md has the
+measurements behind the choices below.
 """
 from __future__ import annotations
 
@@ -48,18 +50,15 @@ BF16_GEMM: bool | None = ENV.cpu_bf16_gemm
 #: Scores per class chunk (elements of fp32): the chunk's elementwise passes stay in cache.
 CHUNK_ELEMS = 1 << 20
 #: Weight elements per block of the passes over weight rows (inverse norms, the weight gradient's
-#: projection): fp32 blocks of 1 MB. The weight gradient at 80 / 9,605 classes took 1.9 / 312,
-#: 0.80 / 187, 0.70 / 140 and 3.8 / 295 ms with blocks of 2^14, 2^16, 2^18 and 2^20 (2 cores;
-#: the largest pay page faults for fresh 4 MB buffers).
+#: projection): fp32 blocks of 1 MB, the fastest of the sizes tried (larger ones pay page faults
+#: for their fresh buffers).
 ROW_BLOCK_ELEMS = 1 << 18
 #: Whether the forward's bf16 scores get the second (``lo``) GEMM; see the module docstring.
 FWD_REFINE = False
 #: How many times x's elements of score products a training forward may keep for its backward
 #: (:func:`keeps_scores`: H*C <= KEEP_RATIO * D). Recomputing them is the backward's costliest
-#: step at 9,605 classes: 5 GEMMs against the official head's 3, which lost to its
-#: torch.compile (0.95x, fwd+bwd at openimages-r101-448@B=2, bench/NOTES.md); kept, 4
-#: (1.15-1.2x). 64 covers 9,605 classes x 4 heads at d=2048 (18.8) and x 1 head at d=1024
-#: (9.4). The rule is on static sizes (H, C, D), never on the batch, so a compiled graph's
+#: step at 9,605 classes: 5 GEMMs against the official head's 3; kept, 4. 64 covers 9,605
+#: classes x 4 heads at d=2048 (18.8) and x 1 head at d=1024 (9.4). The rule is on static sizes (H, C, D), never on the batch, so a compiled graph's
 #: fake outputs agree with the real ones at any batch (unbacked included). What is kept is the
 #: size of the official head's convolution outputs (H*C*B*N in x's dtype; twice that where bf16
 #: x runs fp32 GEMMs), less than that head keeps in all, and a fraction of what the backbone
@@ -72,11 +71,10 @@ KEEP_RATIO = ENV.cpu_keep_ratio
 class Work:
     """Scratch buffers that a call's class chunks (and weight-row blocks) reuse, by name.
 
-    Every pass that returned a fresh chunk-sized tensor paid a page fault per 4 KB of it: 1.0-2.0
-    ns an element on the 2-core CPU against 0.03-0.07 ns for the same pass into a buffer already
-    touched (fp32 mul of 2^18-2^20 elements, bench/NOTES.md), which made the elementwise passes, not
-    the GEMMs, most of the time at 9,605 classes. A buffer is allocated once per call at its
-    largest size; a request for fewer elements gets a view of its start."""
+    Every pass that returned a fresh chunk-sized tensor paid a page fault per 4 KB of it, many
+    times the pass itself into a buffer already touched: at 9,605 classes that made the
+    elementwise passes, not the GEMMs, most of the time. A buffer is allocated once per call at
+    its largest size; a request for fewer elements gets a view of its start."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -119,8 +117,7 @@ def gemm_dtype(x_dtype: torch.dtype, device: torch.device) -> torch.dtype:
 def head_mm(w3, x2, out, add=None, beta=1.0):
     """out (H, Cc, M) = w3 (H, Cc, D) @ x2 (D, M) [+ beta * add], returned. One GEMM when the
     chunk's rows are contiguous (all classes), else one per head: a chunk of classes of every
-    head is not a matrix, and reshaping it copied the weight chunk (0.24 s of a 1.3 s step at
-    9,605 classes)."""
+    head is not a matrix, and reshaping it would copy the weight chunk."""
     H, Cc, D = w3.shape
     if torch.is_grad_enabled() and (w3.requires_grad or x2.requires_grad):   # maps: autograd
         w2 = w3.reshape(H * Cc, D)      # (mm's rows are independent; bmm's were not at Cc < 16)
@@ -213,9 +210,8 @@ def score_chunk(x, weight, temps, inv_n, c0, c1, acc, refine=True, operands=None
 
 def inv_norms(weight, normalize, acc, out=None, work=None):
     """(H, C) inverse row norms in ``acc`` (ones without normalisation), into ``out`` if given.
-    Blocks of rows (``ROW_BLOCK_ELEMS``) converted into one reused buffer of ``work``: converting
-    the whole weight at once cost 0.7 ms at 80 classes and 0.13 s at 9,605 on the 2-core CPU,
-    and a fresh block per step 6 ms at 9,605 (page faults)."""
+    Blocks of rows (``ROW_BLOCK_ELEMS``) converted into one reused buffer of ``work``, rather
+    than the whole weight at once or a fresh block per step (page faults)."""
     H, C, D = weight.shape
     if out is None:
         out = torch.empty((H, C), dtype=acc, device=weight.device)
@@ -347,7 +343,7 @@ def ds_chunk(x, weight, temps, grad_y, inv_n, lam, c0, c1, out, operands=None, h
     d_att.mul_(lam).add_(1.0 / N)
     if out.dtype == acc:
         torch.mul(d_att, g[..., None], out=out)
-    else:   # in place, then rounded: a broadcast multiply into bf16 took 4-10x longer
+    else:   # in place, then rounded (a broadcast multiply into bf16 is several times slower)
         out.copy_(d_att.mul_(g[..., None]))
 
 
@@ -356,8 +352,7 @@ def ds_chunk(x, weight, temps, grad_y, inv_n, lam, c0, c1, out, operands=None, h
 
 def chunk_classes(H: int, C: int, B: int, N: int) -> int:
     """Classes per chunk: about CHUNK_ELEMS scores (cache-sized; chunks the size of the
-    kernels' workspace made every elementwise pass over the scores memory-bound, 0.3 s of
-    1.7 s at openimages-r101-448@B=2)."""
+    kernels' workspace made every elementwise pass over the scores memory-bound)."""
     return max(1, min(C, CHUNK_ELEMS // max(1, H * B * N)))   # (1 for C == 0: no chunk runs)
 
 
@@ -461,7 +456,7 @@ class Backward:
 
     def chunk_done(self, G, dW, c0, c1):
         """These classes' dW while their G is in cache (a pass over all of G and W afterwards
-        read both from memory again: ~0.1 s of a 1.3 s step at 9,605 classes on CPU)."""
+        would read both from memory again)."""
         weight_grad(G, self.weight, self.inv_n, self.normalize, self.acc, dW, c0, c1, self.work)
 
     def new_weight_grad(self, G):
@@ -474,9 +469,9 @@ class Backward:
 def weight_grad(G, weight, inv_n, normalize, acc, out, c0, c1, work=None):
     """dL/dW of classes [c0, c1) into ``out`` (H, C, D, weight's dtype; may be G itself) from
     G = dS' x^T (H, C, D): through the row normalisation, G - W (W.G) inv_n^2, computed in
-    ``acc`` blocks of rows at a time, in ``work``'s buffers. No weight-sized fp32 temporaries:
-    at 9,605 classes the three of them were ~1 GB of the GPU's peak, and ~0.3 s of page faults
-    on CPU."""
+    ``acc`` blocks of rows at a time, in ``work``'s buffers. No weight-sized fp32 temporaries
+    (at 9,605 classes three of them would be most of the GPU's peak memory, and page faults on
+    the CPU)."""
     H, C, D = weight.shape
     if not normalize:
         if out is not G:
@@ -492,7 +487,7 @@ def weight_grad(G, weight, inv_n, normalize, acc, out, c0, c1, work=None):
         if w.dtype != acc:
             w = work.get("w", w.shape, acc).copy_(w)
         coef = torch.mul(w, g, out=work.get("t", w.shape, acc)).sum(-1)       # W . G
-        # (a broadcast multiply and subtract was 18x slower than addcmul_ on CPU)
+        # (addcmul_: a broadcast multiply and subtract is many times slower on CPU)
         g.addcmul_(w, coef.mul_(inv_n[:, b0:b1].square())[..., None], value=-1.0)
         if g.data_ptr() != out[:, b0:b1].data_ptr():      # else g is that block of out already
             out[:, b0:b1] = g

@@ -1,4 +1,4 @@
-"""Triton kernels for multi-head CSRA (the kernels layer, docs/ARCHITECTURE.md).
+"""Triton kernels for multi-head CSRA (the kernels layer, docs/architecture.md).
 
 Notation (see bench/NOTES.md): B batch, D channels (in_ch), N = h*w positions, H heads, C classes.
 A "row" is one (head, class) pair. Five kernels:

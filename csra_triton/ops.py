@@ -560,8 +560,10 @@ def run(x: Tensor, weight: Tensor, scalars: Scalars, normalize: bool, layout: st
             torch._C._functorch.peek_interpreter_stack() is not None
             or _fwad._current_level >= 0 and _dual(x, weight, lam)):
         temps, lam = host_values(scalars)
-        y = (graph.onnx_graph if onnx else graph.composite)(as_bdn(x, layout), weight, temps,
-                                                            lam, normalize, y_dtype)
+        if onnx:
+            y = graph.onnx_graph(x, layout, weight, temps, lam, normalize, y_dtype)
+        else:
+            y = graph.composite(as_bdn(x, layout), weight, temps, lam, normalize, y_dtype)
         return Forward(y, None)
     # keep=False when no gradient will be asked for (inference): the op then keeps nothing
     # for a backward (inv_norm, the prepared weight and the scores are not returned)

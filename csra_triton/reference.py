@@ -1,4 +1,4 @@
-"""Eager references (the helpers layer, docs/ARCHITECTURE.md).
+"""Eager references (the helpers layer, docs/architecture.md).
 
 * :class:`MHA` / :class:`CSRA` mirror the official ICCV 2021 module's structure and state-dict
   layout: one bias-free 1x1 conv per head in ``multi_head``, scores divided by the weight row

@@ -1,5 +1,5 @@
 """The Triton implementation (the implementations layer, beside the PyTorch fallback in
-``fallback.py``, docs/ARCHITECTURE.md): launch
+``fallback.py``, docs/architecture.md): launch
 plans for the kernels in ``kernels.py`` and the two entry points the op layer calls,
 :func:`forward` and :class:`Backward` (the fallback exposes the same two).
 
@@ -59,8 +59,7 @@ KEEP_SCORES = ENV.keep_scores
 CB_MAJOR_BYTES = ENV.cb_major_bytes
 
 #: Weight-row kernels (prep, proj): elements per program, whole rows when d fits
-#: (:func:`row_tiles`; v1b's 8 rows in 256-channel steps, 40 programs, took 10.4 µs for the
-#: headline's prep on an H200), and warps.
+#: (:func:`row_tiles`: one load round trip per program, rows over many programs), and warps.
 ROW_ELEMS = 4096
 ROW_WARPS = 8
 DS_KEPT_COLS = 256  # positions per step of the elementwise dS' kernel (scores kept)

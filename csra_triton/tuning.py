@@ -79,7 +79,7 @@ def arch_name(arch: str | int) -> str:
 
 def default_config(H: int, C: int, D: int, N: int, itemsize: int = 2,
                    arch: str | int = archs.DEFAULT) -> Config:
-    """The untuned choice; each DESIGN shape's is spill-free on every arch of ``archs.ARCHS``,
+    """The untuned choice; each benchmark shape's is spill-free on every arch of ``archs.ARCHS``,
     within its shared memory and on its tensor cores (the ``inspect`` command and
     tests/test_compiled.py check it). ``arch``: a name of ``archs.ARCHS`` (or a CUDA capability
     major).
@@ -102,26 +102,25 @@ def default_config(H: int, C: int, D: int, N: int, itemsize: int = 2,
         return Config(max(1, 16 // hp), 32, 16, 4, 1)
     if info.mma == "none":
         # Turing: Triton's products run on FMA units, with the accumulators and both operands
-        # in registers: 32 rows x 64 positions x 16 channels, 8 warps is spill-free (96-112
-        # registers; 64-row, 256-position tiles spilled 2-4 KB, 32 channels 8 B at N=49).
+        # in registers: 32 rows x 64 positions x 16 channels, 8 warps is spill-free (larger
+        # tiles and 32-channel steps spill: the compile report, bench/NOTES.md).
         bc = max(1, 32 // hp)
         bn = max(32, pow2(N)) if N <= 64 else 64
         return Config(bc, bn, 16, 8, 2)
     rows = 128 if hp * C > 64 and info.big_tiles else 64
     if info.mma == "tcgen05" and N > 256:
         # Blackwell with the online softmax (N > 256): 128-row tiles fail Triton's lowering
-        # (ConvertTritonGPUToLLVM: "PassManager::run failed", triton 3.9, coco-vitl16-448);
-        # 64-row tiles compile spill-free on tcgen05.
+        # (ConvertTritonGPUToLLVM); 64-row tiles compile spill-free on tcgen05.
         rows = 64
     bc = max(1, rows // hp)
     bn = max(32, pow2(N)) if N <= 256 else 128
     bd = min(64 if itemsize <= 2 else 32, max(16, pow2(D)))
     if info.mma == "mma":
-        # mma.sync archs (A100, A10/L4/L40S, RTX 30-50): 64-channel steps spilled 16-40 B at
-        # coco-vitl16-448 (forward) and openimages-r101-448 (dS); 32 are spill-free. fp32
-        # (TF32) takes 16: 32 spilled 8 B in the dS kernel for channels-last x (triton 3.6)
+        # mma.sync archs (A100, A10/L4/L40S, RTX 30-50): 64-channel steps spill at some
+        # benchmark shapes, 32 are spill-free; fp32 (TF32) takes 16 (32 spill in the dS kernel
+        # for channels-last x under triton 3.6)
         bd = min(bd, 32 if itemsize <= 2 else 16)
-    # 64 KB of LDS (MI250X, MI300X): two stages of 64-channel operand tiles (40 KB), not three
+    # 64 KB of LDS (MI250X, MI300X): two stages of 64-channel operand tiles, not three
     stages = 2 if info.smem_kb <= 64 else 3
     return Config(bc, bn, bd, default_warps(hp * bc, bn), stages)
 
@@ -172,7 +171,7 @@ def config_space(kernel: str, H: int, C: int, D: int, N: int, itemsize: int = 2,
         grid = itertools.product(bcs, (32, 64, 128, 256), (32, 64, 128), (4, 8), (2, 3, 4))
     out = [Config(*g) for g in grid]
     # Largest tiles first: a sweep cut short by its time budget has then timed the candidates
-    # that move the fewest bytes (on the H200, 25 small-tile configs came first and all lost).
+    # that move the fewest bytes (small tiles moved more and lost, bench/NOTES.md).
     out = sorted((c for c in out if is_valid(c, H, C, D, N, itemsize, arch)),
                  key=lambda c: -(hp * c.BC * c.BN))
     base = base_config(kernel, H, C, D, N, itemsize, tiles, arch)

@@ -12,17 +12,17 @@ from csra_triton.tools.cli import main
 ROOT = Path(__file__).resolve().parent.parent
 TINY = "coco-r101-448@B=2@d=32@h=3@w=3@C=5"
 
-# shared DESIGN.md §3, H100 column: (fwd floor, fwd+bwd floor) in ms
-DESIGN_FLOORS = {
+# docs/performance.md, H100 column: (fwd floor, fwd+bwd floor) in ms
+FLOORS = {
     "coco-r101-448": (0.0206, 0.082), "voc-r101-448": (0.0172, 0.069),
     "coco-vitl16-448": (0.0412, 0.165), "openimages-r101-448": (1.24, 4.9),
     "latency-r101-224": (0.0005, 0.002), "coco-r101-448-fp32": (0.041, 0.165),
 }
 
 
-@pytest.mark.parametrize("name", list(DESIGN_FLOORS))
+@pytest.mark.parametrize("name", list(FLOORS))
 def test_floors_match_design(name):
-    fwd, both = DESIGN_FLOORS[name]
+    fwd, both = FLOORS[name]
     shape = bm.SHAPES[name]
     assert shape.floor_ms("fwd", "h100") == pytest.approx(fwd, rel=0.03)
     assert shape.floor_ms("fwd+bwd", "h100") == pytest.approx(both, rel=0.03)

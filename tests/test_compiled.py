@@ -1,4 +1,4 @@
-"""The compile report (``python -m csra_triton inspect``): every kernel at every DESIGN shape's
+"""The compile report (``python -m csra_triton inspect``): every kernel at every benchmark shape's
 default config, compiled here without a GPU for every arch of ``archs.ARCHS``: sm_75, sm_80,
 sm_86, sm_89, sm_90a, sm_100a, sm_120 and AMD gfx90a, gfx942, gfx950.
 
@@ -179,7 +179,7 @@ def test_headline_traffic_model(slice_, tmp_path_factory):
             if r["arch"] == "sm_90a" and r["shape"] == HEADLINE}
     for kernel in ("fwd", "ds"):
         assert rows[kernel]["model"]["sm_bytes"] <= 0.3e9, rows[kernel]
-    # The floor the model gives is at least the DESIGN floor (16.4 GFLOP, 51 MB of x).
+    # The floor the model gives is at least the floor of docs/performance.md (16.4 GFLOP, 51 MB of x).
     assert rows["fwd"]["model"]["floor_us"] >= 16.4e9 / 798e12 * 1e6
 
 

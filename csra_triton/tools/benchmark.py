@@ -1,8 +1,8 @@
 """Benchmark shapes, floors, implementations and one measurement routine.
 
 Shared by ``bench/`` (the pytest-benchmark suite), ``python -m csra_triton bench`` and
-``bench/gpu_check.sh``, so that every number comes from the same code. Definitions follow shared
-DESIGN.md §3-4:
+``bench/gpu_check.sh``, so that every number comes from the same code. Definitions (the results
+format of docs/performance.md):
 
 * ``median_ms``: CUDA-event median of ``triton.testing.do_bench`` (which flushes L2 between calls)
   over inputs rotated among several sets; on CPU the median of host-timed calls.
@@ -213,7 +213,7 @@ def device_us(fn: Callable[[], None], device: torch.device, n: int = 5) -> float
 
 
 def measure(shape: Shape, pass_: str, impl: str, device: torch.device, reps: int = 10) -> dict:
-    """One results row (DESIGN §4), measured now."""
+    """One results row (docs/performance.md, "Results files"), measured now."""
     bench = Bench(shape, impl, device)
     fn = bench.step(pass_)
     ms = time_ms(fn, device, reps=reps)            # warm-up inside: compile/autotune happen first
@@ -273,7 +273,7 @@ def cpu_gemm(shape: Shape, device: torch.device) -> Callable[[], None]:
     """One forward-sized GEMM, (heads*C, d) @ (d, B*N), in the dtype this CPU multiplies the
     shape's inputs fastest (fallback.gemm_dtype) and through the fastest product we know for it
     (common.mm): the CPU floor of a pass is that GEMM's time, once for fwd and four times for
-    fwd+bwd (DESIGN §3's count), measured in the same rounds as the implementations."""
+    fwd+bwd (docs/performance.md's count), measured in the same rounds as the implementations."""
     dt = fallback.gemm_dtype(shape.torch_dtype, device)
     gen = torch.Generator(device="cpu").manual_seed(1)
     w = torch.randn(shape.heads * shape.C, shape.d, generator=gen).to(device, dt)
@@ -315,9 +315,9 @@ def results_doc(rows: list[dict], device: torch.device) -> dict:
     return doc
 
 
-def write_results(doc: dict, out_dir: Path, device: torch.device) -> Path:
+def write_results(doc: dict, out_dir: Path, device: torch.device, suffix: str = "") -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{doc['date']}-{gpu_tag(device)}.json"
+    path = out_dir / f"{doc['date']}-{gpu_tag(device)}{'-' + suffix if suffix else ''}.json"
     path.write_text(json.dumps(doc, indent=1) + "\n")
     return path
 

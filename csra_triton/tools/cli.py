@@ -1,4 +1,4 @@
-"""Command line (the tools layer, docs/ARCHITECTURE.md).
+"""Command line (the tools layer, docs/architecture.md).
 
 ``python -m csra_triton`` (or ``python -m csra_triton verify``) prints a verification table: for
 each dtype, the max relative error of the forward, dx and dW against a float64 computation, and the
@@ -19,6 +19,7 @@ import time
 import torch
 
 from . import benchmark as bm
+from .progress import progress
 from .. import fallback, ops
 from ..module import csra
 from ..reference import as_operand, csra_reference
@@ -114,6 +115,8 @@ def _bench(args) -> int:
 
     if args.host:
         return _bench_host(args)
+    if args.deploy:
+        return _bench_deploy(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = bm.gpu_tag(device)
     shapes = bm.parse_shapes(args.shapes or ("all" if device.type == "cuda" else bm.CPU_DEFAULT))
@@ -301,6 +304,43 @@ def _maps(args) -> int:
     return 0
 
 
+def _bench_deploy(args) -> int:
+    """``bench --deploy``: the official head and CSRATriton exported the same way (ONNX in
+    onnxruntime, AOTInductor), timed in alternation, with errors against float64."""
+    from pathlib import Path
+
+    from . import deploy
+
+    device = torch.device("cpu")
+    shapes = bm.parse_shapes(args.shapes or deploy.DEPLOY_DEFAULT)
+    runtimes = [r for r in args.runtimes.split(",") if r]
+    for r in runtimes:
+        if r not in deploy.RUNTIMES:
+            raise SystemExit(f"--runtimes: expected some of {', '.join(deploy.RUNTIMES)}, "
+                             f"got {r!r}")
+    print(f"csra-triton deployment rows: the official head and CSRATriton exported alike, "
+          f"timed in alternation ({torch.get_num_threads()} threads; onnxruntime providers "
+          f"{', '.join(deploy._providers())})")
+    rows, failed = [], []
+    for shape in progress(shapes, "deploy"):
+        try:
+            new = deploy.rows(shape, runtimes, rounds=args.rounds,
+                              threads=torch.get_num_threads())
+            rows += new
+            print("\n".join(deploy.table(new).splitlines()[2:]), flush=True)
+        except Exception as exc:  # one failed run must not lose the others' results
+            failed.append(f"{shape.name}: {type(exc).__name__}: {exc}"[:500])
+            print(f"  {shape.name} FAILED {failed[-1]}", flush=True)
+    print("\n" + deploy.table(rows))
+    doc = bm.results_doc(rows, device)
+    doc["deploy"] = True
+    if failed:
+        doc["failed"] = failed
+    path = bm.write_results(doc, Path(args.out), device, suffix="deploy")
+    print(f"\nresults: {path}")
+    return 1 if failed else 0
+
+
 def _bench_host(args) -> int:
     from . import hostpath
 
@@ -471,6 +511,14 @@ def main(argv=None) -> int:
                         "host µs per call with launches stubbed (csra_triton.tools.hostpath)")
     b.add_argument("--layouts", default="nchw,tokens",
                    help="with --host: comma list of nchw, channels_last, tokens")
+    b.add_argument("--deploy", action="store_true",
+                   help="deployment rows: the official head and CSRATriton exported alike "
+                        "(ONNX run in onnxruntime, AOTInductor), timed in alternation, errors "
+                        "vs float64 (default shapes: serving batches, fp32)")
+    b.add_argument("--runtimes", default="onnxruntime,aoti",
+                   help="with --deploy: comma list of onnxruntime, aoti")
+    b.add_argument("--rounds", type=int, default=7,
+                   help="with --deploy: alternating rounds per shape and runtime")
     b.add_argument("--e2e", action="store_true",
                    help="also time one ResNet-101 training step (448, B=32, bf16 autocast) with "
                         "the official head and with CSRATriton, eager and compiled (CUDA and "

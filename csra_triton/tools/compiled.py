@@ -1,7 +1,7 @@
 """Compile report: every kernel the package launches, compiled for a GPU that need not be here.
 
 ``python -m csra_triton inspect`` (and tests/test_compiled.py) build the exact launches of
-``triton_impl.prep_call`` / ``fwd_call`` / ``ds_call`` / ``proj_call`` for a DESIGN shape and a
+``triton_impl.prep_call`` / ``fwd_call`` / ``ds_call`` / ``proj_call`` for a benchmark shape and a
 layout of x (NCHW, channels_last, tokens) on CPU tensors, compile them with Triton's own
 compiler for any arch of ``archs.ARCHS`` (sm_75 ... sm_120, AMD gfx90a, gfx942, gfx950), and read
 back:
@@ -54,7 +54,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
           "fp64": torch.float64}
 
 #: Rates of the model (H100 SXM). Matrix rates: 798 TFLOP/s bf16/fp16 measured on this
-#: project's H100 (DESIGN §3); TF32 half of that; fp64 tensor cores 67 TFLOP/s (datasheet);
+#: project's H100 (docs/performance.md); TF32 half of that; fp64 tensor cores 67 TFLOP/s (datasheet);
 #: fp32/fp64 on FMA units 67/34 TFLOP/s (datasheet). HBM: ~3.0 TB/s measured device copy.
 #: L2 -> SM: 7.0 TB/s, the 5.5 TB/s measured by public microbenchmarks on the H100 PCIe part
 #: scaled by SM count and clock (132/114 x 1980/1755 MHz ~ 1.3); public figures span 5.5-12.
@@ -280,7 +280,7 @@ def _floor(flops, sm, hbm, dtype, cfg) -> dict:
 # --------------------------------------------------------------------------- time model v2
 
 #: Rates of model v2 for the H200 (132 SMs at ~1.98 GHz), each with its source. Per SM:
-#: bf16/fp16 MMA 790 TFLOP/s / 132 (DESIGN §3's dense rate); TF32 half of that; L2 -> SM
+#: bf16/fp16 MMA 790 TFLOP/s / 132 (docs/performance.md's dense rate); TF32 half of that; L2 -> SM
 #: 4.66 TB/s / 132 (the committed L2 copy probe, bench/results/2026-11-27-h200.json: bytes
 #: read + written from a resident 12 MiB buffer); HBM 2.76 TB/s in all (the HBM copy probe);
 #: a dependent global load round trip 0.8 µs (public H100 pointer-chase figures, 0.5-0.9 µs,
@@ -452,7 +452,7 @@ def _own_dtype(shape: Shape, arch: str) -> torch.dtype:
 
 
 def check(rows: list[dict]) -> list[str]:
-    """What breaks the arch matrix's rules (shared DESIGN.md) in ``rows``: spills (fp64 excepted: a
+    """What breaks the arch matrix's rules (docs/performance.md, "GPUs") in ``rows``: spills (fp64 excepted: a
     gradcheck-only path), shared memory beyond the arch's per-block limit, a product off the
     arch's tensor-core instruction (16-bit and TF32 products; sm_75 has none in Triton: FMA)."""
     bad = []

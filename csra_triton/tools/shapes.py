@@ -1,4 +1,4 @@
-"""The benchmark shapes (shared DESIGN.md §3), their floors and the shape-spec parser: plain data,
+"""The benchmark shapes (docs/performance.md), their floors and the shape-spec parser: plain data,
 used by the compile report, the tuner and the benchmarks alike."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from ..common import check_temperatures
 from ..reference import OFFICIAL_TEMPERATURES
 
-#: Measured ceilings (shared DESIGN.md §3): dense bf16/fp16 TFLOP/s (TF32 is half), copy TB/s.
+#: Measured ceilings (docs/performance.md): dense bf16/fp16 TFLOP/s (TF32 is half), copy TB/s.
 CEILINGS = {"h100": dict(tflops=798.0, tbps=3.0), "h200": dict(tflops=790.0, tbps=4.3)}
 
 
@@ -41,7 +41,7 @@ class Shape:
         return size * (self.B * self.d * self.N + self.heads * self.C * self.d + self.B * self.C)
 
     def floor_ms(self, pass_: str, gpu: str) -> float | None:
-        """max(FLOPs / rate, bytes / bandwidth); fwd+bwd is four forward-sized GEMMs (DESIGN §3)."""
+        """max(FLOPs / rate, bytes / bandwidth); fwd+bwd is four forward-sized GEMMs (docs/performance.md)."""
         ceil = CEILINGS.get(gpu)
         if ceil is None:
             return None
@@ -72,7 +72,7 @@ TINY = "coco-r101-448@B=2@d=32@h=3@w=3@C=5,latency-r101-224@d=16@C=3"
 
 def parse_shapes(spec: str) -> list[Shape]:
     """Comma-separated names, each optionally followed by ``@field=value`` overrides
-    (``coco-r101-448@B=8@C=9605``). ``all`` means every DESIGN shape."""
+    (``coco-r101-448@B=8@C=9605``). ``all`` means every benchmark shape."""
     out = []
     for item in (s.strip() for s in spec.split(",") if s.strip()):
         if item == "all":

@@ -4,6 +4,7 @@ TRITON_INTERPRET must be set before triton is first imported, so it happens here
 module (tests/ or bench/) imports csra_triton.
 """
 import os
+from pathlib import Path
 
 import torch
 
@@ -58,6 +59,7 @@ def pytest_configure(config):
 _FIRST = ("tests/test_compiled.py", "tests/test_models.py")
 
 
+@pytest.hookimpl(tryfirst=True)      # (before pytest-xdist reads the xdist_group marks)
 def pytest_collection_modifyitems(config, items):
     """Marks ``no_triton`` the tests parametrized onto the PyTorch fallback (the ``backend``
     fixture's "torch" params, a ``backend_name`` of "torch"); modules and tests that run no
@@ -65,6 +67,11 @@ def pytest_collection_modifyitems(config, items):
     import pytest
 
     for item in items:
+        path = str(getattr(item, "path", ""))
+        if path.endswith(".md"):        # a document's blocks: one worker, in order; no Triton
+            item.add_marker(pytest.mark.xdist_group(f"doc-{Path(path).name}"))
+            item.add_marker(pytest.mark.no_triton)
+            continue
         params = getattr(getattr(item, "callspec", None), "params", {})
         if (params.get("backend") in ("torch", "torch-fp32gemm")
                 or params.get("backend_name") == "torch"):
@@ -75,3 +82,42 @@ def pytest_collection_modifyitems(config, items):
         return _FIRST.index(path) if path in _FIRST else len(_FIRST)
 
     items.sort(key=rank)        # (stable: the order within each rank is kept)
+
+
+# --------------------------------------------------------------------------- the docs' code
+# Every ```python block of README.md and docs/*.md runs as a test (Sybil), each document's blocks
+# in one namespace, in order, on the PyTorch fallback (what a CPU runs; the interpreter would
+# take minutes); a block that needs an optional package says so in a `skip: next if(...)`
+# comment naming one of the flags below.
+def _doc_setup(namespace):
+    import importlib.util
+
+    from csra_triton import ops
+
+    def have(*mods):
+        try:
+            return all(importlib.util.find_spec(m) is not None for m in mods) and \
+                all(__import__(m) for m in mods)
+        except Exception:  # noqa: BLE001 - torchvision fails to import beside some wheels
+            return False
+    namespace.update(HAVE_TORCHVISION=have("torchvision"), HAVE_TIMM=have("timm"),
+                     HAVE_ONNX=have("onnx", "onnxscript", "onnxruntime"))
+    namespace["_old_backend"] = getattr(ops._forced, "name", "auto")
+    ops._forced.name = "torch"
+
+
+def _doc_teardown(namespace):
+    from csra_triton import ops
+
+    ops._forced.name = namespace.get("_old_backend", "auto")
+
+
+try:
+    from sybil import Sybil
+    from sybil.parsers.markdown import PythonCodeBlockParser, SkipParser
+except ImportError:        # (the test extra installs it; without it the docs are not collected)
+    pass
+else:
+    pytest_collect_file = Sybil(parsers=[PythonCodeBlockParser(), SkipParser()],
+                                patterns=["README.md", "docs/*.md"], setup=_doc_setup,
+                                teardown=_doc_teardown).pytest()

@@ -10,6 +10,8 @@ Hopper).
 from __future__ import annotations
 
 import functools
+import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -98,3 +100,31 @@ def device_name(device: torch.device | None = None) -> str:
 
 def bf16_supported(arch: str) -> bool:
     return "bf16" in ARCHS[arch].dtypes
+
+
+def lacks_bf16(device: torch.device) -> bool:
+    """Whether a live device's arch has no bf16 tensor cores (Turing); the first time for each
+    GPU and arch it warns that bf16 inputs there run the PyTorch fallback."""
+    arch = device_arch(device)
+    if bf16_supported(arch):
+        return False
+    _warn_bf16(device_name(device), arch)
+    return True
+
+
+@functools.cache
+def _warn_bf16(gpu: str, arch: str):
+    warnings.warn(f"csra_triton: {gpu} ({arch}) has no bf16 tensor cores "
+                  f"and Triton cannot multiply bf16 there; bf16 inputs run the PyTorch fallback "
+                  f"on the GPU (cuBLAS). fp16 (autocast dtype=torch.float16) or fp32 run the "
+                  f"Triton kernels.", stacklevel=_caller_level())
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` that points a warning raised by its caller at the first frame outside
+    csra_triton and torch (the user's call, whichever entry it went through)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in (
+            "csra_triton", "torch"):
+        frame, level = frame.f_back, level + 1
+    return level

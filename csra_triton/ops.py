@@ -556,35 +556,44 @@ def run(x: Tensor, weight: Tensor, scalars: Scalars, normalize: bool, layout: st
     # (torch._C._is_tracing: torch.jit.is_tracing without its Python frames, reached only when
     # nothing compiles; ONNX's own check runs only while something traces)
     onnx = (compiling or torch._C._is_tracing()) and torch.onnx.is_in_onnx_export()
-    if onnx or not (need_state or compiling) and (
-            torch._C._functorch.peek_interpreter_stack() is not None
-            or _fwad._current_level >= 0 and _dual(x, weight, lam)):
-        temps, lam = host_values(scalars)
-        if onnx:
-            y = graph.onnx_graph(x, layout, weight, temps, lam, normalize, y_dtype)
-        else:
-            y = graph.composite(as_bdn(x, layout), weight, temps, lam, normalize, y_dtype)
-        return Forward(y, None)
+    composite = onnx or not (need_state or compiling) and (
+        torch._C._functorch.peek_interpreter_stack() is not None
+        or _fwad._current_level >= 0 and _dual(x, weight, lam))
+    if not composite:
+        return _implementation_route(x, weight, scalars, normalize, layout, compiling,
+                                     need_state, y_dtype)
+    # the composite route: one graph of standard operators
+    temps, lam = host_values(scalars)
+    if onnx:
+        return Forward(graph.onnx_graph(x, layout, weight, temps, lam, normalize, y_dtype), None)
+    return Forward(graph.composite(as_bdn(x, layout), weight, temps, lam, normalize, y_dtype),
+                   None)
+
+
+def _implementation_route(x, weight, scalars, normalize, layout, compiling, need_state,
+                          y_dtype) -> Forward:
+    """:func:`run`'s eager and op routes (an implementation's forward)."""
+    lam = scalars.lam
     # keep=False when no gradient will be asked for (inference): the op then keeps nothing
     # for a backward (inv_norm, the prepared weight and the scores are not returned)
     keep = not need_state and torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or isinstance(lam, Tensor) and lam.requires_grad)
     backend = backend_for(x.device, x.dtype)
-    if (EAGER and not compiling and scalars.values is None and type(x) is Tensor
+    # the eager route takes plain tensors, with nothing tracing or compiling and no dispatch
+    # mode (profilers' modes, fake tensors, FlopCounter see the ops; a TorchScript trace
+    # records the op); everything else the op route
+    if not (EAGER and not compiling and scalars.values is None and type(x) is Tensor
             and type(weight) in _PLAIN and (lam.__class__ is float or type(lam) in _PLAIN)
             and not x.is_meta and not torch._C._is_tracing()
             and torch._C._len_torch_dispatch_stack() == 0):
-        # the eager route: plain tensors, nothing tracing or compiling, no dispatch mode
-        # (profilers' modes, fake tensors, FlopCounter see the ops); a TorchScript trace
-        # records the op
-        if not keep:
-            return IMPLEMENTATIONS[backend].forward(as_bdn(x, layout), weight, scalars,
-                                                    normalize, False, y_dtype, True)
-        y = _eager_training(x, weight, lam if isinstance(lam, Tensor) else None,
-                            (scalars, normalize, backend, layout, y_dtype))
-        return _forward((y, None, None))
-    return _fwd_op(as_bdn(x, layout), weight, op_values(scalars, x.device, compiling),
-                   normalize, keep, backend, y_dtype)
+        return _fwd_op(as_bdn(x, layout), weight, op_values(scalars, x.device, compiling),
+                       normalize, keep, backend, y_dtype)
+    if not keep:
+        return IMPLEMENTATIONS[backend].forward(as_bdn(x, layout), weight, scalars,
+                                                normalize, False, y_dtype, True)
+    y = _eager_training(x, weight, lam if isinstance(lam, Tensor) else None,
+                        (scalars, normalize, backend, layout, y_dtype))
+    return _forward((y, None, None))
 
 
 def autocast_logits_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:

@@ -25,7 +25,6 @@ import contextlib
 import functools
 import math
 import threading
-import warnings
 from typing import NamedTuple
 
 import torch
@@ -551,21 +550,9 @@ def serves(device: torch.device, dtype: torch.dtype) -> bool:
     """CUDA tensors (bf16 only where Triton multiplies it: not on Turing, where the fallback
     runs on the GPU, with a warning once), and CPU tensors under the interpreter."""
     if device.type == "cuda":
-        if dtype == torch.bfloat16 and not INTERPRET and torch.cuda.is_available():
-            arch = archs.device_arch(device)
-            if not archs.bf16_supported(arch):
-                _warn_bf16(device, arch)
-                return False
-        return True
+        return not (dtype == torch.bfloat16 and not INTERPRET and torch.cuda.is_available()
+                    and archs.lacks_bf16(device))
     return device.type == "cpu" and INTERPRET
-
-
-@functools.cache
-def _warn_bf16(device, arch):
-    warnings.warn(f"csra_triton: {archs.device_name(device)} ({arch}) has no bf16 tensor cores "
-                  f"and Triton cannot multiply bf16 there; bf16 inputs run the PyTorch fallback "
-                  f"on the GPU (cuBLAS). fp16 (autocast dtype=torch.float16) or fp32 run the "
-                  f"Triton kernels.", stacklevel=5)
 
 
 def kept_output(x: Tensor, weight: Tensor, keep: bool, alloc=new) -> Tensor:
@@ -596,8 +583,8 @@ def forward(x: Tensor, weight: Tensor, scalars: Scalars, normalize: bool, keep: 
     # B = 0: y and the state are empty and only the weight is prepared; no plan (nothing to
     # tune: a sweep of empty launches would time launch overhead alone)
     p = plan_for(x, weight, scalars) if B != 0 else None
+    y = new((B, C), y_dtype or x.dtype, x.device)
     if packed:
-        y = new((B, C), y_dtype or x.dtype, x.device)
         if acc == torch.float32:          # argmax: an int32 view of fp32 rows
             buf = new((4 * B + 1, H, C), acc, x.device)
             m, l, att, argmax, inv_n = buf.split_with_sizes((B, B, B, B, 1))  # (a C call)
@@ -609,7 +596,8 @@ def forward(x: Tensor, weight: Tensor, scalars: Scalars, normalize: bool, keep: 
         inv_n = inv_n.view(H, C)
         scores = new((H, C, B, N), acc, x.device) if keep and keeps_scores(x, H, C) else None
     else:
-        y, m, l, att, argmax = fwd_outputs(x, H, C, keep=False, y_dtype=y_dtype)[:5]
+        m, l, att = (new((B, H, C), acc, x.device) for _ in range(3))
+        argmax = new((B, H, C), torch.int32, x.device)
         inv_n = new((H, C), acc, x.device)
         scores = scores_output(x, weight, keep)
     w_op = new((H * C, D), x.dtype, x.device)

@@ -106,6 +106,27 @@ MUTANTS = [
            "    return dx_of(x.new_empty((B * N, D) if channels_inner(x) else (D, B * N)), x), "
            "torch.empty_like(weight)",
            ("tests/test_semantics.py -k inductor_dynamic",)),
+    Mutant("interpret-read-from-the-environment", "csra_triton/triton_impl.py",
+           "INTERPRET = _compat.interpreted(kernels.csra_fwd_kernel)",
+           "INTERPRET = __import__(\"os\").environ.get(\"TRITON_INTERPRET\", \"0\").strip() == \"1\"",
+           ("tests/test_semantics.py -k triton_interpret_means",)),
+    Mutant("voc-difficult-counted-negative", "csra_triton/tools/metrics.py",
+           "        keep = target != 0\n        return scores[keep], (target[keep] == 1).astype("
+           "np.float64)\n    if rule == \"wider\":\n        keep = target != 99",
+           "        keep = target == target\n        return scores[keep], (target[keep] == 1)."
+           "astype(np.float64)\n    if rule == \"wider\":\n        keep = target != 99",
+           ("tests/test_workflow.py -k metrics",)),
+    Mutant("ap-ties-in-reverse-order", "csra_triton/tools/metrics.py",
+           "    order = np.argsort(-scores, kind=\"stable\")",
+           "    order = len(scores) - 1 - np.argsort(-scores[::-1], kind=\"stable\")",
+           ("tests/test_workflow.py -k ap_hand or metrics",)),
+    Mutant("no-prediction-not-counted-as-one", "csra_triton/tools/metrics.py",
+           "    pred = np.where(pred == 0, 1.0, pred)", "    pred = pred",
+           ("tests/test_workflow.py -k metrics",)),
+    Mutant("wider-unknown-left-out-of-precision", "csra_triton/tools/metrics.py",
+           "        return scores, np.where(target == 99, 0.0, target)",
+           "        return scores[target != 99], target[target != 99]",
+           ("tests/test_workflow.py -k metrics",)),
 ]
 
 

@@ -43,7 +43,7 @@ def fake_gpu(monkeypatch):
         monkeypatch.setattr(archs, "device_arch", lambda device=None: arch)
         monkeypatch.setattr(archs, "device_name", lambda device=None: name)
         monkeypatch.setattr(triton_impl, "INTERPRET", False)
-        triton_impl._warn_bf16.cache_clear()
+        archs._warn_bf16.cache_clear()
     return use
 
 

@@ -489,26 +489,47 @@ def test_the_tuning_key_holds_the_dtype(monkeypatch):
     assert tuning.choose("fwd", 4, 80, 64, 49, x32.bfloat16()) == seeded
 
 
+VALUES = ["1", "yes", "y", "TRUE", "on", " 1", "0", "2", ""]
+
+
 @pytest.mark.no_triton
-@pytest.mark.parametrize("value", ["1", "yes", "y", "TRUE", "on", " 1", "0", "2", ""])
-def test_triton_interpret_means_what_triton_made_of_it(value):
+def test_triton_interpret_means_what_triton_made_of_it():
     """``TRITON_INTERPRET`` is Triton's own: the package asks the kernels Triton decorated
     whether they are interpreter functions ("yes" and "y" interpret, " 1" does not; the
-    package read them the other way: bf16 results off by 2e10, or "0 active drivers")."""
+    package read them the other way: bf16 results off by 2e10, or "0 active drivers"). One
+    process imports torch, then forks a child per value that sets it and imports triton and
+    the package afresh."""
+    import json
     import subprocess
     import sys
 
-    code = ("import triton.knobs as k, csra_triton.triton_impl as t, csra_triton.kernels as kn; "
-            "print(t.INTERPRET, bool(k.runtime.interpret), type(kn.csra_fwd_kernel).__name__)")
+    code = f"""
+import json, os, sys, torch
+for value in {VALUES!r}:
+    r, w = os.pipe()
+    if os.fork() == 0:
+        os.close(r)
+        os.environ["TRITON_INTERPRET"] = value
+        import triton.knobs as k, csra_triton.triton_impl as t, csra_triton.kernels as kn
+        os.write(w, json.dumps([value, t.INTERPRET, bool(k.runtime.interpret),
+                                type(kn.csra_fwd_kernel).__name__]).encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        print(f.read())
+    _, status = os.wait()
+    assert status == 0, (value, status)
+"""
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_INTERPRET"] = value
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    ours, triton_says, kind = out.stdout.split()
-    assert ours == triton_says == str(kind == "InterpretedFunction"), out.stdout
-    assert ours == str(value.strip().lower() in ("1", "yes", "y", "true", "on")
-                       and value == value.strip())
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+    assert [r[0] for r in rows] == VALUES
+    for value, ours, triton_says, kind in rows:
+        assert ours == triton_says == (kind == "InterpretedFunction"), (value, ours, kind)
+        assert ours == (value.strip().lower() in ("1", "yes", "y", "true", "on")
+                        and value == value.strip()), value
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)

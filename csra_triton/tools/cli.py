@@ -153,7 +153,7 @@ def _bench(args) -> int:
     groups = [plain] if device.type != "cuda" else [[i] for i in plain]
     runs = [(s, p, g) for s in shapes for p in passes for g in groups]
     runs += [(s, p, [c]) for c in compiled for s in shapes for p in passes]
-    for shape, pass_, group in runs:
+    for shape, pass_, group in progress(runs, "bench", unit="run"):
         if group[0] in compiled and args.budget_s and time.monotonic() - t0 > args.budget_s:
             skipped.append(f"{shape.name} {pass_} {group[0]}")
             continue
@@ -385,7 +385,7 @@ def _tune(args) -> int:
     env = tuning.environment(device, arch)
     print(f"tuning on {env['gpu']}, torch {env['torch']}, triton {env['triton']}; cache "
           f"{tuning.cache_path()}")
-    for shape in shapes:
+    for shape in progress(shapes, "tune", unit="shape"):
         b = bm.Bench(shape, "triton", device, n_sets=1)
         x3, w = b.xs[0].flatten(2), b.weight0
         H, C, D, N, B = shape.heads, shape.C, shape.d, shape.N, shape.B
@@ -481,6 +481,98 @@ def _inspect(args) -> int:
     return 0
 
 
+def _workflow_parsers(sub) -> None:
+    """``predict``, ``val`` and ``train`` (tools/workflow.py): the official scripts' workflow."""
+    from . import workflow
+
+    def data_options(p):
+        p.add_argument("--dataset", choices=("voc07", "coco", "wider"), default=None,
+                       help="an official annotation JSON's dataset (its targets' codes and "
+                            "class names)")
+        p.add_argument("--names", default=None,
+                       help="class names, one per line (CSV data; or to name the classes)")
+        p.add_argument("--images", dest="images_dir", default=None,
+                       help="COCO instances: the image folder")
+        p.add_argument("--image-root", default=None,
+                       help="where relative image paths start (default: the annotation file's "
+                            "folder)")
+        p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+
+    def model_options(p):
+        p.add_argument("--lam", type=float, default=None,
+                       help="lam (default: the checkpoint's, or the family's official value)")
+        p.add_argument("--img-size", type=int, default=None,
+                       help="input size (default: the checkpoint's, 448 ResNet, 224 ViT)")
+        p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if "
+                                                      "there is one)")
+        p.add_argument("--batch", type=int, default=16)
+
+    p = sub.add_parser("predict", help="classes (and attention maps) of images, from a "
+                                       "checkpoint (the official demo.py)")
+    p.add_argument("checkpoint", help="a checkpoint `train` wrote, or an official one")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="classes with a sigmoid score at least this are listed")
+    p.add_argument("--maps", default=None,
+                   help="a folder: each image's head-0 attention for its top-3 classes (PNG)")
+    p.add_argument("--json", default=None, help="also write the predictions to this JSON file")
+    data_options(p)
+    model_options(p)
+
+    v = sub.add_parser("val", help="the official metrics of a checkpoint on a dataset (the "
+                                   "official val.py): mAP, CP/CR/CF1, OP/OR/OF1, per-class AP")
+    v.add_argument("checkpoint", help="a checkpoint `train` wrote, or an official one")
+    v.add_argument("data", help="an official annotation JSON (with --dataset), COCO's "
+                                "instances JSON (with --images), a VOC folder, or a CSV of "
+                                "path,label;label (with --names)")
+    v.add_argument("--split", default="test", help="a VOC folder's split (ImageSets/Main)")
+    v.add_argument("--json", default=None, help="write the report (JSON) here")
+    data_options(v)
+    model_options(v)
+
+    t = sub.add_parser("train", help="train with the official recipe (main.py) on our head; "
+                                     "without --train, on synthetic shapes")
+    t.add_argument("--train", default=None,
+                   help="training data, as val reads it (a VOC folder's trainval split)")
+    t.add_argument("--val", default=None, help="held-out data, evaluated every epoch")
+    t.add_argument("--val-images", default=None, help="COCO: the held-out image folder")
+    t.add_argument("--model", choices=workflow.MODELS, default=None,
+                   help="resnet101 with --train, synthetic without")
+    t.add_argument("--pretrained", default=None,
+                   help="the backbone's weights: 'torchvision' (ImageNet) or a state-dict file")
+    t.add_argument("--heads", type=int, default=1)
+    t.add_argument("--lam", type=float, default=0.1)
+    t.add_argument("--img-size", type=int, default=None)
+    t.add_argument("--epochs", type=int, default=30)
+    t.add_argument("--batch", type=int, default=16,
+                   help="the global batch (split over torchrun's ranks)")
+    t.add_argument("--lr", type=float, default=0.01, help="the backbone's learning rate")
+    t.add_argument("--head-lr-mult", type=float, default=10.0,
+                   help="the classifier's learning rate, in multiples of --lr")
+    t.add_argument("--momentum", type=float, default=0.9)
+    t.add_argument("--weight-decay", type=float, default=1e-4)
+    t.add_argument("--warmup", type=int, default=2, help="epochs of linear warm-up, per step")
+    t.add_argument("--step", type=int, default=5,
+                   help="epochs between x gamma learning-rate steps (the official VOC: 4)")
+    t.add_argument("--gamma", type=float, default=0.1)
+    t.add_argument("--amp", choices=("none", "bfloat16", "float16"), default=None,
+                   help="autocast dtype (default: bfloat16 on CUDA, none on CPU)")
+    t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    t.add_argument("--bn", choices=("batch", "sync", "frozen"), default="batch",
+                   help="batch norm: each rank's batch, SyncBatchNorm over the ranks (CUDA), "
+                        "or frozen running statistics")
+    t.add_argument("--out", default="runs/csra", help="checkpoints, log and plot")
+    t.add_argument("--resume", default=None, help="continue from a last.pt")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--synthetic-train", type=int, default=2000,
+                   help="without --train: synthetic training images")
+    t.add_argument("--synthetic-val", type=int, default=500,
+                   help="without --train: synthetic held-out images")
+    t.add_argument("--device", default=None)
+    t.add_argument("--split", default=None, help=argparse.SUPPRESS)
+    data_options(t)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m csra_triton", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -561,8 +653,13 @@ def main(argv=None) -> int:
     i.add_argument("--all-configs", action="store_true",
                    help="the whole tuning space of each shape, not only its default config")
     i.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    _workflow_parsers(sub)
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
+    if args.cmd in ("predict", "val", "train"):
+        from . import workflow
+
+        return getattr(workflow, args.cmd)(args)
     if args.cmd == "inspect":
         return _inspect(args)
     if args.cmd == "tune":

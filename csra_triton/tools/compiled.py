@@ -38,6 +38,7 @@ from .. import triton_impl, tuning
 from ..archs import ARCHS as ARCH_INFO
 from ..archs import DEFAULT as DEFAULT_ARCH
 from ..common import acc_dtype, empty, fwd_outputs
+from .progress import progress
 from .shapes import SHAPES, Shape, parse_shapes
 from ..tuning import inspect_key as _key, load_inspect_cache as _load_cache, save_inspect_cache as _save_cache
 
@@ -387,13 +388,13 @@ def model_v2(kernel: str, shape: Shape, dtype: torch.dtype, cfg: tuning.Config, 
 
 
 def report(shapes: list[Shape], archs=("sm_90a", "sm_80"), dtypes=None, all_configs=False,
-           kernels=KERNELS, progress=None, layouts=("nchw",)) -> list[dict]:
+           kernels=KERNELS, on_row=None, layouts=("nchw",)) -> list[dict]:
     """One row per (kernel, arch, shape, layout, dtype, config): compiled resources and the
     model. ``dtypes`` None: the shape's own dtype, or fp16 where the arch has no bf16 (sm_75);
     dtypes an arch does not run are skipped."""
     cache = _load_cache()
     rows = []
-    for shape in shapes:
+    for shape in progress(shapes, "inspect", unit="shape"):
         H, C, D, N = shape.heads, shape.C, shape.d, shape.N
         for arch in archs:
             info = ARCH_INFO[arch]
@@ -434,8 +435,8 @@ def report(shapes: list[Shape], archs=("sm_90a", "sm_80"), dtypes=None, all_conf
                             row["model_v2"] = model_v2(kernel, shape, dtype, launched,
                                                        row["regs"], row["smem_bytes"])
                             rows.append(row)
-                            if progress:
-                                progress(row)
+                            if on_row:
+                                on_row(row)
     return rows
 
 

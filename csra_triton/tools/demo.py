@@ -143,7 +143,9 @@ def train(model: Classifier, data: Shapes, epochs: int = 12, batch: int = 64, lr
 
 
 def _epochs(model, data, epochs, batch, opt, sched, loss_fn, log):
-    for epoch in range(epochs):
+    from .progress import progress
+
+    for epoch in progress(range(epochs), "train", unit="epoch"):
         perm = torch.randperm(len(data.images))
         total = 0.0
         for i in range(0, len(perm), batch):

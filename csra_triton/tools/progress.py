@@ -10,9 +10,13 @@ T = TypeVar("T")
 
 def progress(items: Iterable[T], desc: str, total: int | None = None, unit: str = "it",
              leave: bool = False) -> Iterable[T]:
-    """``items`` wrapped in a tqdm bar on stderr when stderr is a terminal, else as they are."""
+    """``items`` wrapped in a tqdm bar on stderr when stderr is a terminal (and tqdm is
+    installed: the ``train`` extra), else as they are."""
     if not sys.stderr.isatty():
         return items
-    from tqdm import tqdm
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
 
     return tqdm(items, desc=desc, total=total, unit=unit, leave=leave, dynamic_ncols=True)

@@ -182,7 +182,8 @@ def test_every_format_reads_the_same_labels(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["malformed-json", "missing-image", "unknown-class-csv",
-                                  "unknown-class-xml", "malformed-xml", "bad-target"])
+                                  "unknown-class-xml", "malformed-xml", "bad-target", "empty-json",
+                                  "empty-split", "coco-entry", "wider-bbox", "relative-path"])
 def test_broken_data_is_refused_naming_file_and_line(case, tmp_path):
     img = _image(tmp_path / "ok.png")
     if case == "malformed-json":
@@ -201,9 +202,30 @@ def test_broken_data_is_refused_naming_file_and_line(case, tmp_path):
         base = _voc(tmp_path, {"000001": [("dog", 0)]})
         (base / "Annotations" / "000001.xml").write_text("<annotation>\n<object>\n</annotation>")
         path, kw, want = tmp_path, {}, r"000001.xml, line 3: malformed XML"
-    else:
+    elif case == "bad-target":
         (tmp_path / "a.json").write_text(json.dumps([{"img_path": img, "target": [2] * 20}]))
         path, kw, want = tmp_path / "a.json", dict(dataset="voc07"), r"entry 0: target values \[2\]"
+    elif case == "empty-json":
+        (tmp_path / "a.json").write_text("[]")
+        path, kw, want = tmp_path / "a.json", dict(dataset="coco"), r"a.json: no samples"
+    elif case == "empty-split":
+        _voc(tmp_path, {})
+        path, kw, want = tmp_path, {}, r"test.txt: no samples"
+    elif case == "coco-entry":
+        (tmp_path / "i.json").write_text(json.dumps(
+            {"images": [{"id": 1, "file_name": "ok.png"}, {"id": 2}],
+             "annotations": [], "categories": [{"id": 1, "name": "car"}]}))
+        path, kw, want = tmp_path / "i.json", dict(images=str(tmp_path)), r"images\[1\]: expected"
+    elif case == "wider-bbox":
+        (tmp_path / "a.json").write_text(json.dumps(
+            [{"img_path": img, "target": [0] * 14, "bbox": [0, 0, "w", 4]}]))
+        path, kw, want = tmp_path / "a.json", dict(dataset="wider"), r"entry 0: .*'bbox'"
+    else:
+        (tmp_path / "a.json").write_text(json.dumps([{"img_path": "VOC2007/x.jpg",
+                                                     "target": [1] + [0] * 79}]))
+        path, kw, want = (tmp_path / "a.json", dict(dataset="coco"),
+                          r"entry 0: image .* does not exist \(relative paths start at .*"
+                          r"--image-root")
     with pytest.raises(data.DataError, match=want):
         data.read_data(path, **kw)
 
@@ -304,6 +326,9 @@ def test_two_ranks_train_what_one_rank_trains(tmp_path):
             err = (v.double() - two["model"][k].double()).norm() / max(v.double().norm(), 1e-12)
             assert err <= 1e-5, (k, err)
     assert two["log"][0]["loss"] == pytest.approx(one["log"][0]["loss"], rel=1e-5)
+    # the held-out set scored in two shares and gathered: the same report as one process's
+    for k in ("mAP", "CP", "CR", "OP", "OR"):
+        assert two["log"][0][k] == pytest.approx(one["log"][0][k], rel=1e-4, nan_ok=True), k
 
 
 def test_resnet_checkpoint_in_the_official_layout_validates_alike(tmp_path):
@@ -315,7 +340,7 @@ def test_resnet_checkpoint_in_the_official_layout_validates_alike(tmp_path):
     _voc(tmp_path / "voc", objects, split="test")
     assert main(["train", "--train", str(tmp_path / "voc"), "--val", str(tmp_path / "voc"),
                  "--model", "resnet18", "--img-size", "64", "--epochs", "1", "--batch", "4",
-                 "--out", str(tmp_path / "r")]) == 0
+                 "--pretrained", "none", "--out", str(tmp_path / "r")]) == 0
     reports = []
     for ckpt in ("best.pt", "best_official.pth"):
         out = tmp_path / f"{ckpt}.json"
@@ -323,6 +348,79 @@ def test_resnet_checkpoint_in_the_official_layout_validates_alike(tmp_path):
                      "--json", str(out)]) == 0
         reports.append(json.loads(out.read_text()))
     assert reports[0]["AP"] == reports[1]["AP"] and reports[0]["mAP"] == reports[1]["mAP"]
+
+
+def _recipe_args(**kw):
+    import argparse
+
+    base = dict(model=None, train="data", heads=1, lam=0.1, img_size=None, seed=0, scale=None,
+                aug=None, step=None)
+    return argparse.Namespace(**{**base, **kw})
+
+
+@pytest.mark.parametrize("kind, want", [("voc07", ("unit", "flip+crop", 4)),
+                                        ("coco", ("unit", "flip+crop", 5)),
+                                        ("wider", ("half", "flip", 5)),
+                                        ("csv", ("unit", "flip+crop", 5))])
+def test_the_recipe_follows_the_data_as_the_official_main_does(kind, want):
+    """main.py: VOC steps the learning rate every 4 epochs, the others every 5; WIDER trains
+    with the flip alone; dataset.py scales WIDER's pixels to [-1, 1], every other to [0, 1],
+    whatever the model. Flags override each."""
+    from csra_triton.tools import workflow
+
+    d = data.Dataset([], (), "plain", "x", kind=kind)
+    for model in (None, "vit_b16_224"):
+        cfg = workflow._train_config(_recipe_args(model=model), d, 3)
+        assert (cfg["scale"], cfg["augment"], cfg["step"]) == want
+    cfg = workflow._train_config(_recipe_args(scale="half", aug="flip", step=7), d, 3)
+    assert (cfg["scale"], cfg["augment"], cfg["step"]) == ("half", "flip", 7)
+
+
+def test_flip_alone_never_crops(tmp_path):
+    """WIDER's augmentation: the whole (possibly mirrored) image, resized."""
+    img = PIL.open(_image(tmp_path / "a.png", size=(30, 20))).convert("RGB")
+    whole = data.to_tensor(img, 16, "half")
+    for seed in range(8):
+        t = data.transform(img, 16, "half", True, torch.Generator().manual_seed(seed), "flip")
+        assert torch.equal(t, whole) or torch.equal(t, data.to_tensor(
+            img.transpose(PIL.FLIP_LEFT_RIGHT), 16, "half"))
+    crops = [data.transform(img, 16, "half", True, torch.Generator().manual_seed(s))
+             for s in range(8)]
+    assert not all(torch.equal(t, whole) for t in crops)
+
+
+def test_pretrained_weights_are_asked_for_and_refused_clearly(monkeypatch):
+    """--pretrained auto takes the official models' ImageNet weights; where they cannot be had
+    (offline, no package) the command stops saying how to go on; none and the synthetic model
+    take none."""
+    from csra_triton.tools import workflow
+
+    assert workflow._pretrained_state("none", "resnet101") is None
+    assert workflow._pretrained_state("auto", "synthetic") is None
+    monkeypatch.setitem(sys.modules, "torchvision", None)       # import torchvision fails
+    monkeypatch.setitem(sys.modules, "timm", None)
+    for model in ("resnet101", "vit_b16_224"):
+        with pytest.raises(SystemExit, match=r"could not be had .*--pretrained none"):
+            workflow._pretrained_state("auto", model)
+    with pytest.raises(SystemExit, match="for the resnet models"):
+        workflow._pretrained_state("torchvision", "vit_b16_224")
+
+
+def test_resume_keeps_the_runs_configuration(tmp_path):
+    """A run resumed without its flags goes on at its own image size, seed and step; data with
+    another class count is refused."""
+    first = _train(tmp_path / "r", "--epochs", "1", "--img-size", "24", "--seed", "3",
+                   "--step", "2")
+    again = _train(tmp_path / "r", "--epochs", "2", "--resume", str(tmp_path / "r" / "last.pt"))
+    assert again["config"] == first["config"]
+    assert (again["config"]["img_size"], again["config"]["seed"]) == (24, 3)
+    assert again["step_lr"]["step_size"] == 2
+    (tmp_path / "names.txt").write_text("a\nb\n")
+    _image(tmp_path / "x.png")
+    (tmp_path / "d.csv").write_text("x.png,a\n")
+    with pytest.raises(SystemExit, match="checkpoint has 5 classes, the data 2"):
+        main(["train", "--train", str(tmp_path / "d.csv"), "--names", str(tmp_path / "names.txt"),
+              "--resume", str(tmp_path / "r" / "last.pt"), "--out", str(tmp_path / "r")])
 
 
 def test_import_loads_none_of_the_workflow():

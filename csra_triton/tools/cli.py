@@ -483,7 +483,40 @@ def _inspect(args) -> int:
 
 def _workflow_parsers(sub) -> None:
     """``predict``, ``val`` and ``train`` (tools/workflow.py): the official scripts' workflow."""
-    from . import workflow
+    import math
+
+    from . import data, workflow
+
+    def count(low):
+        """An argparse type: an integer of at least ``low``, else an error naming the value."""
+        def parse(text):
+            try:
+                v = int(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+            if v < low:
+                raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {v}")
+            return v
+        return parse
+
+    def number(low, high=math.inf, open_low=False):
+        """An argparse type: a finite number in [low, high] (``open_low``: above low)."""
+        def parse(text):
+            try:
+                v = float(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+            if not (math.isfinite(v) and (v > low if open_low else v >= low) and v <= high):
+                bound = f"{'>' if open_low else '>='} {low}" + (
+                    f" and <= {high}" if high != math.inf else "")
+                raise argparse.ArgumentTypeError(f"expected a finite number {bound}, got {text}")
+            return v
+        return parse
+
+    def scale_option(p, default_text):
+        p.add_argument("--scale", choices=data.SCALES, default=None,
+                       help=f"pixels in [0, 1] (unit) or [-1, 1] (half); default: "
+                            f"{default_text}")
 
     def data_options(p):
         p.add_argument("--dataset", choices=("voc07", "coco", "wider"), default=None,
@@ -496,28 +529,29 @@ def _workflow_parsers(sub) -> None:
         p.add_argument("--image-root", default=None,
                        help="where relative image paths start (default: the annotation file's "
                             "folder)")
-        p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+        p.add_argument("--workers", type=count(0), default=0, help="DataLoader workers")
 
     def model_options(p):
-        p.add_argument("--lam", type=float, default=None,
+        p.add_argument("--lam", type=number(-math.inf), default=None,
                        help="lam (default: the checkpoint's, or the family's official value)")
-        p.add_argument("--img-size", type=int, default=None,
+        p.add_argument("--img-size", type=count(1), default=None,
                        help="input size (default: the checkpoint's, 448 ResNet, 224 ViT)")
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if "
                                                       "there is one)")
-        p.add_argument("--batch", type=int, default=16)
+        p.add_argument("--batch", type=count(1), default=16)
 
     p = sub.add_parser("predict", help="classes (and attention maps) of images, from a "
                                        "checkpoint (the official demo.py)")
     p.add_argument("checkpoint", help="a checkpoint `train` wrote, or an official one")
     p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("--threshold", type=float, default=0.5,
-                   help="classes with a sigmoid score at least this are listed")
+    p.add_argument("--threshold", type=number(0.0, 1.0), default=0.5,
+                   help="classes with a sigmoid score above this are listed (demo.py's 0.5)")
     p.add_argument("--maps", default=None,
                    help="a folder: each image's head-0 attention for its top-3 classes (PNG)")
     p.add_argument("--json", default=None, help="also write the predictions to this JSON file")
     data_options(p)
     model_options(p)
+    scale_option(p, "the checkpoint's, else as the official demo.py: [-1, 1] for ViTs")
 
     v = sub.add_parser("val", help="the official metrics of a checkpoint on a dataset (the "
                                    "official val.py): mAP, CP/CR/CF1, OP/OR/OF1, per-class AP")
@@ -529,6 +563,7 @@ def _workflow_parsers(sub) -> None:
     v.add_argument("--json", default=None, help="write the report (JSON) here")
     data_options(v)
     model_options(v)
+    scale_option(v, "the checkpoint's, else as the official val.py: [-1, 1] on WIDER")
 
     t = sub.add_parser("train", help="train with the official recipe (main.py) on our head; "
                                      "without --train, on synthetic shapes")
@@ -538,23 +573,31 @@ def _workflow_parsers(sub) -> None:
     t.add_argument("--val-images", default=None, help="COCO: the held-out image folder")
     t.add_argument("--model", choices=workflow.MODELS, default=None,
                    help="resnet101 with --train, synthetic without")
-    t.add_argument("--pretrained", default=None,
-                   help="the backbone's weights: 'torchvision' (ImageNet) or a state-dict file")
-    t.add_argument("--heads", type=int, default=1)
-    t.add_argument("--lam", type=float, default=0.1)
-    t.add_argument("--img-size", type=int, default=None)
-    t.add_argument("--epochs", type=int, default=30)
-    t.add_argument("--batch", type=int, default=16,
+    t.add_argument("--pretrained", default="auto",
+                   help="the backbone's weights: 'auto' (the official models' ImageNet weights: "
+                        "torchvision's for ResNets, timm's for ViTs), 'torchvision', 'timm', "
+                        "'none' (random) or a state-dict file")
+    t.add_argument("--heads", type=count(1), default=1)
+    t.add_argument("--lam", type=number(-math.inf), default=0.1)
+    t.add_argument("--img-size", type=count(1), default=None)
+    t.add_argument("--epochs", type=count(1), default=30)
+    t.add_argument("--batch", type=count(1), default=16,
                    help="the global batch (split over torchrun's ranks)")
-    t.add_argument("--lr", type=float, default=0.01, help="the backbone's learning rate")
-    t.add_argument("--head-lr-mult", type=float, default=10.0,
+    t.add_argument("--lr", type=number(0.0, open_low=True), default=0.01,
+                   help="the backbone's learning rate")
+    t.add_argument("--head-lr-mult", type=number(0.0), default=10.0,
                    help="the classifier's learning rate, in multiples of --lr")
-    t.add_argument("--momentum", type=float, default=0.9)
-    t.add_argument("--weight-decay", type=float, default=1e-4)
-    t.add_argument("--warmup", type=int, default=2, help="epochs of linear warm-up, per step")
-    t.add_argument("--step", type=int, default=5,
-                   help="epochs between x gamma learning-rate steps (the official VOC: 4)")
-    t.add_argument("--gamma", type=float, default=0.1)
+    t.add_argument("--momentum", type=number(0.0, 1.0), default=0.9)
+    t.add_argument("--weight-decay", type=number(0.0), default=1e-4)
+    t.add_argument("--warmup", type=count(0), default=2,
+                   help="epochs of linear warm-up, per step")
+    t.add_argument("--step", type=count(1), default=None,
+                   help="epochs between x gamma learning-rate steps (default: the official 4 "
+                        "on VOC, 5 on other data)")
+    t.add_argument("--gamma", type=number(0.0, 1.0, open_low=True), default=0.1)
+    t.add_argument("--aug", choices=data.AUGMENTATIONS, default=None,
+                   help="training augmentation (default: the official flip+crop; flip alone "
+                        "on WIDER)")
     t.add_argument("--amp", choices=("none", "bfloat16", "float16"), default=None,
                    help="autocast dtype (default: bfloat16 on CUDA, none on CPU)")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -563,14 +606,15 @@ def _workflow_parsers(sub) -> None:
                         "or frozen running statistics")
     t.add_argument("--out", default="runs/csra", help="checkpoints, log and plot")
     t.add_argument("--resume", default=None, help="continue from a last.pt")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--synthetic-train", type=int, default=2000,
+    t.add_argument("--seed", type=count(0), default=0)
+    t.add_argument("--synthetic-train", type=count(1), default=2000,
                    help="without --train: synthetic training images")
-    t.add_argument("--synthetic-val", type=int, default=500,
+    t.add_argument("--synthetic-val", type=count(1), default=500,
                    help="without --train: synthetic held-out images")
     t.add_argument("--device", default=None)
     t.add_argument("--split", default=None, help=argparse.SUPPRESS)
     data_options(t)
+    scale_option(t, "as the official training: [-1, 1] on WIDER, else [0, 1]")
 
 
 def main(argv=None) -> int:

@@ -21,10 +21,12 @@ without saying so):
 * :func:`read_csv`: ``path,label;label`` lines and a names file, for custom data.
 
 Images are read with Pillow. The transforms are the official ones (torchvision's, on PIL images,
-written here so that no torchvision is needed): training draws a horizontal flip and a resized
-crop of 70-100% of the area, then resizes to ``size`` x ``size``; evaluation resizes; pixels are
-scaled to [0, 1] (ResNets) or normalised to [-1, 1] (ViTs). Each sample's random draws come from
-its own generator, seeded by (seed, epoch, index): the same whatever the rank or worker.
+written here so that no torchvision is needed): training draws a horizontal flip and (except on
+WIDER-Attribute, :func:`augmentation`) a resized crop of 70-100% of the area, then resizes to
+``size`` x ``size``; evaluation resizes; pixels are scaled to [0, 1], or normalised to [-1, 1] on
+WIDER-Attribute (:func:`scaling`: the official dataset class's rule, whatever the model). Each
+sample's random draws come from its own generator, seeded by (seed, epoch, index): the same
+whatever the rank or worker.
 """
 from __future__ import annotations
 
@@ -61,6 +63,30 @@ NAMES = {"voc07": VOC_CLASSES, "coco": COCO_CLASSES, "wider": WIDER_CLASSES}
 RULE = {"voc07": "voc07", "coco": "plain", "wider": "wider", "csv": "plain"}
 
 
+#: Pixel scalings: "unit" [0, 1]; "half" [-1, 1] (mean 0.5, std 0.5).
+SCALES = ("unit", "half")
+#: Training augmentations: "flip+crop" (the official default), "flip" (WIDER-Attribute's).
+AUGMENTATIONS = ("flip+crop", "flip")
+
+
+def scaling(data: "Dataset") -> str:
+    """The pixel scaling the official training and evaluation use for a dataset: [-1, 1] for
+    WIDER-Attribute, [0, 1] for every other (``pipeline/dataset.py``)."""
+    return "half" if data.kind == "wider" else "unit"
+
+
+def augmentation(data: "Dataset") -> str:
+    """The official training augmentation of a dataset: a flip alone on WIDER-Attribute, else a
+    flip and a resized crop (``main.py``)."""
+    return "flip" if data.kind == "wider" else "flip+crop"
+
+
+def lr_step(data: "Dataset") -> int:
+    """Epochs between the official learning-rate steps: 4 on VOC2007, 5 on COCO, WIDER and
+    other data (``main.py``)."""
+    return 4 if data.kind == "voc07" else 5
+
+
 class DataError(ValueError):
     """A dataset that cannot be read as given: the message names the file and the line or the
     entry, and says what was expected."""
@@ -80,6 +106,7 @@ class Dataset:
     rule: str                          #: the evaluation rule: "voc07", "wider" or "plain"
     source: str                        #: what was read (for reports)
     notes: list = dataclasses.field(default_factory=list)  #: what a reader left out, and why
+    kind: str = "csv"                  #: "voc07", "coco", "wider" or "csv" (custom data)
 
     def targets(self) -> torch.Tensor:
         """(n, C) float64: the targets as coded (the metrics read them so)."""
@@ -92,10 +119,18 @@ class Dataset:
         return (t == 1).float()
 
 
-def _check_image(path: str, where: str) -> str:
+def _check_image(path: str, where: str, relative_to: str | None = None) -> str:
     if not os.path.isfile(path):
-        raise DataError(f"{where}: image {path!r} does not exist")
+        hint = (f" (relative paths start at {relative_to}; --image-root DIR sets where)"
+                if relative_to else "")
+        raise DataError(f"{where}: image {path!r} does not exist{hint}")
     return path
+
+
+def _nonempty(samples: list, where) -> list:
+    if not samples:
+        raise DataError(f"{where}: no samples")
+    return samples
 
 
 def read_official_json(path: str | Path, kind: str, image_root: str | None = None) -> Dataset:
@@ -133,12 +168,16 @@ def read_official_json(path: str | Path, kind: str, image_root: str | None = Non
             raise DataError(f"{where}: target values {bad} are not {kind}'s codes "
                             f"{sorted(allowed)}")
         bbox = e.get("bbox")
-        if kind == "wider" and (not isinstance(bbox, list) or len(bbox) != 4):
-            raise DataError(f"{where}: a WIDER-Attribute entry needs a 'bbox' [x, y, w, h]")
-        img = e["img_path"] if os.path.isabs(e["img_path"]) else str(root / e["img_path"])
-        samples.append(Sample(_check_image(img, where), tuple(int(v) for v in target),
-                              tuple(bbox) if bbox else None))
-    data = Dataset(samples, names, RULE[kind], str(path))
+        if kind == "wider" and not (isinstance(bbox, list) and len(bbox) == 4 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                for v in bbox) and bbox[2] > 0 and bbox[3] > 0):
+            raise DataError(f"{where}: a WIDER-Attribute entry needs a 'bbox' [x, y, w, h] of "
+                            f"numbers with w, h > 0, got {bbox!r}"[:300])
+        relative = not os.path.isabs(e["img_path"])
+        img = str(root / e["img_path"]) if relative else e["img_path"]
+        samples.append(Sample(_check_image(img, where, str(root) if relative else None),
+                              tuple(int(v) for v in target), tuple(bbox) if bbox else None))
+    data = Dataset(_nonempty(samples, path), names, RULE[kind], str(path), kind=kind)
     if kind == "voc07" and not any(-1 in s.target for s in samples):
         # a trainval file: binary, difficult already counted negative (prepare_voc.py)
         data.rule = "plain"
@@ -194,8 +233,8 @@ def read_voc(root: str | Path, split: str = "test") -> Dataset:
         img = _check_image(str(base / "JPEGImages" / f"{image_id}.jpg"),
                            f"{ids_file}, line {line_no}")
         samples.append(Sample(img, tuple(target)))
-    return Dataset(samples, VOC_CLASSES, "voc07" if split == "test" else "plain",
-                   f"{base} ({split})")
+    return Dataset(_nonempty(samples, ids_file), VOC_CLASSES,
+                   "voc07" if split == "test" else "plain", f"{base} ({split})", kind="voc07")
 
 
 def read_coco(annotations: str | Path, images: str | Path) -> Dataset:
@@ -213,13 +252,22 @@ def read_coco(annotations: str | Path, images: str | Path) -> Dataset:
     for key in ("images", "annotations", "categories"):
         if not isinstance(doc.get(key) if isinstance(doc, dict) else None, list):
             raise DataError(f"{path}: expected COCO instances with an {key!r} list")
+    for key, fields in (("categories", ("id", "name")),
+                        ("annotations", ("image_id", "category_id")),
+                        ("images", ("id", "file_name"))):
+        for i, e in enumerate(doc[key]):
+            if not isinstance(e, dict) or any(f not in e for f in fields) or any(
+                    isinstance(e[f], bool) or not isinstance(e[f], int)
+                    for f in fields if f.endswith("id")):
+                raise DataError(f"{path}, {key}[{i}]: expected an entry with "
+                                f"{', '.join(fields)} (ids integers), got {e!r}"[:300])
     cats = sorted(doc["categories"], key=lambda c: c["id"])
     index = {c["id"]: i for i, c in enumerate(cats)}
     labels: dict = {}
     for i, a in enumerate(doc["annotations"]):
-        if a.get("category_id") not in index:
+        if a["category_id"] not in index:
             raise DataError(f"{path}, annotations[{i}]: unknown category_id "
-                            f"{a.get('category_id')!r}")
+                            f"{a['category_id']!r}")
         labels.setdefault(a["image_id"], set()).add(index[a["category_id"]])
     samples, empty = [], 0
     for i, img in enumerate(sorted(doc["images"], key=lambda m: m["id"])):
@@ -229,7 +277,8 @@ def read_coco(annotations: str | Path, images: str | Path) -> Dataset:
         target = tuple(1 if c in labels[img["id"]] else 0 for c in range(len(cats)))
         file = _check_image(str(Path(images) / img["file_name"]), f"{path}, images[{i}]")
         samples.append(Sample(file, target))
-    data = Dataset(samples, tuple(c["name"] for c in cats), "plain", str(path))
+    data = Dataset(_nonempty(samples, path), tuple(c["name"] for c in cats), "plain", str(path),
+                   kind="coco")
     if empty:
         data.notes.append(f"{empty} images without annotations left out (as the official "
                           f"preparation does)")
@@ -274,8 +323,10 @@ def read_csv(path: str | Path, names, image_root: str | None = None) -> Dataset:
                     raise DataError(f"{path}, line {line_no}: unknown class {label!r}")
                 target[index[label]] = 1
             img = row[0].strip()
-            img = img if os.path.isabs(img) else str(root / img)
-            samples.append(Sample(_check_image(img, f"{path}, line {line_no}"), tuple(target)))
+            relative = not os.path.isabs(img)
+            img = str(root / img) if relative else img
+            samples.append(Sample(_check_image(img, f"{path}, line {line_no}",
+                                               str(root) if relative else None), tuple(target)))
     if not samples:
         raise DataError(f"{path}: no samples")
     return Dataset(samples, names, "plain", str(path))
@@ -337,14 +388,17 @@ def to_tensor(img, size: int, normalize: str) -> torch.Tensor:
     return (t - 0.5) / 0.5 if normalize == "half" else t
 
 
-def transform(img, size: int, normalize: str, train: bool, gen: torch.Generator | None = None):
-    """The official transforms: for training a horizontal flip (p = 1/2) and a resized crop of
-    70-100% of the area, then the resize; for evaluation the resize."""
+def transform(img, size: int, normalize: str, train: bool, gen: torch.Generator | None = None,
+              augment: str = "flip+crop"):
+    """The official transforms: for training a horizontal flip (p = 1/2) and, with ``augment``
+    "flip+crop", a resized crop of 70-100% of the area, then the resize; for evaluation the
+    resize."""
     from PIL import Image
 
     if train:
         if torch.rand(1, generator=gen).item() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    if train and augment == "flip+crop":
         left, top, w, h = _resized_crop_box(img.width, img.height, gen)
         img = img.crop((left, top, left + w, top + h))
     return to_tensor(img, size, normalize)
@@ -354,9 +408,10 @@ class ImageDataset(torch.utils.data.Dataset):
     """(image tensor, binary target, index) per sample, for a DataLoader. ``epoch`` (set before
     each epoch) and ``seed`` seed each sample's draws."""
 
-    def __init__(self, data: Dataset, size: int, normalize: str, train: bool, seed: int = 0):
+    def __init__(self, data: Dataset, size: int, normalize: str, train: bool, seed: int = 0,
+                 augment: str = "flip+crop"):
         self.data, self.size, self.normalize, self.train = data, size, normalize, train
-        self.seed, self.epoch = seed, 0
+        self.seed, self.epoch, self.augment = seed, 0, augment
         self.targets = data.train_targets()
 
     def __len__(self) -> int:
@@ -365,7 +420,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) % (2 ** 63))
         img = transform(load_image(self.data.samples[i]), self.size, self.normalize,
-                        self.train, gen)
+                        self.train, gen, self.augment)
         return img, self.targets[i], i
 
 

@@ -8,14 +8,18 @@ either one ``train`` wrote (:data:`FORMAT`: the model's configuration, class nam
 plus the optimizer's, schedulers' and log's state) or an official one (a full model's state dict:
 its architecture read from its keys, ``models.load_official_model``).
 
-The official recipe (``main.py``): SGD, momentum 0.9, weight decay 1e-4, learning rate 0.01 for
+The official recipe (``main.py``): an ImageNet-pretrained backbone (torchvision's original
+ResNet weights; timm's for ViTs), SGD, momentum 0.9, weight decay 1e-4, learning rate 0.01 for
 the backbone and 10x for the classifier, a linear warm-up over the first 2 epochs (per step, from
 0), then x0.1 every 4 (VOC) or 5 epochs, 30 epochs, batch 16, 448 x 448 images with a random
-horizontal flip and resized crop, pixels scaled to [0, 1] (ResNets; [-1, 1] for ViTs).
-``train`` adds bf16 autocast, ``torch.compile``, ``torchrun`` data parallelism (PyTorch's
-DistributedDataParallel; ``--batch`` is the global batch, split over the ranks, so one command
-trains the same on 1 or N ranks), resumable checkpoints, the best checkpoint also in the
-official layout, and a log and plot of loss, learning rate and mAP per epoch.
+horizontal flip and resized crop (the flip alone on WIDER-Attribute), pixels scaled to [0, 1]
+([-1, 1] on WIDER-Attribute). ``train`` adds bf16 autocast on GPUs (``--amp none``: the official
+fp32), ``torch.compile``, ``torchrun`` data parallelism (PyTorch's DistributedDataParallel;
+``--batch`` is the global batch, split over the ranks), resumable checkpoints, the best
+checkpoint also in the official layout, and a log and plot of loss, learning rate and mAP per
+epoch. Pixel scaling: ``val`` and ``train`` scale as the official training does for the data
+(``data.scaling``); ``predict`` as the official ``demo.py`` does for the model ([-1, 1] for
+ViTs); a checkpoint ``train`` wrote carries its own; ``--scale`` overrides.
 """
 from __future__ import annotations
 
@@ -74,7 +78,7 @@ def build_model(config: dict) -> nn.Module:
 
 
 def family(model_name: str) -> dict:
-    """Input size and pixel scaling of a model family, as the official scripts use them."""
+    """Input size and pixel scaling of a model family, as the official ``demo.py`` uses them."""
     if model_name.startswith("vit"):
         return dict(img_size=224, normalize="half")
     if model_name == "synthetic":
@@ -98,9 +102,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 def load_checkpoint(path: str, lam: float | None = None, device="cpu") -> tuple:
     """(model in eval mode, info: model name, image size, scaling, class names or None) of a
     checkpoint ``train`` wrote or of an official one."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"checkpoint: {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = _load(path, "checkpoint")
     if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
         config = dict(ckpt["config"])
         if lam is not None:
@@ -108,16 +110,33 @@ def load_checkpoint(path: str, lam: float | None = None, device="cpu") -> tuple:
         model = build_model(config)
         model.load_state_dict(ckpt["model"])
         info = dict(family(config["model"]), model=config["model"], names=ckpt.get("names"),
-                    img_size=config.get("img_size") or family(config["model"])["img_size"])
+                    img_size=config.get("img_size") or family(config["model"])["img_size"],
+                    scale=config.get("scale"))
     else:
         from .. import models
 
         arch = models.describe_official(ckpt)
+        if lam is None:
+            print(f"note: an official checkpoint does not store lam; using the official "
+                  f"default {models.DEFAULT_LAM[arch['family']]} (the released COCO models were "
+                  f"trained with other values: give --lam as trained)")
         model = models.load_official_model(ckpt, lam=lam)
         name = (f"resnet{arch['depth']}" if arch["family"] == "resnet" else "vit")
         info = dict(model=name, names=None, img_size=arch.get("img_size", 448),
-                    normalize="half" if arch["family"] == "vit" else "unit")
+                    normalize="half" if arch["family"] == "vit" else "unit", scale=None)
     return model.to(device).eval(), info
+
+
+def _load(path: str, what: str):
+    """A checkpoint file's contents, loaded with ``weights_only`` (tensors, numbers, strings,
+    lists and dicts: no code runs from the file)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"{what}: {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickle errors of many kinds
+        raise SystemExit(f"{what}: {path} is not a checkpoint torch.load reads with "
+                         f"weights_only=True ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
 def class_names(info: dict, classes: int, dataset: str | None, names_file: str | None) -> tuple:
@@ -173,24 +192,25 @@ def predict(args) -> int:
     head = _head(model)
     names = class_names(info, head.classes, args.dataset, args.names)
     size = args.img_size or info["img_size"]
+    scale = args.scale or info["scale"] or info["normalize"]    # (demo.py: by the model)
     files = _image_files(args.images)
     results = []
     maps_dir = Path(args.maps) if args.maps else None
     for i in progress(range(0, len(files), args.batch), "predict", unit="batch"):
         batch = files[i:i + args.batch]
-        x = torch.stack([data_.to_tensor(data_.load_image(data_.Sample(f, ())), size,
-                                         info["normalize"]) for f in batch]).to(device)
+        x = torch.stack([data_.to_tensor(data_.load_image(data_.Sample(f, ())), size, scale)
+                         for f in batch]).to(device)
         with torch.no_grad(), _backend(device):
             logits = model(x)
             scores = torch.sigmoid(logits.float()).cpu()
         for f, s in zip(batch, scores):
             found = [(names[c], float(s[c])) for c in s.argsort(descending=True).tolist()
-                     if s[c] >= args.threshold]
+                     if s[c] > args.threshold]
             results.append(dict(image=f, classes=[dict(name=n, score=v) for n, v in found]))
             shown = ", ".join(f"{n} ({v:.3f})" for n, v in found) or "(none above threshold)"
             print(f"{f}: {shown}")
         if maps_dir is not None:
-            _save_maps(model, x, logits, batch, names, maps_dir, info["normalize"], device)
+            _save_maps(model, x, logits, batch, names, maps_dir, scale, device)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(checkpoint=args.checkpoint,
                                                     threshold=args.threshold,
@@ -231,16 +251,24 @@ def read_dataset(path: str, args, split: str = "test", images: str | None = None
         raise SystemExit(f"data: {exc}") from None
 
 
-def scores_of(model: nn.Module, loader, device, amp: str = "none") -> Tensor:
-    """Sigmoid scores (n, C), float32 as the official evaluation computes them, in the
-    dataset's order."""
+def scores_of(model: nn.Module, loader, device, world: int = 1) -> Tensor:
+    """Sigmoid scores (n, C), float32 as the official evaluation computes them (no autocast), in
+    the dataset's order; with ``world`` > 1 each rank scores its share (the loader's
+    DistributedSampler) and every rank returns all of them."""
     out = {}
     model.eval()
-    with torch.no_grad(), _backend(device), _autocast(device, amp):
+    with torch.no_grad(), _backend(device):
         for x, _, idx in progress(loader, "evaluate", unit="batch"):
             logits = model(x.to(device))
             for i, s in zip(idx.tolist(), torch.sigmoid(logits.float()).cpu()):
                 out[i] = s
+    if world > 1:
+        import torch.distributed as dist
+
+        parts = [None] * world
+        dist.all_gather_object(parts, out)
+        for part in parts:
+            out.update(part)
     return torch.stack([out[i] for i in range(len(out))])
 
 
@@ -256,8 +284,9 @@ def val(args) -> int:
     for note in dataset.notes:
         print(f"note: {note}")
     size = args.img_size or info["img_size"]
+    scale = args.scale or info["scale"] or data_.scaling(dataset)  # (val.py: by the data)
     loader = torch.utils.data.DataLoader(
-        data_.ImageDataset(dataset, size, info["normalize"], train=False),
+        data_.ImageDataset(dataset, size, scale, train=False),
         batch_size=args.batch, shuffle=False, num_workers=args.workers)
     scores = scores_of(model, loader, device)
     report = metrics.evaluate(scores.double().numpy(), dataset.targets().numpy(), dataset.rule,
@@ -310,55 +339,80 @@ def official_state_dict(model: nn.Module) -> dict:
     return sd
 
 
-def _train_data(args, cfg: dict) -> tuple:
-    """(train set, val set or None, class names, the val Dataset or None): ``--train`` and
-    ``--val`` read as ``val`` reads its data, or the synthetic shapes without ``--train``."""
-    if args.train:
-        train = read_dataset(args.train, args, "trainval", args.images_dir)
-        val = (read_dataset(args.val, args, "test", args.val_images or args.images_dir)
-               if args.val else None)
-        for note in train.notes + (val.notes if val else []):
-            print(f"note: {note}")
-        if val is not None and val.names != train.names:
-            raise SystemExit("data: --train and --val name different classes")
-        fam = family(cfg["model"])
-        size = cfg["img_size"]
-        return (data_.ImageDataset(train, size, fam["normalize"], True, args.seed),
-                None if val is None else data_.ImageDataset(val, size, fam["normalize"], False),
-                train.names, val)
+def _read_train_data(args) -> tuple:
+    """(train Dataset, val Dataset or None, class names): ``--train`` and ``--val`` read as
+    ``val`` reads its data; (None, None, the synthetic shapes' names) without ``--train``."""
+    if not args.train:
+        from . import demo
+
+        return None, None, demo.CLASSES
+    train = read_dataset(args.train, args, "trainval", args.images_dir)
+    val = (read_dataset(args.val, args, "test", args.val_images or args.images_dir)
+           if args.val else None)
+    for note in train.notes + (val.notes if val else []):
+        print(f"note: {note}")
+    if val is not None and val.names != train.names:
+        raise SystemExit("data: --train and --val name different classes")
+    return train, val, train.names
+
+
+def _train_config(args, train: data_.Dataset | None, classes: int) -> dict:
+    """The run's configuration: the flags given, the official recipe's value for the data where
+    a flag is not (the pixel scaling, the augmentation, the learning-rate step)."""
+    model_name = args.model or ("resnet101" if args.train else "synthetic")
+    fam = family(model_name)
+    return dict(model=model_name, heads=args.heads, lam=args.lam,
+                img_size=args.img_size or fam["img_size"], classes=classes, seed=args.seed,
+                scale=args.scale or (data_.scaling(train) if train else fam["normalize"]),
+                augment=args.aug or (data_.augmentation(train) if train else "flip"),
+                step=args.step or (data_.lr_step(train) if train else 5))
+
+
+def _train_sets(cfg: dict, train: data_.Dataset | None, val: data_.Dataset | None,
+                args) -> tuple:
+    """(train set, val set or None, the val Dataset or None) for the DataLoaders: the images
+    at the configuration's size and scaling, or the synthetic shapes."""
+    if train is not None:
+        size, scale = cfg["img_size"], cfg["scale"]
+        return (data_.ImageDataset(train, size, scale, True, cfg["seed"], cfg["augment"]),
+                None if val is None else data_.ImageDataset(val, size, scale, False), val)
     from . import demo
 
-    tr = demo.make_shapes(args.synthetic_train, seed=args.seed)
-    te = demo.make_shapes(args.synthetic_val, seed=args.seed + 1)
+    tr = demo.make_shapes(args.synthetic_train, seed=cfg["seed"])
+    te = demo.make_shapes(args.synthetic_val, seed=cfg["seed"] + 1)
     ev = data_.Dataset([data_.Sample("", tuple(int(v) for v in t)) for t in te.labels.tolist()],
                        demo.CLASSES, "plain", "synthetic shapes (held out)")
-    return (data_.TensorImages(tr.images, tr.labels, True, args.seed),
-            data_.TensorImages(te.images, te.labels, False), demo.CLASSES, ev)
+    return (data_.TensorImages(tr.images, tr.labels, True, cfg["seed"]),
+            data_.TensorImages(te.images, te.labels, False), ev)
 
 
 def train(args) -> int:
     """``train``: the official recipe (every default overridable) on our head; see the module
-    docstring."""
+    docstring. ``--resume`` continues a run with the configuration it was started with."""
     rank, world, device = _distributed(args.device)
     if args.batch % world:
         raise SystemExit(f"--batch: the global batch {args.batch} does not split over {world} "
                          f"ranks")
-    model_name = args.model or ("resnet101" if args.train else "synthetic")
     out = Path(args.out)
-    resume = torch.load(args.resume, map_location="cpu", weights_only=False) \
-        if args.resume else None
-    cfg = dict(model=model_name, heads=args.heads, lam=args.lam,
-               img_size=args.img_size or family(model_name)["img_size"])
-    train_set, val_set, names, val_data = _train_data(args, cfg)
-    cfg["classes"] = len(names)
-    if resume is not None:
-        if resume.get("format") != FORMAT:
-            raise SystemExit(f"--resume: {args.resume} is not a checkpoint train wrote")
-        cfg = dict(resume["config"])
-    torch.manual_seed(args.seed)
+    resume = _load(args.resume, "--resume") if args.resume else None
+    if resume is not None and not (isinstance(resume, dict) and resume.get("format") == FORMAT):
+        raise SystemExit(f"--resume: {args.resume} is not a checkpoint train wrote")
+    train_data, val_data, names = _read_train_data(args)
+    if resume is None:
+        cfg = _train_config(args, train_data, len(names))
+    else:
+        cfg = {**_train_config(args, train_data, len(names)), **resume["config"]}
+        if cfg["classes"] != len(names):
+            raise SystemExit(f"--resume: the checkpoint has {cfg['classes']} classes, the data "
+                             f"{len(names)}")
+        if rank == 0:
+            print(f"resume: {args.resume} at epoch {resume['epoch']}, with its configuration "
+                  f"({', '.join(f'{k} {v}' for k, v in cfg.items())})")
+    train_set, val_set, val_data = _train_sets(cfg, train_data, val_data, args)
+    torch.manual_seed(cfg["seed"])
     model = build_model(cfg)
-    if args.pretrained:
-        _load_pretrained(model, args.pretrained, model_name)
+    if resume is None:
+        _load_pretrained(model, args.pretrained or "auto", cfg["model"])
     model.to(device)
     if args.bn == "sync":
         if device.type != "cuda":
@@ -370,10 +424,10 @@ def train(args) -> int:
                            {"params": classifier, "lr": args.lr * args.head_lr_mult}],
                           momentum=args.momentum, weight_decay=args.weight_decay)
     sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank,
-                                                  shuffle=True, seed=args.seed)
+                                                  shuffle=True, seed=cfg["seed"])
     loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch // world,
                                          sampler=sampler, num_workers=args.workers)
-    step_lr = torch.optim.lr_scheduler.StepLR(opt, step_size=args.step, gamma=args.gamma)
+    step_lr = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg["step"], gamma=args.gamma)
     # the official WarmUpLR: from 0 at the first step to the base rate over the warm-up epochs
     warm_iters = args.warmup * len(loader)
     warmup = (torch.optim.lr_scheduler.LambdaLR(opt, lambda it: min(1.0, it / warm_iters))
@@ -432,10 +486,12 @@ def train(args) -> int:
             total, seen = sums.tolist()
         entry = dict(epoch=epoch, loss=total / max(seen, 1), lr=lr,
                      seconds=time.monotonic() - t0)
-        if rank == 0 and val_set is not None:
-            vloader = torch.utils.data.DataLoader(val_set, batch_size=args.batch,
-                                                  shuffle=False, num_workers=args.workers)
-            scores = scores_of(model, vloader, device, amp)
+        if val_set is not None:                 # every rank scores its share, in fp32
+            vsampler = torch.utils.data.DistributedSampler(val_set, num_replicas=world,
+                                                           rank=rank, shuffle=False)
+            vloader = torch.utils.data.DataLoader(val_set, batch_size=args.batch // world,
+                                                  sampler=vsampler, num_workers=args.workers)
+            scores = scores_of(model, vloader, device, world)
             report = metrics.evaluate(scores.double().numpy(), val_data.targets().numpy(),
                                       val_data.rule, names)
             entry.update({k: report[k] for k in ("mAP", "CP", "CR", "CF1", "OP", "OR", "OF1")})
@@ -472,22 +528,56 @@ def _save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _load_pretrained(model: nn.Module, source: str, model_name: str) -> None:
-    """The backbone's pretrained weights: ``torchvision`` (its ImageNet weights for the ResNet
-    depth, from its cache or a download) or a file (a state dict of the backbone's own
-    parameter names); the classifier keeps its initialisation."""
-    if source == "torchvision":
-        if not model_name.startswith("resnet"):
-            raise SystemExit("--pretrained torchvision: for the resnet models")
-        import torchvision
+#: The ImageNet weights ``--pretrained auto`` gives: torchvision's IMAGENET1K_V1 for ResNets (the
+#: original weights the official ResNet_CSRA loads), and for ViTs timm's ImageNet-21k weights
+#: fine-tuned on ImageNet-1k: the official ViT-B file (``jx_vit_base_p16_224``) for ViT-B; for
+#: ViT-L timm no longer lists the official ``jx_vit_large_p16_224`` (give that file as
+#: ``--pretrained FILE`` to match the paper), and its AugReg weights are taken instead.
+PRETRAINED = {"resnet": "IMAGENET1K_V1", "vit_b16_224": "vit_base_patch16_224.orig_in21k_ft_in1k",
+              "vit_l16_224": "vit_large_patch16_224.augreg_in21k_ft_in1k"}
 
-        weights = torchvision.models.get_model_weights(model_name).DEFAULT
-        sd = weights.get_state_dict(progress=False)
-    else:
-        if not os.path.isfile(source):
-            raise SystemExit(f"--pretrained: {source} does not exist")
-        sd = torch.load(source, map_location="cpu", weights_only=True)
-        sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+
+def _pretrained_state(source: str, model_name: str) -> dict | None:
+    """The backbone weights ``source`` names: ``auto`` (the official models' ImageNet weights,
+    :data:`PRETRAINED`; none for the synthetic model), ``torchvision`` (ResNets), ``timm``
+    (ViTs), ``none``, or a state-dict file."""
+    if source == "none" or (source == "auto" and model_name == "synthetic"):
+        return None
+    if source == "auto":
+        source = "torchvision" if model_name.startswith("resnet") else "timm"
+    try:
+        if source == "torchvision":
+            if not model_name.startswith("resnet"):
+                raise SystemExit("--pretrained torchvision: for the resnet models")
+            import torchvision
+
+            weights = torchvision.models.get_model_weights(model_name)[PRETRAINED["resnet"]]
+            return weights.get_state_dict(progress=False)
+        if source == "timm":
+            if model_name not in PRETRAINED:
+                raise SystemExit("--pretrained timm: for vit_b16_224 and vit_l16_224")
+            import timm
+
+            return timm.create_model(PRETRAINED[model_name], pretrained=True).state_dict()
+    except SystemExit:
+        raise
+    except Exception as exc:  # noqa: BLE001 - offline, no cache, a missing package
+        raise SystemExit(f"--pretrained {source}: the ImageNet weights of {model_name} could not "
+                         f"be had ({type(exc).__name__}: {str(exc)[:200]}); give a state-dict "
+                         f"file, or --pretrained none to start from random weights") from None
+    sd = _load(source, "--pretrained")
+    return sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+
+
+def _load_pretrained(model: nn.Module, source: str, model_name: str) -> None:
+    """The backbone's pretrained weights (:func:`_pretrained_state`); the classifier keeps its
+    initialisation."""
+    sd = _pretrained_state(source, model_name)
+    if sd is None:
+        if model_name != "synthetic":
+            print(f"note: {model_name} starts from random weights (--pretrained none); the "
+                  f"official recipe starts from ImageNet weights")
+        return
     own = model.state_dict()
     taken = {k: v for k, v in sd.items() if k in own and not k.startswith("classifier.")
              and v.shape == own[k].shape}

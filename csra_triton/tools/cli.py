@@ -531,7 +531,7 @@ def _workflow_parsers(sub) -> None:
                             "folder)")
         p.add_argument("--workers", type=count(0), default=0, help="DataLoader workers")
 
-    def model_options(p):
+    def model_options(p, scale_default):
         p.add_argument("--lam", type=number(-math.inf), default=None,
                        help="lam (default: the checkpoint's, or the family's official value)")
         p.add_argument("--img-size", type=count(1), default=None,
@@ -539,6 +539,7 @@ def _workflow_parsers(sub) -> None:
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if "
                                                       "there is one)")
         p.add_argument("--batch", type=count(1), default=16)
+        scale_option(p, scale_default)
 
     p = sub.add_parser("predict", help="classes (and attention maps) of images, from a "
                                        "checkpoint (the official demo.py)")
@@ -550,8 +551,7 @@ def _workflow_parsers(sub) -> None:
                    help="a folder: each image's head-0 attention for its top-3 classes (PNG)")
     p.add_argument("--json", default=None, help="also write the predictions to this JSON file")
     data_options(p)
-    model_options(p)
-    scale_option(p, "the checkpoint's, else as the official demo.py: [-1, 1] for ViTs")
+    model_options(p, "the checkpoint's, else as the official demo.py: [-1, 1] for ViTs")
 
     v = sub.add_parser("val", help="the official metrics of a checkpoint on a dataset (the "
                                    "official val.py): mAP, CP/CR/CF1, OP/OR/OF1, per-class AP")
@@ -562,8 +562,7 @@ def _workflow_parsers(sub) -> None:
     v.add_argument("--split", default="test", help="a VOC folder's split (ImageSets/Main)")
     v.add_argument("--json", default=None, help="write the report (JSON) here")
     data_options(v)
-    model_options(v)
-    scale_option(v, "the checkpoint's, else as the official val.py: [-1, 1] on WIDER")
+    model_options(v, "the checkpoint's, else as the official val.py: [-1, 1] on WIDER")
 
     t = sub.add_parser("train", help="train with the official recipe (main.py) on our head; "
                                      "without --train, on synthetic shapes")

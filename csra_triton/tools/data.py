@@ -127,6 +127,17 @@ def _check_image(path: str, where: str, relative_to: str | None = None) -> str:
     return path
 
 
+def _read_json(path: Path):
+    """An annotation file's JSON; a DataError naming the line and column where it is broken."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such annotation file") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}, line {exc.lineno}, column {exc.colno}: not valid JSON "
+                        f"({exc.msg})") from None
+
+
 def _nonempty(samples: list, where) -> list:
     if not samples:
         raise DataError(f"{where}: no samples")
@@ -140,13 +151,7 @@ def read_official_json(path: str | Path, kind: str, image_root: str | None = Non
     if kind not in NAMES:
         raise DataError(f"--dataset: expected one of {', '.join(NAMES)}, got {kind!r}")
     names = NAMES[kind]
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such annotation file") from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}, line {exc.lineno}, column {exc.colno}: not valid JSON "
-                        f"({exc.msg})") from None
+    doc = _read_json(path)
     if not isinstance(doc, list):
         raise DataError(f"{path}: expected a JSON list of {{'img_path', 'target'}} entries, got "
                         f"a {type(doc).__name__}")
@@ -242,13 +247,7 @@ def read_coco(annotations: str | Path, images: str | Path) -> Dataset:
     from the file), an image's annotations its positives; images without annotations are left
     out, as ``prepare_coco.py`` does (the dataset's notes count them)."""
     path = Path(annotations)
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such annotation file") from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}, line {exc.lineno}, column {exc.colno}: not valid JSON "
-                        f"({exc.msg})") from None
+    doc = _read_json(path)
     for key in ("images", "annotations", "categories"):
         if not isinstance(doc.get(key) if isinstance(doc, dict) else None, list):
             raise DataError(f"{path}: expected COCO instances with an {key!r} list")

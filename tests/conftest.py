@@ -72,6 +72,16 @@ def _seed(request):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Dynamo's caches emptied after each test: every compiled call of ``CSRATriton.forward`` in
+    a worker shares one code object, whose cache entries count against Dynamo's recompile limit
+    (8) whatever test made them, so without this a test's outcome would depend on which tests
+    xdist ran before it in the same process."""
+    yield
+    torch._dynamo.reset()
+
+
 FAILLOG = os.environ.get("CSRA_TRITON_FAILLOG")
 
 

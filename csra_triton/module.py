@@ -7,7 +7,6 @@ Validation of user input lives here, at the public entry points (:func:`csra`,
 """
 from __future__ import annotations
 
-import copy
 import math
 from typing import Mapping, Sequence
 

@@ -5,7 +5,6 @@ metrics against an independent float64 computation and hand-worked cases.
 Before these commands a user of the paper's workflow left the package for the official scripts
 (torch 1.6, the official head)."""
 import json
-import math
 import os
 import subprocess
 import sys

@@ -25,12 +25,10 @@ to drop spilling configs without compiling them again.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import subprocess
 import tempfile
-from pathlib import Path
 
 import torch
 
@@ -327,7 +325,6 @@ def model_v2(kernel: str, shape: Shape, dtype: torch.dtype, cfg: tuning.Config, 
     R = RATES_V2[gpu]
     B, D, N, H, C = shape.B, shape.d, shape.N, shape.heads, shape.C
     xs = torch.empty((), dtype=dtype).element_size()
-    acc = 8 if dtype == torch.float64 else 4
     v1 = model(kernel, shape, dtype, cfg)
     if kernel == "ds_kept":
         # elementwise streaming: many small CTAs, loads in flight across them (pipelined)
